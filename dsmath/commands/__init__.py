@@ -1,0 +1,1 @@
+"""CLI subcommands (the wiring layer). Nothing in the base library imports these."""

@@ -1,0 +1,396 @@
+"""One typed, frozen config tree for every dsmath job.
+
+Loaded from YAML (a preset name such as ``tiny_cpu`` or a path) plus dotted overrides
+(``grpo.beta=0.04 rollout.group_size=64``). Every error a user can cause is a
+:class:`ConfigError` whose one-line message names the key and what is allowed.
+
+Guaranteed: the returned tree is immutable and has passed :func:`validate`.
+Not guaranteed: that the hardware it asks for exists; the driver checks that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override: the message is one actionable line."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The policy. ``path`` empty means the built-in tiny Qwen2 model made by the bootstrap."""
+
+    path: str = ""
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    max_position_embeddings: int = 512
+    vocab_size: int = 512
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass(frozen=True)
+class BootstrapConfig:
+    """Tiny-model warm-up on generated arithmetic word problems (DESIGN §6)."""
+
+    data_dir: str = "~/.cache/dsmath"
+    num_train_problems: int = 20000
+    num_heldout_problems: int = 500
+    levels: tuple[int, ...] = (1, 2, 3)
+    sft_steps: int = 300
+    sft_lr: float = 3e-3
+    sft_batch_size: int = 64
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    questions_per_step: int = 16
+    group_size: int = 8
+    max_new_tokens: int = 96
+    max_prompt_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    mode: Literal["cot", "pot", "tool"] = "cot"
+    num_generators: int = 1
+    gpus_per_generator: float = 0.0
+    cpus_per_generator: float = 1.0
+    tensor_parallel_size: int = 1
+    max_tool_rounds: int = 3
+    gpu_memory_utilization: float = 0.85
+    kv_cache_space_gib: int = 1
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """Paper defaults: β = 0.04 with the k3 estimator in the loss, one update per sampling stage."""
+
+    algorithm: Literal["grpo", "online_rft", "rft", "ppo", "dpo"] = "grpo"
+    beta: float = 0.04
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    adv_eps: float = 1e-6
+    advantage: Literal["outcome", "process"] = "outcome"
+    loss_agg: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"] = "seq_mean_token_mean"
+    updates_per_step: int = 1
+    step_delimiter: str = "\n"
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    zero_stage: int = 1
+    num_ranks: int = 1
+    micro_batch_size: int = 16
+    gpus_per_rank: float = 0.0
+    cpus_per_rank: float = 1.0
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    num_workers: int = 1
+    strict: bool = True
+    timeout_s: float = 5.0
+    correct_reward: float = 1.0
+    incorrect_reward: float = 0.0
+    format_penalty: float = 0.0
+    sandbox_address: str = ""
+
+
+@dataclass(frozen=True)
+class WeightSyncConfig:
+    transport: Literal["gloo", "object_store", "nccl", "cuda_ipc"] = "object_store"
+    bucket_mb: float = 64.0
+    timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class AsyncConfig:
+    enabled: bool = False
+    max_staleness: int = 1
+    is_correction_clip: float = 2.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The root of the tree."""
+
+    run_dir: str = "runs/latest"
+    seed: int = 0
+    steps: int = 20
+    eval_every: int = 0
+    eval_size: int = 500
+    checkpoint_every: int = 0
+    ray_address: str = ""
+    status_port: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    async_: AsyncConfig = field(default_factory=AsyncConfig)
+
+
+# YAML key -> dataclass field name, for keys that are Python keywords.
+_ALIASES = {"async": "async_"}
+_REVERSE_ALIASES = {v: k for k, v in _ALIASES.items()}
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (tuple,):
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp``; return it in the right Python type."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed; expected {_type_name(tp)}")
+        return value
+    if origin is tuple:
+        (inner, *_rest) = get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__}")
+        return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        for option in get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} does not match {tp}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if is_dataclass(tp):
+        return _build(tp, value, key)
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for raw_key, value in data.items():
+        name = _ALIASES.get(raw_key, raw_key)
+        dotted = f"{prefix}.{raw_key}" if prefix else str(raw_key)
+        if name not in known:
+            allowed = sorted(_REVERSE_ALIASES.get(k, k) for k in known)
+            close = difflib.get_close_matches(str(raw_key), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown key {dotted!r}{hint}; allowed here: {', '.join(allowed)}")
+        kwargs[name] = _coerce(value, hints[name], dotted)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain YAML-able data (keyword aliases restored)."""
+    out = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        key = _REVERSE_ALIASES.get(f.name, f.name)
+        if is_dataclass(value):
+            out[key] = to_dict(value)
+        elif isinstance(value, tuple):
+            out[key] = list(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``["grpo.beta=0.04", "rollout.stop=[a,b]"]`` -> ``[("grpo.beta", 0.04), ...]`` (YAML-typed values)."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key, value))
+    return parsed
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise ConfigError(f"config file {name_or_path!r} does not exist")
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if not preset.exists():
+        names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset {name_or_path!r}; presets: {', '.join(names)} (or a path to a .yaml file)")
+    return preset
+
+
+def load_config(name_or_path: str | None = "tiny_cpu", overrides: list[str] | None = None) -> TrainConfig:
+    """Load a preset or YAML file, apply dotted overrides, validate, and freeze."""
+    data: dict = {}
+    if name_or_path:
+        path = resolve_preset(name_or_path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(data, key, value)
+    cfg = _build(TrainConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject impossible combinations with one line each."""
+    r, g, lr = cfg.rollout, cfg.grpo, cfg.learner
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    need(cfg.steps >= 0, "steps: must be >= 0")
+    need(r.group_size >= 1, "rollout.group_size: must be >= 1")
+    need(
+        g.algorithm not in ("grpo", "ppo") or r.group_size >= 2 or g.algorithm == "ppo",
+        "rollout.group_size: GRPO needs at least 2 completions per question (group-relative advantages)",
+    )
+    need(r.questions_per_step >= 1, "rollout.questions_per_step: must be >= 1")
+    need(r.max_new_tokens >= 1, "rollout.max_new_tokens: must be >= 1")
+    need(r.temperature >= 0, "rollout.temperature: must be >= 0")
+    need(0 < r.top_p <= 1, "rollout.top_p: must be in (0, 1]")
+    need(r.num_generators >= 1, "rollout.num_generators: must be >= 1")
+    need(g.beta >= 0, "grpo.beta: must be >= 0")
+    need(0 <= g.clip_eps_low < 1, "grpo.clip_eps_low: must be in [0, 1)")
+    need(g.clip_eps_high >= 0, "grpo.clip_eps_high: must be >= 0")
+    need(g.updates_per_step >= 1, "grpo.updates_per_step: must be >= 1")
+    need(lr.lr > 0, "learner.lr: must be > 0")
+    need(lr.zero_stage in (0, 1, 2, 3), f"learner.zero_stage: {lr.zero_stage} is not one of 0, 1, 2, 3")
+    need(lr.num_ranks >= 1, "learner.num_ranks: must be >= 1")
+    need(lr.micro_batch_size >= 1, "learner.micro_batch_size: must be >= 1")
+    samples = r.questions_per_step * r.group_size
+    need(
+        samples % lr.num_ranks == 0,
+        f"learner.num_ranks: {lr.num_ranks} does not divide the {samples} samples per step "
+        f"(rollout.questions_per_step × rollout.group_size)",
+    )
+    need(
+        cfg.model.hidden_size % cfg.model.num_heads == 0,
+        "model.hidden_size: must be divisible by model.num_heads",
+    )
+    need(
+        cfg.model.num_heads % cfg.model.num_kv_heads == 0,
+        "model.num_kv_heads: must divide model.num_heads",
+    )
+    need(
+        r.max_prompt_tokens + r.max_new_tokens <= cfg.model.max_position_embeddings or bool(cfg.model.path),
+        "rollout.max_prompt_tokens + rollout.max_new_tokens: exceeds model.max_position_embeddings",
+    )
+    need(cfg.weight_sync.bucket_mb > 0, "weight_sync.bucket_mb: must be > 0")
+    need(cfg.weight_sync.timeout_s > 0, "weight_sync.timeout_s: must be > 0")
+    need(
+        cfg.weight_sync.transport not in ("nccl", "cuda_ipc") or r.gpus_per_generator > 0,
+        f"weight_sync.transport: {cfg.weight_sync.transport!r} needs GPUs (rollout.gpus_per_generator > 0); "
+        "use 'gloo' or 'object_store' on CPU",
+    )
+    need(cfg.async_.max_staleness >= 0, "async.max_staleness: must be >= 0")
+    need(cfg.reward.num_workers >= 1, "reward.num_workers: must be >= 1")
+    need(cfg.reward.timeout_s > 0, "reward.timeout_s: must be > 0")
+    need(cfg.bootstrap.num_heldout_problems >= 1, "bootstrap.num_heldout_problems: must be >= 1")
+
+
+def with_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply dotted overrides to an existing config (re-validated)."""
+    data = to_dict(cfg)
+    for key, value in parse_overrides(overrides):
+        _set_dotted(data, key, value)
+    out = _build(TrainConfig, data)
+    validate(out)
+    return out
+
+
+__all__ = [
+    "AsyncConfig",
+    "BootstrapConfig",
+    "ConfigError",
+    "GRPOConfig",
+    "LearnerConfig",
+    "ModelConfig",
+    "RewardConfig",
+    "RolloutConfig",
+    "TrainConfig",
+    "WeightSyncConfig",
+    "load_config",
+    "parse_overrides",
+    "replace",
+    "to_dict",
+    "validate",
+    "with_overrides",
+    "dataclasses",
+]
