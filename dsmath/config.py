@@ -48,9 +48,11 @@ class BootstrapConfig:
 
     data_dir: str = "~/.cache/dsmath"
     num_train_problems: int = 20000
+    num_sft_problems: int = 10000
     num_heldout_problems: int = 500
     levels: tuple[int, ...] = (1, 2, 3)
-    sft_steps: int = 300
+    stepwise_fraction: float = 0.3
+    sft_steps: int = 1000
     sft_lr: float = 3e-3
     sft_batch_size: int = 64
     seed: int = 1234
@@ -362,7 +364,14 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.async_.max_staleness >= 0, "async.max_staleness: must be >= 0")
     need(cfg.reward.num_workers >= 1, "reward.num_workers: must be >= 1")
     need(cfg.reward.timeout_s > 0, "reward.timeout_s: must be > 0")
-    need(cfg.bootstrap.num_heldout_problems >= 1, "bootstrap.num_heldout_problems: must be >= 1")
+    b = cfg.bootstrap
+    need(b.num_heldout_problems >= 1, "bootstrap.num_heldout_problems: must be >= 1")
+    need(0 <= b.stepwise_fraction <= 1, "bootstrap.stepwise_fraction: must be in [0, 1]")
+    need(
+        0 < b.num_sft_problems < b.num_train_problems,
+        "bootstrap.num_sft_problems: must be > 0 and < bootstrap.num_train_problems (RL draws from the rest)",
+    )
+    need(all(level in (1, 2, 3) for level in b.levels) and b.levels, "bootstrap.levels: a non-empty list of 1, 2, 3")
 
 
 def with_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
