@@ -346,6 +346,12 @@ def validate(cfg: TrainConfig) -> None:
         cfg.model.hidden_size % cfg.model.num_heads == 0,
         "model.hidden_size: must be divisible by model.num_heads",
     )
+    head_dim = cfg.model.hidden_size // cfg.model.num_heads
+    need(
+        bool(cfg.model.path) or head_dim in (32, 64, 80, 96, 112, 128, 256),
+        f"model.hidden_size / model.num_heads = {head_dim}: vLLM's attention kernels need a head size of "
+        "32, 64, 80, 96, 112, 128 or 256",
+    )
     need(
         cfg.model.num_heads % cfg.model.num_kv_heads == 0,
         "model.num_kv_heads: must divide model.num_heads",

@@ -1,6 +1,6 @@
 """Generated arithmetic word problems with exact answers — the built-in task of the tiny CPU run.
 
-Levels: 1 = two additions/subtractions, 2 = three, 3 = a multiplication then two more. Problems are deterministic functions of (split, index, seed): the train and held-out
+Levels: 1 = two additions/subtractions, 2 = three, 3 = a multiplication then three more. Problems are deterministic functions of (split, index, seed): the train and held-out
 splits draw from disjoint seeds *and* are checked for disjoint question texts, so no held-out
 question ever appears in training.
 
@@ -32,7 +32,7 @@ class ArithmeticProblem:
 
 
 def make_problem(rng: random.Random, level: int) -> ArithmeticProblem:
-    """Level 1: two additions/subtractions; 2: three; 3: a multiplication then two more.
+    """Level 1: two additions/subtractions; 2: three; 3: a multiplication then three more.
 
     Each single operation is small (a one-digit change, a times-table product), so a tiny model can
     learn it; composing several in one jump is what it finds hard.
@@ -41,23 +41,23 @@ def make_problem(rng: random.Random, level: int) -> ArithmeticProblem:
     item = rng.choice(ITEMS)
     steps: list[tuple[int, str, int, int]] = []
     if level >= 3:
-        groups, per = rng.randint(2, 9), rng.randint(2, 9)
+        groups, per = rng.randint(2, 5), rng.randint(2, 5)
         value = groups * per
         steps.append((groups, "*", per, value))
         text = f"{name} has {groups} bags with {per} {item} in each bag."
-        n_ops = 2
+        n_ops = 3
     else:
-        value = rng.randint(5, 30)
+        value = rng.randint(5, 20)
         text = f"{name} has {value} {item}."
         n_ops = level + 1
     for _ in range(n_ops):
         if rng.random() < 0.5 or value < 10:
-            n = rng.randint(1, 9)
+            n = rng.randint(1, 5)
             clause = rng.choice((f"gets {n} more", f"finds {n} more", f"buys {n} more"))
             steps.append((value, "+", n, value + n))
             value += n
         else:
-            n = rng.randint(1, 9)
+            n = rng.randint(1, 5)
             clause = rng.choice((f"gives away {n}", f"loses {n}", f"uses {n}"))
             steps.append((value, "-", n, value - n))
             value -= n
