@@ -1,0 +1,120 @@
+"""`ray job submit --working-dir` against a real single-node Ray head on 127.0.0.1 (the recipe of
+cluster/README.md, with token auth off as for any local cluster).
+
+The head runs as `ray start --head --block` in its own process group and is stopped by signalling that
+group, not by `ray stop`: `ray stop` kills every Ray process of the user on the machine, including
+clusters that other sessions or tests started.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dsmath.jobsubmit import DEFAULT_EXCLUDES, preflight
+
+pytestmark = pytest.mark.slow
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def wait_http(url: str, proc: subprocess.Popen, deadline_s: float) -> None:
+    """Poll ``url`` until it answers 200 (the job server is up) or the head dies or the deadline passes."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray head exited early with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.25)  # a readiness poll interval, not a synchronisation sleep
+    raise TimeoutError(f"{url} did not answer within {deadline_s}s")
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[tuple[str, dict]]:
+    if not Path(RAY).exists():
+        pytest.skip("ray CLI not installed next to this Python")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    gcs, dash, client, agent_grpc, agent_http, metrics, rt_env, nm, om = free_ports(9)
+    temp_dir = tempfile.mkdtemp(prefix="rayj", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    cmd = [
+        RAY, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
+        "--node-ip-address=127.0.0.1", f"--port={gcs}", "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+        f"--dashboard-agent-grpc-port={agent_grpc}", f"--dashboard-agent-listen-port={agent_http}",
+        f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}", f"--node-manager-port={nm}",
+        f"--object-manager-port={om}", "--object-store-memory=100000000", f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
+    log = open(Path(temp_dir) / "head.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        wait_http(f"{address}/api/version", proc, deadline_s=120)
+        yield address, env
+    finally:
+        # SIGTERM to the blocking `ray start`: it shuts down the processes it started. Whatever of our own
+        # process group is left after that gets SIGKILL.
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_with_working_dir(ray_head: tuple[str, dict], tmp_path: Path) -> None:
+    address, env = ray_head
+    work = tmp_path / "job"
+    work.mkdir()
+    (work / "script.py").write_text(
+        "import json, os\n"
+        "print('dsmath-job-ok', 6 * 7, json.dumps(sorted(os.listdir('.'))))\n"
+    )
+    (work / "runs").mkdir()
+    (work / "runs" / "old.bin").write_bytes(b"0" * 4096)  # excluded: must not reach the job
+    report = preflight(work, DEFAULT_EXCLUDES)
+    assert report.ok and report.num_files == 1
+
+    out = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--working-dir", str(work),
+         "--runtime-env-json", '{"excludes": ["/runs/"]}', "--", "python", "script.py"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert 'dsmath-job-ok 42 ["script.py"]' in out.stdout
+    assert "succeeded" in out.stdout
