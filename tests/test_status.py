@@ -325,3 +325,25 @@ def test_status_package_import_is_light() -> None:
     code = "import sys, dsmath.status; print(sorted(m for m in ('grpc', 'prometheus_client', 'ray') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def test_snapshot_builder_turns_metric_rows_into_snapshots() -> None:
+    from dsmath.status.snapshot import SnapshotBuilder
+
+    b = SnapshotBuilder("tiny", total_steps=60, started_at=1000.0)
+    for step in range(1, 56):
+        row = {"step": step, "reward/mean": step / 100, "accuracy": 0.5, "tokens_per_s": 321.0,
+               "time/rollout": 2.0, "time/reward": 0.5, "time/update": 1.0, "time/weight_sync": 0.25,
+               "kl": 0.002, "note": "text is skipped"}
+        ckpt = {"step": 50, "path": "runs/tiny/ckpt/50"} if step == 50 else None
+        snap = b.step(step, row, queues={"reward": {"depth": 1, "timeout_rate": 0.0}}, last_checkpoint=ckpt,
+                      now=1000.0 + 2 * step)
+    assert snap.step == 55 and len(snap.reward_trend) == TREND_LENGTH
+    assert snap.reward_trend[0] == pytest.approx(0.06) and snap.reward_trend[-1] == pytest.approx(0.55)
+    assert snap.eta_s == pytest.approx(5 * 2.0)  # 5 steps left at 2 s/step
+    assert snap.time_split.total_s == pytest.approx(3.75) and snap.tokens_per_s == 321.0
+    assert dict(snap.metrics) == {"kl": 0.002}
+    assert snap.last_checkpoint is not None and snap.last_checkpoint.step == 50  # carried over
+    done = b.finish(failed="generator 1 died")
+    assert done.state == "failed" and done.message == "generator 1 died" and done.eta_s == 0.0
+    assert done.step == 55

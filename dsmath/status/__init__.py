@@ -14,6 +14,7 @@ from dsmath.status.snapshot import (
     GeneratorHealth,
     QueueStats,
     RunSnapshot,
+    SnapshotBuilder,
     TimeSplit,
     snapshot_from_run_dir,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "GeneratorHealth",
     "QueueStats",
     "RunSnapshot",
+    "SnapshotBuilder",
     "StatusServer",
     "TimeSplit",
     "fetch_snapshot",

@@ -428,3 +428,69 @@ def snapshot_from_run_dir(run_dir: str | Path) -> RunSnapshot:
         }
         updates["metrics"] = tuple(sorted(extra.items()))
     return replace(snap, **updates)
+
+
+class SnapshotBuilder:
+    """Builds each step's snapshot from the same row the driver appends to ``metrics.jsonl``.
+
+    Keeps the trends (last :data:`TREND_LENGTH` values of ``reward/mean`` and ``accuracy``) so the driver
+    only hands over the current step::
+
+        builder = SnapshotBuilder("deepseekmath_7b", total_steps=cfg.steps)
+        server.update(builder.step(step, row, generators=[...], queues={...}))
+        server.update(builder.finish())            # or builder.finish(failed="reason")
+
+    Keys of ``row`` other than ``step``/``time``, the trend keys, ``tokens_per_s`` and ``time/*`` stage
+    timings go to ``metrics`` (numbers only). Not thread-safe: one driver thread calls it.
+    """
+
+    def __init__(self, run_name: str, total_steps: int, started_at: float | None = None) -> None:
+        self.run_name = run_name
+        self.total_steps = int(total_steps)
+        self.started_at = time.time() if started_at is None else float(started_at)
+        self._rewards: list[float] = []
+        self._accs: list[float] = []
+        self._last: dict[str, Any] = {}
+
+    def step(
+        self,
+        step: int,
+        row: dict[str, Any],
+        *,
+        generators: list[dict] | tuple = (),
+        queues: dict[str, dict] | None = None,
+        last_checkpoint: dict | None = None,
+        last_eval: dict | None = None,
+        now: float | None = None,
+    ) -> RunSnapshot:
+        for key, trend in ((METRIC_REWARD, self._rewards), (METRIC_ACCURACY, self._accs)):
+            v = _finite(row.get(key))
+            if v is not None:
+                trend.append(v)
+                del trend[:-TREND_LENGTH]
+        stage_keys = set(METRIC_TIME_KEYS.values())
+        skip = {"step", "time", METRIC_REWARD, METRIC_ACCURACY, METRIC_TOKENS_PER_S} | stage_keys
+        self._last = {
+            "run_name": self.run_name,
+            "step": int(step),
+            "total_steps": self.total_steps,
+            "started_at": self.started_at,
+            "reward_trend": list(self._rewards),
+            "accuracy_trend": list(self._accs),
+            "tokens_per_s": _finite(row.get(METRIC_TOKENS_PER_S)) or 0.0,
+            "generators": list(generators),
+            "queues": queues or {},
+            "time_split": {k: _finite(row.get(m)) or 0.0 for k, m in METRIC_TIME_KEYS.items()},
+            "last_checkpoint": last_checkpoint if last_checkpoint is not None else self._last.get("last_checkpoint"),
+            "last_eval": last_eval if last_eval is not None else self._last.get("last_eval"),
+            "metrics": {k: v for k, v in ((k, _finite(x)) for k, x in row.items() if k not in skip) if v is not None},
+        }
+        return RunSnapshot.from_dict(self._last, now=now)
+
+    def finish(self, failed: str | None = None, now: float | None = None) -> RunSnapshot:
+        """The final snapshot: state ``finished``, or ``failed`` with the reason as its message."""
+        d = dict(self._last) or {"run_name": self.run_name, "total_steps": self.total_steps, "started_at": self.started_at}
+        d["state"] = "failed" if failed else "finished"
+        d["message"] = failed or ""
+        d.pop("eta_s", None)
+        return RunSnapshot.from_dict(d, now=now)
