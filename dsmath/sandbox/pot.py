@@ -75,14 +75,10 @@ def _local_equal(pred: str, gold: str) -> bool:
     if a == b:
         return True
     try:
-        return Fraction(a) == Fraction(b)
+        x, y = Fraction(a), Fraction(b)
     except (ValueError, ZeroDivisionError):
-        pass
-    try:
-        x, y = float(a), float(b)
-    except ValueError:
         return False
-    return abs(x - y) <= 1e-6 * max(1.0, abs(y))
+    return x == y or abs(x - y) <= Fraction(1, 10**6) * max(1, abs(y))
 
 
 def _default_equal() -> Callable[[str, str], bool]:

@@ -202,6 +202,8 @@ class SandboxClient:
 
     def run(self, code: str, *, timeout_s: float = 5.0, memory_mb: int = 512,
             max_output_bytes: int = 64 * 1024) -> ExecResult:
+        if len(code.encode()) > MAX_CODE_BYTES:
+            raise UserError(f"code is over {MAX_CODE_BYTES} bytes")
         request = sandbox_pb2.RunRequest(code=code, timeout_s=timeout_s, memory_mb=memory_mb,
                                          max_output_bytes=max_output_bytes)
         try:
@@ -228,6 +230,8 @@ class SandboxClient:
 
 def _translate(exc: grpc.RpcError) -> Exception:
     code, details = exc.code(), exc.details()
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (details or ""):
+        return UserError(f"request too large: {details}")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return SandboxBusy(details)
     if code == grpc.StatusCode.UNAUTHENTICATED:
