@@ -329,3 +329,23 @@ def test_fallback_mode_still_kills_daemons_and_blocks_sockets():
         assert _procs_of(p.sandbox_uids) == []
         t = p.run("while True: pass", timeout_s=0.5)
         assert t.timed_out and _procs_of(p.sandbox_uids) == []
+
+
+def test_a_template_killed_from_outside_is_replaced():
+    with SandboxPool(size=1, preload=()) as p:
+        victim = p.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        p._all[0].proc.wait(timeout=10)  # reaped by the pool's Popen, so poll() sees it dead
+        r = p.run("print('fresh')")
+        assert r.stdout == "fresh\n" and p.worker_pids() != [victim] and p.stats()["respawns"] == 1
+
+
+def test_runner_for_picks_local_or_remote():
+    from dsmath.sandbox import runner_for
+    from dsmath.sandbox.pool import default_pool
+    from dsmath.sandbox.service import SandboxClient
+
+    assert runner_for("") is default_pool()
+    client = runner_for("127.0.0.1:1", token="t")
+    assert isinstance(client, SandboxClient)
+    client.close()

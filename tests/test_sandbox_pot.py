@@ -70,3 +70,9 @@ def test_pot_reward_end_to_end(pool):
     assert slow.reason == "timeout" and slow.reward == 0.0
     custom = pot_reward("```python\nprint('III')\n```", "3", runner=pool, equal=lambda a, b: a == "III")
     assert custom.correct and custom.reward == 1.0
+
+def test_default_equal_is_usable():
+    from dsmath.sandbox.pot import _default_equal
+
+    eq = _default_equal()  # dsmath.grading.math_equal once it exists, else the local stand-in
+    assert eq('1/2', '0.5') and not eq('2', '3')

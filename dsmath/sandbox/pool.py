@@ -189,6 +189,9 @@ class SandboxPool:
             max_file_mb=self.limits.max_file_mb, scratch_mb=self.limits.scratch_mb,
         ).validated()
         worker = self._acquire(acquire_timeout_s)
+        if worker.proc.poll() is not None:  # died while idle (killed from outside): replace before use
+            self._replace(worker)
+            worker = self._acquire(acquire_timeout_s)
         try:
             result = self._run_on(worker, code, limits)
         except BaseException:
@@ -392,6 +395,16 @@ def default_pool() -> SandboxPool:
             _default_pool = SandboxPool(size=int(os.environ.get("DSMATH_SANDBOX_WORKERS", "2")))
             atexit.register(_default_pool.close)
         return _default_pool
+
+
+def runner_for(address: str = "", token: str | None = None):
+    """What reward code should call ``run(...)`` on: the default local pool, or a SandboxClient for
+    ``address`` (e.g. ``reward.sandbox_address``; token from $DSMATH_SANDBOX_TOKEN when not given)."""
+    if not address:
+        return default_pool()
+    from dsmath.sandbox.service import SandboxClient
+
+    return SandboxClient(address, token)
 
 
 def run(code: str, *, timeout_s: float = 5.0, memory_mb: int = 512, max_output_bytes: int = 64 * 1024) -> ExecResult:
