@@ -14,11 +14,18 @@ from pathlib import Path
 
 import pytest
 
+from dsmath.errors import UserError
 from dsmath.status import RunSnapshot, StatusServer, fetch_snapshot, snapshot_from_run_dir
 from dsmath.status.snapshot import TREND_LENGTH, estimate_eta
 from dsmath.status.view import render, sparkline, time_split_bar
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    # StatusServer(token=None) falls back to $DSMATH_STATUS_TOKEN; tests choose their token explicitly.
+    monkeypatch.delenv("DSMATH_STATUS_TOKEN", raising=False)
 
 
 def example(step: int = 12, **over: object) -> dict:
@@ -152,6 +159,15 @@ def test_no_token_configured_accepts_any_call() -> None:
         server.update(example(step=3))
         assert fetch_snapshot(server.address, None).step == 3
         assert fetch_snapshot(server.address, "anything").step == 3
+
+
+def test_server_takes_its_token_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DSMATH_STATUS_TOKEN", "from-env")
+    with StatusServer(host="127.0.0.1", port=0) as server:
+        server.update(example(step=9))
+        with pytest.raises(UserError, match="requires a token"):
+            fetch_snapshot(server.address, None)
+        assert fetch_snapshot(server.address, "from-env").step == 9
 
 
 def test_updates_from_threads_are_never_torn() -> None:
@@ -323,6 +339,13 @@ def test_prometheus_endpoint_exposes_the_gauges() -> None:
 
 def test_status_package_import_is_light() -> None:
     code = "import sys, dsmath.status; print(sorted(m for m in ('grpc', 'prometheus_client', 'ray') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+    # the server, client and preflight never pull in Ray (the driver may run them before ray.init)
+    code = (
+        "import sys, dsmath.status.server, dsmath.status.client, dsmath.jobsubmit, dsmath.commands.status\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'torch', 'vllm', 'deepspeed')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
 

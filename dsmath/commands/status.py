@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--watch", action="store_true", help="refresh in place until interrupted")
     parser.add_argument("--interval", type=float, default=2.0, metavar="S", help="seconds between refreshes (--watch)")
     parser.add_argument("--json", action="store_true", help="print the snapshot as JSON")
-    parser.add_argument("--token", default=None, help="bearer token (default: env DSMATH_STATUS_TOKEN)")
+    parser.add_argument("--token", default=None, help="bearer token (prefer $DSMATH_STATUS_TOKEN: argv is public)")
     parser.add_argument("--timeout", type=float, default=5.0, metavar="S", help="gRPC deadline per request")
 
 
