@@ -370,3 +370,17 @@ def test_snapshot_builder_turns_metric_rows_into_snapshots() -> None:
     done = b.finish(failed="generator 1 died")
     assert done.state == "failed" and done.message == "generator 1 died" and done.eta_s == 0.0
     assert done.step == 55
+
+
+def test_committed_generated_code_matches_the_proto(tmp_path: Path) -> None:
+    pytest.importorskip("grpc_tools")
+    (tmp_path / "dsmath" / "proto").mkdir(parents=True)
+    (tmp_path / "dsmath" / "proto" / "status.proto").write_bytes((ROOT / "dsmath/proto/status.proto").read_bytes())
+    subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--pyi_out=.", "--grpc_python_out=.",
+         "dsmath/proto/status.proto"],
+        cwd=tmp_path, check=True, capture_output=True,
+    )
+    for name in ("status_pb2.py", "status_pb2.pyi", "status_pb2_grpc.py"):
+        fresh = (tmp_path / "dsmath" / "proto" / name).read_text()
+        assert fresh == (ROOT / "dsmath" / "proto" / name).read_text(), f"{name} is stale: regenerate (see proto/__init__)"
