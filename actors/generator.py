@@ -1,0 +1,331 @@
+"""The rollout generator: a real ``vllm.LLM`` behind a small, versioned API.
+
+``Generator`` is a plain class (usable and tested without Ray); ``GeneratorActor`` is the same class as a Ray
+actor. One engine per instance; on CPU it is the in-process engine (DESIGN §7): ``distributed_executor_backend=
+"uni"``, ``enforce_eager=True``, ``dtype="float32"``, a ``rollout.kv_cache_space_gib`` KV cache and one OpenMP
+thread, all set before the engine is made.
+
+Log-probs: ``Rollout.logprobs[i]`` is vLLM's *raw* log-prob of the sampled token (its default
+``logprobs_mode="raw_logprobs"``: log-softmax of the model's logits, before temperature / top-p), i.e. the
+temperature-1 log-prob the learner recomputes. Measured against an HF forward pass of the same float32 weights on
+CPU: max abs difference ≈ 5e-7 (see tests/test_generator.py).
+
+Seeds: per-request seeds fail on vLLM's CPU sampler ("CPU Generator does not use offset"), so the engine is
+seeded once (``seed=``) and ``SamplingParams.seed`` is ignored on CPU (honoured on GPU). Runs are reproducible
+for the same sequence of calls, not per request.
+
+Versioning: ``generate(requests, expected_version)`` refuses (``StaleWeightVersion``) when the caller expects a
+version other than the one loaded, and refuses any sampling while a weight update is in flight.
+
+Tool mode (``RolloutConfig.mode == "tool"``): generation stops at "```output"; the last ```python block runs in
+``dsmath.sandbox``; its ```output block is appended (``loss_mask`` 0, ``logprobs`` 0.0 for those tokens) and
+generation continues from the token ids so far, at most ``max_tool_rounds`` times, within ``max_new_tokens``
+model-generated tokens in total.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Sequence
+
+from dsmath.config import RolloutConfig
+from dsmath.records import GenerationRequest, GeneratorHealth, Rollout, check_schema
+from dsmath.records import WeightBucket
+from learner.weight_sync import BucketLayout, BucketReceiver, StaleWeightVersion, WeightSyncError
+
+TOOL_STOP = "```output"
+
+
+def _configure_cpu_env(rollout: RolloutConfig) -> None:
+    # Must happen before vLLM creates its engine: it reads these once, and disables set_num_threads afterwards.
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(rollout.kv_cache_space_gib)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+class Generator:
+    """Hosts one vLLM engine for ``model_path`` (an HF model folder holding the tokenizer too).
+
+    ``weight_version`` is the policy version the loaded weights correspond to (0 = as loaded from disk).
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        rollout: RolloutConfig | None = None,
+        *,
+        generator_id: str = "generator-0",
+        seed: int = 0,
+        weight_version: int = 0,
+        device: str = "auto",
+        sandbox_timeout_s: float = 5.0,
+    ):
+        import torch
+
+        self.rollout = rollout or RolloutConfig()
+        self.generator_id = generator_id
+        self.on_gpu = torch.cuda.is_available() if device == "auto" else device == "cuda"
+        if not self.on_gpu:
+            _configure_cpu_env(self.rollout)
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = dict(model=model_path, tokenizer=model_path, seed=seed)
+        if self.on_gpu:
+            kwargs.update(
+                gpu_memory_utilization=self.rollout.gpu_memory_utilization,
+                tensor_parallel_size=self.rollout.tensor_parallel_size,
+            )
+            if self.rollout.tensor_parallel_size == 1:
+                kwargs["distributed_executor_backend"] = "uni"
+        else:
+            kwargs.update(enforce_eager=True, dtype="float32", distributed_executor_backend="uni")
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self.sandbox_timeout_s = sandbox_timeout_s
+        self._receiver = BucketReceiver(generator_id, device=("cuda" if self.on_gpu else "cpu"))
+        self._receiver.version = weight_version
+        self.requests_served = 0
+        self.tokens_generated = 0
+        self.last_error = ""
+
+    # ------------------------------------------------------------------------------------------ sampling
+
+    @property
+    def weight_version(self) -> int:
+        return self._receiver.version
+
+    def get_weight_version(self) -> int:
+        return self._receiver.version
+
+    def _check_can_sample(self, expected_version: int | None) -> None:
+        if self._receiver.updating:
+            raise WeightSyncError(f"{self.generator_id}: a weight update is in flight; sampling refused")
+        if expected_version is not None and expected_version != self.weight_version:
+            raise StaleWeightVersion(
+                f"{self.generator_id}: asked to sample with weight version {expected_version}, "
+                f"it holds version {self.weight_version}"
+            )
+
+    def _vllm_params(self, sampling, *, n: int, max_tokens: int, extra_stop: Sequence[str] = ()):
+        from vllm import SamplingParams as VllmSamplingParams
+
+        kwargs: dict[str, Any] = dict(
+            n=n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=max_tokens,
+            stop=list(sampling.stop) + list(extra_stop) or None,
+            # Keep the stop string in the text so that text and token ids describe the same completion.
+            include_stop_str_in_output=True,
+            logprobs=0 if sampling.logprobs else None,
+        )
+        if self.on_gpu and sampling.seed is not None:
+            kwargs["seed"] = sampling.seed
+        return VllmSamplingParams(**kwargs)
+
+    @staticmethod
+    def _sampled_logprobs(output) -> list[float]:
+        if output.logprobs is None:
+            return []
+        return [float(step[token].logprob) for step, token in zip(output.logprobs, output.token_ids)]
+
+    def generate(self, requests: Sequence[GenerationRequest], expected_version: int | None = None,
+                 mode: str | None = None) -> list[Rollout]:
+        """``request.sampling.n`` rollouts per request, in request order then sample order. ``mode`` overrides
+        ``rollout.mode`` for this call ("tool" runs the tool loop; anything else samples plainly).
+
+        Raises ``StaleWeightVersion`` if ``expected_version`` is given and differs from the loaded version.
+        """
+        for request in requests:
+            check_schema(request)
+        self._check_can_sample(expected_version)
+        try:
+            if (mode or self.rollout.mode) == "tool":
+                rollouts = self._generate_tool(requests)
+            else:
+                rollouts = self._generate_plain(requests)
+        except Exception as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            raise
+        self.requests_served += len(requests)
+        self.tokens_generated += sum(len(r.completion_ids) for r in rollouts)
+        return rollouts
+
+    def _generate_plain(self, requests: Sequence[GenerationRequest]) -> list[Rollout]:
+        if not requests:
+            return []
+        params = [self._vllm_params(r.sampling, n=r.sampling.n, max_tokens=r.sampling.max_new_tokens) for r in requests]
+        outputs = self.llm.generate([r.prompt for r in requests], params, use_tqdm=False)
+        rollouts = []
+        for request, output in zip(requests, outputs):
+            for index, sample in enumerate(output.outputs):
+                ids = tuple(sample.token_ids)
+                rollouts.append(
+                    Rollout(
+                        request_id=request.request_id,
+                        sample_index=index,
+                        problem=request.problem,
+                        prompt=request.prompt,
+                        prompt_ids=tuple(output.prompt_token_ids),
+                        completion=sample.text,
+                        completion_ids=ids,
+                        logprobs=tuple(self._sampled_logprobs(sample)),
+                        finish_reason=str(sample.finish_reason),
+                        weight_version=self.weight_version,
+                        generator_id=self.generator_id,
+                        loss_mask=(1,) * len(ids),
+                    )
+                )
+        return rollouts
+
+    # ------------------------------------------------------------------------------- tool-integrated mode
+
+    def _run_tool(self, code: str) -> str:
+        """The ```output block (with its fences) for ``code``."""
+        from dsmath.sandbox import format_tool_output, run
+
+        result = run(code, timeout_s=self.sandbox_timeout_s, memory_mb=512, max_output_bytes=16 * 1024)
+        return format_tool_output(result)
+
+    def _generate_tool(self, requests: Sequence[GenerationRequest]) -> list[Rollout]:
+        from vllm.inputs import TokensPrompt
+
+        from dsmath.sandbox import split_tool_call
+
+        # One state per (request, sample): each sample's tool calls differ, so they continue independently.
+        states = []
+        for request in requests:
+            prompt_ids = list(self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"])
+            for index in range(request.sampling.n):
+                states.append(dict(request=request, index=index, prompt_ids=prompt_ids, ids=[], logprobs=[],
+                                   mask=[], text="", generated=0, rounds=0, finish=None))
+        active = list(states)
+        while active:
+            prompts, params = [], []
+            for s in active:
+                budget = s["request"].sampling.max_new_tokens - s["generated"]
+                budget = min(budget, self.max_model_len - len(s["prompt_ids"]) - len(s["ids"]))
+                prompts.append(TokensPrompt(prompt_token_ids=s["prompt_ids"] + s["ids"]))
+                params.append(self._vllm_params(s["request"].sampling, n=1, max_tokens=max(1, budget),
+                                                extra_stop=(TOOL_STOP,)))
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            still_active = []
+            for s, output in zip(active, outputs):
+                sample = output.outputs[0]
+                s["ids"] += list(sample.token_ids)
+                s["logprobs"] += self._sampled_logprobs(sample) or [0.0] * len(sample.token_ids)
+                s["mask"] += [1] * len(sample.token_ids)
+                s["text"] += sample.text
+                s["generated"] += len(sample.token_ids)
+                s["finish"] = str(sample.finish_reason)
+                code = split_tool_call(s["text"]) if sample.stop_reason == TOOL_STOP else None
+                out_of_budget = s["generated"] >= s["request"].sampling.max_new_tokens
+                if code is None or s["rounds"] >= self.rollout.max_tool_rounds or out_of_budget:
+                    continue
+                block = self._run_tool(code)
+                if s["text"].endswith(TOOL_STOP):
+                    block = block[len(TOOL_STOP):]  # the model already wrote the opening fence
+                block_ids = list(self.tokenizer(block, add_special_tokens=False)["input_ids"])
+                if len(s["prompt_ids"]) + len(s["ids"]) + len(block_ids) >= self.max_model_len:
+                    s["finish"] = "length"
+                    continue
+                s["ids"] += block_ids
+                s["logprobs"] += [0.0] * len(block_ids)
+                s["mask"] += [0] * len(block_ids)  # tool output is not the policy's: never trained on
+                s["text"] += block
+                s["rounds"] += 1
+                still_active.append(s)
+            active = still_active
+        return [
+            Rollout(
+                request_id=s["request"].request_id,
+                sample_index=s["index"],
+                problem=s["request"].problem,
+                prompt=s["request"].prompt,
+                prompt_ids=tuple(s["prompt_ids"]),
+                completion=s["text"],
+                completion_ids=tuple(s["ids"]),
+                logprobs=tuple(s["logprobs"]) if s["request"].sampling.logprobs else (),
+                finish_reason=s["finish"],
+                weight_version=self.weight_version,
+                generator_id=self.generator_id,
+                loss_mask=tuple(s["mask"]),
+            )
+            for s in states
+        ]
+
+    # ---------------------------------------------------------------------------------------------- health
+
+    def health(self) -> GeneratorHealth:
+        return GeneratorHealth(
+            generator_id=self.generator_id,
+            weight_version=self.weight_version,
+            alive=True,
+            requests_served=self.requests_served,
+            tokens_generated=self.tokens_generated,
+            last_error=self.last_error,
+        )
+
+    # ------------------------------------------------------------------------- weight receiving (see learner/weight_sync)
+
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str,
+                          timeout_s: float) -> None:
+        self._receiver.join_group(host, port, rank, world_size, backend, timeout_s)
+
+    def begin_weight_update(self, version: int, num_buckets: int, transport: str, timeout_s: float = 120.0) -> None:
+        """Start receiving ``version``; refused unless it is the loaded version + 1. Sampling is refused until
+        ``finish_weight_update``."""
+        self._receiver.begin(version, num_buckets, transport, timeout_s)
+
+    def receive_bucket(self, bucket: WeightBucket, layout: BucketLayout, payload: Any = None) -> float:
+        start = time.perf_counter()
+        try:
+            self._receiver.receive(bucket, layout, payload)
+        except Exception:
+            self._receiver.abort()
+            raise
+        return time.perf_counter() - start
+
+    def finish_weight_update(self, version: int) -> float:
+        """Apply the staged buckets to the engine in place and switch to ``version``. Returns the apply seconds."""
+        weights = self._receiver.finish(version)
+        start = time.perf_counter()
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        except Exception as exc:
+            self._receiver.abort()
+            self.last_error = f"reload_weights: {exc}"
+            raise
+        self._receiver.commit(version)
+        self.llm.update_weight_version(str(version))  # keep vLLM's own notion in step (metrics, logs)
+        return time.perf_counter() - start
+
+    def load_weights(self, named_weights: Sequence[tuple[str, Any]], version: int) -> float:
+        """Apply a full set of weights in one call, no transport (colocated or test use); same version rule."""
+        if version != self.weight_version + 1 or self._receiver.updating:
+            raise StaleWeightVersion(
+                f"{self.generator_id}: load of version {version} refused, it holds version {self.weight_version}"
+            )
+        start = time.perf_counter()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_weights)})
+        self._receiver.commit(version)
+        return time.perf_counter() - start
+
+
+def generator_actor_class(num_cpus: float = 1.0, num_gpus: float = 0.0):
+    """``Generator`` as a Ray actor class with these resources (``.remote(model_path, rollout, ...)``)."""
+    import ray
+
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(Generator)
+
+
+def __getattr__(name: str):
+    # ``GeneratorActor`` is built on first use so that importing this module does not import Ray.
+    if name == "GeneratorActor":
+        return generator_actor_class()
+    raise AttributeError(name)
