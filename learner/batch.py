@@ -1,0 +1,171 @@
+"""Training batches: one typed container, the rollout collator, sharding and micro-batching.
+
+**The alignment convention (used everywhere in the learner).** ``input_ids`` is ``[N, T]``:
+prompt then completion, right-padded. Every per-token tensor (``loss_mask``, ``advantages``,
+``old_logprobs``, ``ref_logprobs``, ``is_weights`` and what :meth:`PolicyLearner.logprobs`
+returns) is also ``[N, T]``, and **position t holds the value for token t+1** — the log-prob of
+``input_ids[:, t+1]`` given ``input_ids[:, :t+1]``. So completion token k of a sample whose prompt
+has P tokens (``input_ids[P+k]``) lives at position ``P−1+k``; the last column is never a target
+and its ``loss_mask`` is always 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    """N sequences. Required: ids, attention and loss masks. The RL fields are optional so that
+    SFT batches use the same type (``advantages`` is needed by ``grpo_step``).
+
+    ``old_logprobs`` None means "on-policy": the learner uses its own detached log-probs (ratio 1).
+    ``ref_logprobs`` None means the learner computes them with its reference model when β > 0.
+    """
+
+    input_ids: Tensor  # [N, T] long
+    attention_mask: Tensor  # [N, T] long, 1 on real tokens (a prefix of each row)
+    loss_mask: Tensor  # [N, T] float, 1 where the token at t+1 is trained on
+    advantages: Tensor | None = None  # [N, T] float
+    old_logprobs: Tensor | None = None  # [N, T] float
+    ref_logprobs: Tensor | None = None  # [N, T] float
+    is_weights: Tensor | None = None  # [N, T] float
+
+    def __post_init__(self) -> None:
+        n, t = self.input_ids.shape
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is not None and tuple(v.shape) != (n, t):
+                raise ValueError(f"TrainBatch.{f.name} has shape {tuple(v.shape)}, expected {(n, t)}")
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def lengths(self) -> Tensor:
+        return self.attention_mask.sum(dim=1)  # [N]
+
+    def select(self, index: Sequence[int] | Tensor, width: int | None = None) -> "TrainBatch":
+        """Rows ``index`` (in that order), columns trimmed to ``width`` (default: keep T)."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        cols = slice(None) if width is None else slice(0, width)
+        return replace(self, **{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[idx][:, cols])
+                                for f in fields(self)})
+
+    def shard(self, rank: int, world_size: int) -> "TrainBatch":
+        """The ``rank``-th of ``world_size`` equal contiguous slices (N must divide evenly)."""
+        if self.size % world_size:
+            raise ValueError(f"a batch of {self.size} sequences does not split evenly over {world_size} ranks")
+        per = self.size // world_size
+        return self.select(range(rank * per, (rank + 1) * per))
+
+    def to(self, device: torch.device | str) -> "TrainBatch":
+        return replace(self, **{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).to(device))
+                                for f in fields(self)})
+
+
+def _per_token(values, lengths: list[int], name: str) -> list[list[float]]:
+    """Broadcast a per-sequence scalar to its completion tokens, or check a per-token list."""
+    out = []
+    for i, (v, n) in enumerate(zip(values, lengths)):
+        if isinstance(v, (int, float)):
+            out.append([float(v)] * n)
+        else:
+            v = [float(x) for x in v]
+            if len(v) != n:
+                raise ValueError(f"{name}[{i}] has {len(v)} values for {n} completion tokens")
+            out.append(v)
+    return out
+
+
+def collate_rollouts(
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    advantages: Sequence[float | Sequence[float]] | None = None,
+    old_logprobs: Sequence[Sequence[float]] | None = None,
+    loss_masks: Sequence[Sequence[int]] | None = None,
+    ref_logprobs: Sequence[Sequence[float]] | None = None,
+    is_weights: Sequence[Sequence[float]] | None = None,
+    max_length: int | None = None,
+) -> TrainBatch:
+    """Right-pad prompt+completion and place per-completion-token values at their logprob
+    positions (see the module docstring).
+
+    ``advantages[i]`` is a float (broadcast over the completion: outcome supervision) or one value
+    per completion token (process supervision). ``loss_masks[i]`` (per completion token; 0 for tool
+    output) defaults to all ones. ``max_length`` truncates the completion's tail when
+    prompt+completion is longer (the truncated tokens are simply not trained on).
+    """
+    n = len(prompt_ids)
+    if len(completion_ids) != n:
+        raise ValueError(f"{n} prompts but {len(completion_ids)} completions")
+    seqs, plens, clens = [], [], []
+    for p, c in zip(prompt_ids, completion_ids):
+        if len(p) == 0:
+            raise ValueError("a prompt must have at least one token (the first completion token is predicted from it)")
+        seq = list(p) + list(c)
+        if max_length is not None:
+            seq = seq[:max_length]
+        seqs.append(seq)
+        plens.append(len(p))
+        clens.append(max(0, len(seq) - len(p)))
+    t = max(len(s) for s in seqs) if seqs else 1
+    input_ids = torch.full((n, t), pad_id, dtype=torch.long)
+    attention = torch.zeros(n, t, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        attention[i, : len(s)] = 1
+
+    full_lens = [len(c) for c in completion_ids]
+
+    def place(values, name: str, default: float | None) -> Tensor | None:
+        if values is None and default is None:
+            return None
+        out = torch.zeros(n, t, dtype=torch.float32)
+        rows = [[default] * k for k in full_lens] if values is None else _per_token(values, full_lens, name)
+        for i, row in enumerate(rows):
+            k = clens[i]
+            if k:
+                out[i, plens[i] - 1 : plens[i] - 1 + k] = torch.tensor(row[:k], dtype=torch.float32)
+        return out
+
+    loss_mask = place(loss_masks, "loss_masks", 1.0)
+    return TrainBatch(
+        input_ids=input_ids,
+        attention_mask=attention,
+        loss_mask=loss_mask,
+        advantages=place(advantages, "advantages", None),
+        old_logprobs=place(old_logprobs, "old_logprobs", None),
+        ref_logprobs=place(ref_logprobs, "ref_logprobs", None),
+        is_weights=place(is_weights, "is_weights", None),
+    )
+
+
+def micro_batches(batch: TrainBatch, max_seqs: int, max_tokens: int | None = None) -> list[tuple[list[int], TrainBatch]]:
+    """Split into micro-batches, each padded only to its own longest sequence.
+
+    Sequences are sorted by length (longest first) and packed greedily: at most ``max_seqs`` rows
+    and, when ``max_tokens`` is set, at most ``max_tokens`` padded tokens (rows × width) per
+    micro-batch — a single longer sequence still gets a micro-batch of its own. Returns
+    ``(original row indices, micro-batch)`` pairs. Deterministic (stable sort).
+    """
+    lengths = batch.lengths().tolist()
+    order = sorted(range(batch.size), key=lambda i: -lengths[i])
+    out: list[tuple[list[int], TrainBatch]] = []
+    current: list[int] = []
+    for i in order:
+        width = max(lengths[current[0]], 1) if current else max(lengths[i], 1)
+        fits = len(current) < max_seqs and (max_tokens is None or (len(current) + 1) * width <= max_tokens)
+        if current and not fits:
+            out.append((current, batch.select(current, width=max(lengths[current[0]], 1))))
+            current = []
+        current.append(i)
+    if current:
+        out.append((current, batch.select(current, width=max(lengths[current[0]], 1))))
+    return out

@@ -1,0 +1,441 @@
+"""The DeepSpeed policy learner: GRPO and SFT steps, a frozen reference model, weights, checkpoints.
+
+One :class:`PolicyLearner` per rank. It is a plain class — launch it under ``torchrun`` or inside a
+Ray actor (:mod:`learner.ray_group`); it only needs ``rank``/``world_size`` and, for more than one
+rank, ``MASTER_ADDR``/``MASTER_PORT`` in the environment.
+
+Loss normalisation across micro-batches and ranks: every step first all-reduces the batch's loss
+divisor (tokens or sequences, :func:`dsmath.grpo.loss_normalizer`) so each micro-batch's loss is
+its share of the *global* loss; DeepSpeed then averages gradients over ranks, which we undo by
+scaling by ``world_size``. Hence K ranks on a global batch compute the same update as one rank on
+it (up to float summation order), whatever the micro-batch split.
+
+Per-token tensors follow the alignment of :mod:`learner.batch` (position t = token t+1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from dsmath import grpo
+from dsmath.config import GRPOConfig, LearnerConfig
+from dsmath.errors import UserError
+from learner import checkpoint as ckpt
+from learner.batch import TrainBatch, micro_batches
+
+# Mean-type GRPO metrics, combined over micro-batches and ranks weighted by their token counts.
+_TOKEN_MEAN_KEYS = ("clip_frac", "ratio_mean", "pg_loss", "kl", "kl_loss", "entropy", "is_weight_mean")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _skip_shm_build() -> None:
+    """DeepSpeed JIT-compiles a shared-memory comm op (35–65 s) on its first init; gloo does not need it."""
+    import deepspeed.comm.torch  # noqa: F401  (make sure the module is loaded before patching it)
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def init_distributed(rank: int, world_size: int, backend: str = "auto") -> str:
+    """Join (or create) the default process group through DeepSpeed; returns the backend used."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    os.environ["RANK"] = str(rank)
+    os.environ["WORLD_SIZE"] = str(world_size)
+    os.environ.setdefault("LOCAL_RANK", "0" if torch.cuda.is_available() else str(rank))
+    if world_size == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    elif "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise UserError("a multi-rank learner needs MASTER_ADDR and MASTER_PORT (torchrun or LearnerGroup sets them)")
+    if not dist.is_initialized():
+        _skip_shm_build()
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank, world_size=world_size)
+    elif dist.get_world_size() != world_size:
+        raise RuntimeError(f"a process group of size {dist.get_world_size()} exists; asked for {world_size}")
+    return backend
+
+
+def _load_tokenizer(model_dir: Path):
+    if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None  # AutoTokenizer would invent an empty one from the model config
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception:  # a model folder without a tokenizer is fine for RL; checkpoints just omit it
+        return None
+
+
+class PolicyLearner:
+    """A policy (DeepSpeed engine) plus a frozen reference copy, on one rank.
+
+    Guaranteed: ``grpo_step``/``sft_step`` do exactly one optimizer step over the whole local batch
+    (gradient accumulation over micro-batches of at most ``learner_cfg.micro_batch_size`` rows and,
+    if set, ``max_tokens_per_micro_batch`` padded tokens); every rank must call them together with
+    equally sized shards. Not guaranteed: ZeRO-3 beyond gathering weights for sync/saves (the CPU
+    path is tested with ZeRO 0–2).
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        learner_cfg: LearnerConfig,
+        grpo_cfg: GRPOConfig | None = None,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        with_reference: bool = True,
+        total_steps: int | None = None,
+        max_tokens: int | None = None,
+        max_tokens_per_micro_batch: int | None = None,
+    ) -> None:
+        """``total_steps`` turns on cosine decay (to 10 % of ``lr``) after warm-up; None keeps the
+        lr constant after warm-up. ``max_tokens`` is Dr. GRPO's constant for
+        ``loss_agg='seq_mean_token_sum_norm'`` (e.g. ``rollout.max_new_tokens``)."""
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        self.model_dir = Path(model_dir)
+        if not (self.model_dir / "config.json").exists():
+            raise UserError(f"{self.model_dir}: not a model folder (no config.json)")
+        self.cfg = learner_cfg
+        self.grpo_cfg = grpo_cfg or GRPOConfig()
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.max_tokens = max_tokens
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
+        self.backend = init_distributed(rank, world_size, learner_cfg.backend)
+        self.device = torch.device(f"cuda:{torch.cuda.current_device()}") if self.backend == "nccl" else torch.device("cpu")
+        torch.manual_seed(seed)
+
+        model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch.float32)
+        model.config.use_cache = False
+        self.tokenizer = _load_tokenizer(self.model_dir)
+        self.reference = None
+        self._reference_reset = False
+        if with_reference:
+            self.reference = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch.float32)
+            self.reference.to(self.device).eval().requires_grad_(False)
+
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=learner_cfg.lr, weight_decay=learner_cfg.weight_decay
+        )
+        warmup, lr_total = learner_cfg.warmup_steps, total_steps
+
+        def lr_factor(step: int) -> float:
+            if warmup and step < warmup:
+                return (step + 1) / warmup
+            if lr_total and lr_total > warmup:
+                progress = min(1.0, (step - warmup) / (lr_total - warmup))
+                return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+            return 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        ds_config = {
+            # We own micro-batching (variable count per step): one DeepSpeed "step" per optimizer step.
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": world_size,
+            "managed_gradient_accumulation": False,
+            "gradient_clipping": learner_cfg.grad_clip if learner_cfg.grad_clip > 0 else 0.0,
+            "zero_optimization": {"stage": learner_cfg.zero_stage, "overlap_comm": False},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+        self.steps = 0
+
+    # ------------------------------------------------------------------ forward helpers
+
+    @property
+    def model(self):
+        return self.engine.module
+
+    def _logprobs(self, model, mb: TrainBatch, *, with_entropy: bool = False):
+        mb = mb.to(self.device)
+        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits  # [n, w, V]
+        lp = grpo.token_logprobs(logits[:, :-1], mb.input_ids[:, 1:])  # [n, w-1]
+        lp = F.pad(lp, (0, 1))  # [n, w] position t = log p(token t+1)
+        ent = None
+        if with_entropy:
+            with torch.no_grad():
+                ent = F.pad(grpo.entropy(logits[:, :-1].detach()), (0, 1))  # [n, w]
+        return lp, ent
+
+    @torch.no_grad()
+    def _batched_logprobs(self, model, batch: TrainBatch) -> torch.Tensor:
+        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)  # [N, T]
+        for rows, mb in micro_batches(batch, self.cfg.micro_batch_size, self.max_tokens_per_micro_batch):
+            lp, _ = self._logprobs(model, mb)
+            out[rows, : lp.shape[1]] = lp.float().cpu()
+        return out
+
+    def logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """Policy log-probs ``[N, T]`` (position t = token t+1; padding positions hold junk — mask them)."""
+        return self._batched_logprobs(self.engine, batch)
+
+    def ref_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """Reference-model log-probs ``[N, T]``, same convention as :meth:`logprobs`."""
+        if self.reference is None:
+            raise RuntimeError("this learner was built with_reference=False")
+        return self._batched_logprobs(self.reference, batch)
+
+    # ------------------------------------------------------------------ collectives
+
+    def _all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        if self.world_size == 1:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        return t.cpu().tolist()
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def _dummy_backward(self) -> None:
+        """A zero-gradient backward: ZeRO-2 reduces gradients in every backward, so all ranks must
+        run the same number of them even when one rank's shard packs into fewer micro-batches."""
+        ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
+        logits = self.engine(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+        self.engine.backward(logits.sum() * 0.0, scale_wrt_gas=False)
+
+    def _run_step(self, batch: TrainBatch, loss_fn) -> tuple[float, list[dict]]:
+        """Accumulate ``loss_fn(micro_batch)`` over micro-batches, then one optimizer step."""
+        self.engine.train()
+        parts = micro_batches(batch, self.cfg.micro_batch_size, self.max_tokens_per_micro_batch)
+        (num_micro,) = self._all_reduce([float(len(parts))], op="max")
+        local_loss, micro_metrics = 0.0, []
+        for _rows, mb in parts:
+            loss, m = loss_fn(mb)
+            # DeepSpeed averages gradients over ranks; ×world_size makes it the global sum.
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            local_loss += float(loss.detach())
+            micro_metrics.append(m)
+        for _ in range(int(num_micro) - len(parts)):
+            self._dummy_backward()
+        self._lr_used = float(self.scheduler.get_last_lr()[0])
+        self.engine.step()
+        self.steps += 1
+        (global_loss,) = self._all_reduce([local_loss])
+        return global_loss, micro_metrics
+
+    def _common_metrics(self) -> dict[str, float]:
+        norm = self.engine.get_global_grad_norm()
+        out = {"lr": self._lr_used, "step": float(self.steps)}  # the lr this step used
+        if norm is not None:
+            out["grad_norm"] = float(norm)
+        return out
+
+    # ------------------------------------------------------------------ steps
+
+    def grpo_step(self, batch: TrainBatch) -> dict[str, float]:
+        """One GRPO optimizer step on this rank's shard. Returns metrics reduced over all ranks."""
+        if batch.advantages is None:
+            raise ValueError("grpo_step needs batch.advantages")
+        g = self.grpo_cfg
+        need_ref = g.beta > 0
+        if need_ref and batch.ref_logprobs is None and self.reference is None:
+            raise ValueError("beta > 0 needs batch.ref_logprobs or a learner with a reference model")
+        (normalizer,) = self._all_reduce([grpo.loss_normalizer(batch.loss_mask, g.loss_agg, self.max_tokens)])
+
+        def loss_fn(mb: TrainBatch):
+            logp, ent = self._logprobs(self.engine, mb, with_entropy=True)
+            mb = mb.to(self.device)
+            old = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()
+            ref = mb.ref_logprobs
+            if need_ref and ref is None:
+                with torch.no_grad():
+                    ref, _ = self._logprobs(self.reference, mb)
+            return grpo.grpo_loss(
+                logp, old, ref if need_ref else None, mb.advantages, mb.loss_mask,
+                clip_eps_low=g.clip_eps_low, clip_eps_high=g.clip_eps_high, beta=g.beta, loss_agg=g.loss_agg,
+                max_tokens=self.max_tokens, is_weights=mb.is_weights, entropy=ent, normalizer=normalizer,
+            )
+
+        loss, parts = self._run_step(batch, loss_fn)
+        # Token-weighted means and global extremes over micro-batches and ranks.
+        sums = [sum(m.get("tokens", 0.0) for m in parts)]
+        for key in _TOKEN_MEAN_KEYS:
+            sums.append(sum(m[key] * m["tokens"] for m in parts if key in m))
+        sel = batch.loss_mask.bool()
+        adv = batch.advantages[sel].double()
+        sums += [float(adv.sum()), float((adv * adv).sum())]
+        sums = self._all_reduce(sums)
+        big = -1e30
+        extremes = self._all_reduce(
+            [max([m.get("ratio_max", big) for m in parts] or [big]), -min([m.get("ratio_min", -big) for m in parts] or [-big]),
+             float(adv.max()) if adv.numel() else big, -float(adv.min()) if adv.numel() else big],
+            op="max",
+        )
+        tokens = sums[0]
+        metrics = {"loss": loss, "tokens": tokens, **self._common_metrics()}
+        if tokens:
+            present = {k for m in parts for k in m}
+            for key, total in zip(_TOKEN_MEAN_KEYS, sums[1:]):
+                if key in present:
+                    metrics[key] = total / tokens
+            mean = sums[-2] / tokens
+            metrics.update(
+                ratio_max=extremes[0], ratio_min=-extremes[1], adv_mean=mean,
+                adv_std=math.sqrt(max(0.0, sums[-1] / tokens - mean * mean)), adv_max=extremes[2], adv_min=-extremes[3],
+            )
+        return metrics
+
+    def sft_step(self, batch: TrainBatch) -> dict[str, float]:
+        """One optimizer step of token-mean NLL over ``loss_mask`` (global over ranks)."""
+        (normalizer,) = self._all_reduce([float(batch.loss_mask.sum())])
+
+        def loss_fn(mb: TrainBatch):
+            logp, _ = self._logprobs(self.engine, mb)
+            mb = mb.to(self.device)
+            return grpo.sft_loss(logp, mb.loss_mask, normalizer=normalizer), {}
+
+        loss, _ = self._run_step(batch, loss_fn)
+        return {"loss": loss, "tokens": normalizer, **self._common_metrics()}
+
+    # ------------------------------------------------------------------ weights
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor of the policy's state dict under its HF name (full, CPU, detached).
+
+        Under ZeRO-3 each parameter is gathered in turn: all ranks must iterate together.
+        """
+        module = self.engine.module
+        if self.cfg.zero_stage == 3:
+            import deepspeed
+
+            for name, param in module.named_parameters():
+                with deepspeed.zero.GatheredParameters([param]):
+                    yield name, param.detach().cpu().clone()
+            for name, buf in module.named_buffers():
+                yield name, buf.detach().cpu()
+            return
+        for name, tensor in module.state_dict().items():
+            yield name, tensor.detach().cpu()
+
+    def reset_reference(self) -> None:
+        """Copy the current policy into the reference model (iterative GRPO, paper §4.1.4)."""
+        if self.reference is None:
+            raise RuntimeError("this learner was built with_reference=False")
+        state = dict(self.named_weights())
+        self.reference.load_state_dict(state, strict=False)
+        self._reference_reset = True
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, path: str | Path, extra: dict | None = None, tokenizer=None) -> Path:
+        """Write a resumable, HF-loadable checkpoint at ``path`` atomically (all ranks call this).
+
+        Layout: HF files (config, safetensors, tokenizer) at the top, so transformers and vLLM load
+        ``path`` directly; ``deepspeed/`` holds per-rank optimizer and scheduler shards;
+        ``rng_rank<r>.pt`` the RNG states; ``reference.safetensors`` the reference model when it
+        was reset; ``trainer_state.json`` the ``extra`` dict and step count. ``path.parent/latest``
+        names it afterwards. A shared filesystem is assumed for more than one node.
+        """
+        path = Path(path).absolute()
+        name = [f"{path.name}.tmp-{uuid.uuid4().hex[:8]}"]
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(name, src=0)
+        tmp = path.parent / name[0]
+        if self.rank == 0:
+            tmp.mkdir(parents=True)
+        self._barrier()
+        try:
+            self._write_checkpoint(tmp, extra, tokenizer)
+        except BaseException:
+            # The last good checkpoint and `latest` are untouched; drop the partial one.
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._barrier()
+        if self.rank == 0:
+            ckpt.publish(tmp, path)
+        self._barrier()
+        return path
+
+    def _write_checkpoint(self, tmp: Path, extra: dict | None, tokenizer) -> None:
+        from safetensors.torch import save_file
+
+        self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", client_state={}, save_latest=False)
+        torch.save(ckpt.rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        full_state = dict(self.named_weights()) if self.cfg.zero_stage == 3 else None
+        if self.rank == 0:
+            self.engine.module.save_pretrained(str(tmp), state_dict=full_state, safe_serialization=True)
+            tok = tokenizer if tokenizer is not None else self.tokenizer
+            if tok is not None:
+                tok.save_pretrained(str(tmp))
+            if self._reference_reset and self.reference is not None:
+                ref_state = {k: v.detach().cpu().contiguous() for k, v in self.reference.state_dict().items()}
+                save_file(_untie(ref_state), str(tmp / "reference.safetensors"))
+            state = {"extra": extra or {}, "steps": self.steps, "world_size": self.world_size,
+                     "zero_stage": self.cfg.zero_stage, "reference_reset": self._reference_reset,
+                     "saved_at": time.time()}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+
+    def load_checkpoint(self, path: str | Path) -> dict:
+        """Restore weights, optimizer, scheduler, RNG and reference; returns the saved ``extra``.
+
+        ``path`` is a checkpoint or a folder with a ``latest`` pointer. The world size must match
+        the one that saved it (ZeRO optimizer shards are per rank).
+        """
+        from safetensors.torch import load_file
+
+        path = ckpt.resolve(path)
+        state_file = path / "trainer_state.json"
+        if not state_file.exists():
+            raise UserError(f"{path}: not a dsmath learner checkpoint (no trainer_state.json)")
+        state = json.loads(state_file.read_text())
+        if state["world_size"] != self.world_size:
+            raise UserError(f"{path} was saved by {state['world_size']} learner ranks; this run has "
+                            f"{self.world_size} (set learner.num_ranks={state['world_size']})")
+        load_path, _ = self.engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True, load_module_strict=False)
+        if load_path is None:
+            raise UserError(f"{path}: DeepSpeed state is missing or unreadable")
+        if state.get("reference_reset") and self.reference is not None:
+            self.reference.load_state_dict(load_file(str(path / "reference.safetensors")), strict=False)
+            self._reference_reset = True
+        rng_file = path / f"rng_rank{self.rank}.pt"
+        if rng_file.exists():
+            ckpt.set_rng_state(torch.load(rng_file, weights_only=False))
+        self.steps = int(state["steps"])
+        return state["extra"]
+
+
+def _untie(state: dict) -> dict:
+    """safetensors refuses tensors sharing storage (tied embeddings): give each its own copy."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out

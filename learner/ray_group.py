@@ -1,0 +1,137 @@
+"""K learner ranks as Ray actors (one :class:`~learner.policy.PolicyLearner` each).
+
+The group picks rank 0's node address and a free port there, sets ``MASTER_ADDR``/``MASTER_PORT``,
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` in each actor, and initialises all ranks together.
+Global batches are split into equal contiguous shards (one per rank); metrics come back from rank
+0, already reduced over ranks by the learner. With ``num_gpus=0`` it runs on CPU with gloo.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from dsmath.config import GRPOConfig, LearnerConfig
+from dsmath.errors import UserError
+from learner.batch import TrainBatch
+
+
+class LearnerRank:
+    """The actor body: owns one PolicyLearner. Public so tests and drivers can wrap it themselves."""
+
+    def __init__(self) -> None:
+        self.learner = None
+
+    def address(self) -> tuple[str, int]:
+        import ray
+
+        from learner.policy import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, model_dir: str, learner_cfg: LearnerConfig, grpo_cfg: GRPOConfig, *, rank: int, world_size: int,
+              master_addr: str, master_port: int, seed: int, env: dict[str, str], kwargs: dict) -> bool:
+        os.environ.update(env)
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK="0" if torch.cuda.is_available() else str(rank))
+        torch.set_num_threads(max(1, int(env.get("OMP_NUM_THREADS", "1"))))
+        from learner.policy import PolicyLearner
+
+        self.learner = PolicyLearner(model_dir, learner_cfg, grpo_cfg, rank=rank, world_size=world_size, seed=seed,
+                                     **kwargs)
+        return True
+
+    def call(self, method: str, *args, **kwargs):
+        return getattr(self.learner, method)(*args, **kwargs)
+
+    def named_weights(self) -> list[tuple[str, torch.Tensor]]:
+        return list(self.learner.named_weights())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.learner.named_weights()}
+
+
+class LearnerGroup:
+    """``num_ranks`` learner actors acting as one data-parallel learner.
+
+    Every method blocks until all ranks finish. ``grpo_step``/``sft_step`` need a batch size
+    divisible by the number of ranks. Metrics are rank 0's (all-reduced over ranks).
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        learner_cfg: LearnerConfig,
+        grpo_cfg: GRPOConfig | None = None,
+        *,
+        seed: int = 0,
+        num_ranks: int | None = None,
+        env: dict[str, str] | None = None,
+        timeout_s: float = 600.0,
+        **learner_kwargs,
+    ) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            raise UserError("LearnerGroup needs a running Ray (call ray.init first)")
+        self.num_ranks = num_ranks or learner_cfg.num_ranks
+        self.timeout_s = timeout_s
+        actor_cls = ray.remote(num_cpus=learner_cfg.cpus_per_rank, num_gpus=learner_cfg.gpus_per_rank)(LearnerRank)
+        self.actors = [actor_cls.remote() for _ in range(self.num_ranks)]
+        addr, port = self._get(self.actors[0].address.remote())
+        worker_env = {k: os.environ[k] for k in ("DS_ACCELERATOR", "OMP_NUM_THREADS", "HF_HUB_OFFLINE",
+                                                 "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM") if k in os.environ}
+        worker_env.update(env or {})
+        self._get([
+            a.setup.remote(str(model_dir), learner_cfg, grpo_cfg or GRPOConfig(), rank=r, world_size=self.num_ranks,
+                           master_addr=addr, master_port=port, seed=seed, env=worker_env, kwargs=learner_kwargs)
+            for r, a in enumerate(self.actors)
+        ])
+
+    def _get(self, refs):
+        import ray
+
+        return ray.get(refs, timeout=self.timeout_s)
+
+    def _all(self, method: str, *args, **kwargs) -> list:
+        return self._get([a.call.remote(method, *args, **kwargs) for a in self.actors])
+
+    def _sharded(self, method: str, batch: TrainBatch) -> list:
+        if batch.size % self.num_ranks:
+            raise UserError(f"a batch of {batch.size} sequences does not split evenly over {self.num_ranks} learner ranks")
+        return self._get([a.call.remote(method, batch.shard(r, self.num_ranks)) for r, a in enumerate(self.actors)])
+
+    def grpo_step(self, batch: TrainBatch) -> dict[str, float]:
+        return self._sharded("grpo_step", batch)[0]
+
+    def sft_step(self, batch: TrainBatch) -> dict[str, float]:
+        return self._sharded("sft_step", batch)[0]
+
+    def logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        return torch.cat(self._sharded("logprobs", batch))
+
+    def ref_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        return torch.cat(self._sharded("ref_logprobs", batch))
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Rank 0's full weights (ZeRO ≤ 2 keeps full parameters on every rank)."""
+        yield from self._get(self.actors[0].named_weights.remote())
+
+    def reset_reference(self) -> None:
+        self._all("reset_reference")
+
+    def save_checkpoint(self, path: str | Path, extra: dict | None = None) -> Path:
+        return self._all("save_checkpoint", str(path), extra)[0]
+
+    def load_checkpoint(self, path: str | Path) -> dict:
+        return self._all("load_checkpoint", str(path))[0]
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
