@@ -176,7 +176,7 @@ def test_host_files_and_caller_environment_stay_secret(pool, tmp_path, monkeypat
 
 def test_no_writes_outside_scratch(pool):
     name = f"dsmath-sbx-escape-{uuid.uuid4().hex}"
-    targets = [f"/tmp/{name}", f"/var/tmp/{name}", f"/dev/shm/{name}", f"{os.getcwd()}/{name}", f"/{name}"]
+    targets = [f"/tmp/{name}", f"/var/tmp/{name}", f"/usr/lib/{name}", f"{os.getcwd()}/{name}", f"/{name}"]
     r = run(pool, f"""
         import os
         for path in {targets!r}:
@@ -349,3 +349,40 @@ def test_runner_for_picks_local_or_remote():
     client = runner_for("127.0.0.1:1", token="t")
     assert isinstance(client, SandboxClient)
     client.close()
+
+
+def test_ordinary_process_features_still_work(pool):
+    name = f"dsmath-shm-{uuid.uuid4().hex}"
+    r = run(pool, f"""
+        import multiprocessing as mp, os, subprocess
+        def square(x):
+            return x * x
+        open("/dev/null", "w").write("x")
+        print(subprocess.run(["echo", "hi"], capture_output=True, text=True).stdout.strip())
+        with mp.Pool(2) as workers:
+            print(workers.map(square, range(4)))
+        open("/dev/shm/{name}", "w").write("1")
+        print(os.listdir("/dev/shm"))
+    """, timeout_s=10)
+    assert r.stdout == f"hi\n[0, 1, 4, 9]\n['{name}']\n", r.stderr
+    assert not os.path.exists(f"/dev/shm/{name}")  # a private /dev/shm, gone with the run
+    _clean_and_serving(pool)
+
+
+def test_queue_depth_is_reported_while_callers_wait():
+    import threading
+
+    with SandboxPool(size=1, preload=()) as p:
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(p.run("import time; time.sleep(0.5); print(1)")))
+                   for _ in range(3)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while p.stats()["queue_depth"] != 2:  # one running, two waiting for the only slot
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        assert p.stats()["busy"] == 1
+        for t in threads:
+            t.join()
+        assert [r.stdout for r in results] == ["1\n"] * 3 and p.stats()["queue_depth"] == 0

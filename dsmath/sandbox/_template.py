@@ -309,6 +309,10 @@ def _init_main(req: dict, out_w: int, err_w: int, uid: int | None, status_w: int
         opts = f"size={int(req['limits']['scratch_mb'])}m,mode=0700,uid={uid or 0},gid={uid or 0}"
         _mount("tmpfs", SCRATCH, "tmpfs", MS_NOSUID | MS_NODEV, opts)
         _mount(None, "/tmp", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+        try:  # POSIX semaphores / shared memory (multiprocessing) need a writable /dev/shm: a private one
+            _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, opts.replace("mode=0700", "mode=1777"))
+        except OSError:
+            pass
         _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)  # this namespace's pids only
         child = os.fork()
         if child == 0:

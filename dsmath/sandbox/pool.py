@@ -216,14 +216,14 @@ class SandboxPool:
             return list(ex.map(lambda c: self.run(c, **kwargs), codes))
 
     def close(self) -> None:
-        """Stop the templates (waits for runs in progress). Idempotent."""
+        """Stop the templates; runs in progress finish first (their templates stop after). Idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             self._cond.notify_all()
-            workers = list(self._all)
-        for w in workers:
+            idle, self._free = list(self._free), []
+        for w in idle:  # busy ones are closed by _release/_replace when their run ends
             w.close()
 
     def __enter__(self) -> "SandboxPool":
