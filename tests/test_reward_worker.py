@@ -1,0 +1,84 @@
+"""Reward worker scoring (pure) and the least-loaded pool's accounting (no Ray needed for the bookkeeping)."""
+
+import pytest
+
+from actors.pool import RewardPool
+from actors.reward_worker import RewardWorker, extract_boxed, fallback_grade
+from dsmath.config import RewardConfig
+from dsmath.records import Problem, Rollout
+
+
+def rollout(uid, completion, gold, index=0):
+    return Rollout(uid, index, Problem(uid, "q", gold), "p", (1,), completion, (2, 3), (-0.1, -0.2), "stop", 0, "g0",
+                   (1, 1))
+
+
+def test_extract_boxed_balances_braces():
+    assert extract_boxed("so \\boxed{\\frac{1}{2}} and then \\boxed{7}") == "7"
+    assert extract_boxed("x = \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+    assert extract_boxed("\\boxed{unclosed") is None
+    assert extract_boxed("no answer") is None
+
+
+@pytest.mark.parametrize("completion,gold,correct", [
+    ("The answer is \\boxed{42}.", "42", True),
+    ("The answer is \\boxed{42.0}.", "42", True),
+    ("The answer is \\boxed{1,000}.", "1000", True),
+    ("The answer is \\boxed{0.5}.", "1/2", True),
+    ("The answer is \\boxed{41}.", "42", False),
+    ("The answer is 42.", "42", False),
+])
+def test_fallback_grade(completion, gold, correct):
+    assert fallback_grade(completion, gold)[0] is correct
+
+
+def test_worker_rewards_and_format_penalty_one_result_each():
+    cfg = RewardConfig(correct_reward=1.0, incorrect_reward=-0.5, format_penalty=0.25)
+    worker = RewardWorker(cfg, worker_id="rw")
+    rollouts = [rollout("a", "\\boxed{3}", "3"), rollout("a", "\\boxed{4}", "3", 1), rollout("b", "none", "3")]
+    results = worker.score(rollouts)
+    assert [(r.request_id, r.sample_index) for r in results] == [("a", 0), ("a", 1), ("b", 0)]
+    assert [r.reward for r in results] == [1.0, -0.5, -0.75]
+    assert [r.correct for r in results] == [True, False, False]
+    assert [r.extracted for r in results] == ["3", "4", None]
+    assert all(r.reason.startswith(worker.grader_name + ":") for r in results)
+    assert worker.stats()["scored"] == 3
+
+
+def test_grader_exception_is_a_result_not_a_loss():
+    worker = RewardWorker(RewardConfig())
+
+    def broken(completion, gold):
+        raise ValueError("boom")
+
+    worker._grade = broken
+    (result,) = worker.score([rollout("a", "\\boxed{3}", "3")])
+    assert not result.correct and "boom" in result.reason
+
+
+class _FakeMethod:
+    def __init__(self, log, index):
+        self.log, self.index = log, index
+
+    def remote(self, items):
+        self.log.append((self.index, len(items)))
+        return object()
+
+
+class _FakeActor:
+    def __init__(self, log, index):
+        self.score = _FakeMethod(log, index)
+
+
+def test_pool_picks_least_loaded_and_accounts_for_every_item():
+    log = []
+    pool = RewardPool([_FakeActor(log, 0), _FakeActor(log, 1)])
+    f1 = pool.submit([rollout("a", "", "1")] * 5)
+    f2 = pool.submit([rollout("b", "", "1")] * 1)
+    pool.submit([rollout("c", "", "1")] * 2)  # actor 1 holds 1 item, actor 0 holds 5: goes to 1
+    assert [i for i, _ in log] == [0, 1, 1]
+    assert pool.outstanding == [5, 3] and pool.submitted == 8
+    pool.done(f1)
+    pool.done(f2)
+    assert pool.outstanding == [0, 2] and pool.completed == 6
+    assert pool.submitted == pool.completed + sum(pool.outstanding)
