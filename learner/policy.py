@@ -325,6 +325,9 @@ class PolicyLearner:
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor of the policy's state dict under its HF name (full, CPU, detached).
 
+        On CPU (ZeRO ≤ 2) these are views of the live parameters, not copies: consume them
+        (serialise, send) before the next step, or clone.
+
         Under ZeRO-3 each parameter is gathered in turn: all ranks must iterate together.
         """
         module = self.engine.module
