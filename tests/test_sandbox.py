@@ -168,8 +168,8 @@ def test_host_files_and_caller_environment_stay_secret(pool, tmp_path, monkeypat
     assert r.exit_code == 0, r.stderr
     assert secret not in r.stdout and "DSMATH_TEST_SECRET" not in r.stdout
     assert "/etc/shadow:PermissionError" in r.stdout
-    assert f"{secret_file}:" in r.stdout and f"{secret_file}:PermissionError" in r.stdout or \
-        f"{secret_file}:FileNotFoundError" in r.stdout
+    # The test's tmp dir is hidden (the template's /tmp is its own) or, if visible, unreadable.
+    assert any(f"{secret_file}:{err}" in r.stdout for err in ("FileNotFoundError", "PermissionError")), r.stdout
     assert "pids:1,2\n" in r.stdout + "\n"  # only its own PID namespace is visible
     _clean_and_serving(pool)
 
