@@ -1,0 +1,205 @@
+"""Structural answer comparison, shared by the fast path and the symbolic path.
+
+``compare(pred, gold, scalar)`` walks two ``Node`` trees; ``scalar(a, b)`` decides leaves and returns
+True, False or None (undecided). ``fast_scalar`` is pure Python (strings, exact numbers, base-n, words) and
+returns None whenever only sympy could tell; ``dsmath.grading.symbolic.symbolic_scalar`` always decides.
+The tree result is three-valued too: None means "the fast path cannot tell, ask the symbolic worker".
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Callable, Optional
+
+from dsmath.grading.normalize import (
+    Node,
+    inequality_to_interval,
+    is_symbol,
+    is_text,
+    parse_base_n,
+    parse_number,
+)
+
+Tri = Optional[bool]
+Scalar = Callable[[str, str], Tri]
+REL_TOL = 1e-9
+
+
+def _all(results) -> Tri:
+    """Three-valued AND: any False -> False, else any None -> None, else True."""
+    undecided = False
+    for r in results:
+        if r is False:
+            return False
+        if r is None:
+            undecided = True
+    return None if undecided else True
+
+
+def numbers_equal(a, b) -> bool:
+    """Exact rationals compare exactly; when either side is a written decimal, a 1e-9 relative tolerance;
+    a decimal (≥2 significant digits) against an exact non-integer fraction compares at the decimal's
+    written precision (0.33 = 1/3); a percent matches either its value or its value/100."""
+    candidates = [(a.value, b.value)]
+    if a.percent != b.percent:
+        pa = a.value / 100 if a.percent else a.value
+        pb = b.value / 100 if b.percent else b.value
+        candidates.append((pa, pb))
+    for x, y in candidates:
+        if x == y:
+            return True
+        # a written decimal is approximate: a 1e-9 relative tolerance (two exact integers compare exactly)
+        if a.decimals is not None or b.decimals is not None:
+            if abs(x - y) <= Fraction(REL_TOL) * max(abs(x), abs(y)):
+                return True
+            if a.decimals is not None and b.decimals is not None:
+                continue
+        for dec, x_, y_ in ((a, x, y), (b, y, x)):
+            other = b if dec is a else a
+            if dec.decimals is not None and other.decimals is None and dec.sig_digits >= 2 and other.value.denominator != 1:
+                if abs(x_ - y_) <= Fraction(1, 2) * Fraction(1, 10 ** min(dec.decimals, 50)):
+                    return True
+    return False
+
+
+def fast_scalar(a: str, b: str) -> Tri:
+    if a == b:
+        return True
+    if a.lower() == b.lower() and (is_text(a) or is_text(b)):
+        return True
+    na, nb = parse_number(a), parse_number(b)
+    if na is not None and nb is not None:
+        return numbers_equal(na, nb)
+    ba, bb = parse_base_n(a), parse_base_n(b)
+    if ba is not None or bb is not None:
+        if ba is not None and bb is not None:
+            return ba[2] == bb[2]
+        based, plain = (ba, b) if ba is not None else (bb, a)
+        return plain.replace(" ", "").upper() == based[0]
+    if is_text(a) and is_text(b):
+        return False
+    if (is_text(a) and nb is not None) or (is_text(b) and na is not None):
+        return False
+    return None
+
+
+def _as_interval(node: Node) -> Node | None:
+    if node.kind == "interval":
+        return node
+    if node.kind == "tuple" and len(node.items) == 2:  # "(1, 3)": a point or an open interval
+        return Node("interval", node.text, node.items, left_closed=False, right_closed=False)
+    if node.kind == "inequality":
+        return inequality_to_interval(node)
+    return None
+
+
+def _match_unordered(ps: tuple, gs: tuple, scalar: Scalar, equation: Callable) -> Tri:
+    if len(ps) != len(gs):
+        return False
+    remaining = list(gs)
+    undecided = False
+    for p in ps:
+        found = False
+        for k, g in enumerate(remaining):
+            r = compare(p, g, scalar, equation)
+            if r is True:
+                remaining.pop(k)
+                found = True
+                break
+            if r is None:
+                undecided = True
+        if not found:
+            return None if undecided else False
+    return True
+
+
+def _strip_var(node: Node) -> Node | None:
+    """``x = 3`` -> the node of ``3`` when the left side is one variable."""
+    if node.kind == "equation" and is_symbol(node.items[0].text):
+        return node.items[1]
+    return None
+
+
+def compare(pred: Node, gold: Node, scalar: Scalar, equation: Callable | None = None) -> Tri:
+    """True / False / None (undecided by ``scalar``) for two answer trees."""
+    if pred.text == gold.text and pred.kind == gold.kind:
+        return True
+    pk, gk = pred.kind, gold.kind
+    if pk == "equation" or gk == "equation":
+        if pk == gk:
+            lp, lg = pred.items[0].text, gold.items[0].text
+            if is_symbol(lp) and lp == lg:
+                return compare(pred.items[1], gold.items[1], scalar, equation)
+            if equation is None:
+                return None
+            return equation(pred, gold)
+        sp = _strip_var(pred) if pk == "equation" else pred
+        sg = _strip_var(gold) if gk == "equation" else gold
+        if sp is None or sg is None:
+            return False
+        return compare(sp, sg, scalar, equation)
+    if pk == "inequality" and gk == "inequality":
+        ip, ig = inequality_to_interval(pred), inequality_to_interval(gold)
+        if ip is None or ig is None:
+            return None if equation is None else equation(pred, gold)
+        return compare(ip, ig, scalar, equation)
+    if "interval" in (pk, gk) or "inequality" in (pk, gk) or ("union" in (pk, gk)):
+        if pk == "union" or gk == "union":
+            ps = pred.items if pk == "union" else (pred,)
+            gs = gold.items if gk == "union" else (gold,)
+            ps = tuple(_as_interval(p) for p in ps)
+            gs = tuple(_as_interval(g) for g in gs)
+            if any(x is None for x in ps + gs):
+                return False
+            return _match_unordered(ps, gs, scalar, equation)
+        ip, ig = _as_interval(pred), _as_interval(gold)
+        if ip is None or ig is None:
+            return False
+        if (ip.left_closed, ip.right_closed) != (ig.left_closed, ig.right_closed):
+            return False
+        return _all(compare(a, b, scalar, equation) for a, b in zip(ip.items, ig.items))
+    if pk == "matrix" or gk == "matrix":
+        def flat(n: Node):
+            if n.kind == "matrix":
+                if len(n.items) == 1 or all(len(r) == 1 for r in n.items):
+                    return tuple(c for r in n.items for c in r)
+                return None
+            return n.items if n.kind == "tuple" else None
+        if pk == gk:
+            if len(pred.items) != len(gold.items) or any(len(a) != len(b) for a, b in zip(pred.items, gold.items)):
+                return False
+            return _all(compare(a, b, scalar, equation) for ra, rb in zip(pred.items, gold.items) for a, b in zip(ra, rb))
+        fp, fg = flat(pred), flat(gold)
+        if fp is None or fg is None or len(fp) != len(fg):
+            return False
+        return _all(compare(a, b, scalar, equation) for a, b in zip(fp, fg))
+    if pk == "set" and gk == "set":
+        return _match_unordered(pred.items, gold.items, scalar, equation)
+    if pk in ("tuple", "set") and gk in ("tuple", "set"):  # a tuple against a bare list: in order
+        if len(pred.items) != len(gold.items):
+            return False
+        return _all(compare(a, b, scalar, equation) for a, b in zip(pred.items, gold.items))
+    if pk == "scalar" and gk == "scalar":
+        return scalar(pred.text, gold.text)
+    # one container against a scalar: a one-element set, or a mismatch
+    if pk == "set" and len(pred.items) == 1:
+        return compare(pred.items[0], gold, scalar, equation)
+    if gk == "set" and len(gold.items) == 1:
+        return compare(pred, gold.items[0], scalar, equation)
+    return False
+
+
+def kind_of(node: Node) -> str:
+    """The answer kind reported in verdicts (of the gold answer)."""
+    if node.kind != "scalar":
+        return node.kind
+    t = node.text
+    if len(t) == 1 and t.isalpha() and t.isupper():
+        return "choice"
+    if parse_number(t) is not None:
+        return "number"
+    if parse_base_n(t) is not None:
+        return "base_n"
+    if is_text(t):
+        return "text"
+    return "expression"
