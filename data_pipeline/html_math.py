@@ -79,11 +79,17 @@ def _math_to_tex(node) -> str:
     return tex
 
 
-def latexify_dom(tree) -> int:
-    """Rewrite math in a Resiliparse ``HTMLTree`` into ``$…$`` text nodes in place; returns how many."""
+def latexify_dom(tree, html_lower: str | None = None) -> int:
+    """Rewrite math in a Resiliparse ``HTMLTree`` into ``$…$`` text nodes in place; returns how many.
+
+    ``html_lower`` (the lower-cased source) lets each DOM pass be skipped when its marker is absent: a DOM
+    scan costs ~10x a substring search, and most web pages hold no math at all."""
     doc, n = tree.document, 0
+    has = (lambda marker: marker in html_lower) if html_lower is not None else (lambda marker: True)
+    if not (has("math") or has("katex") or has("mjx") or has("latex")):
+        return 0
     # MathJax 3 containers first: they carry class "MathJax" too, and hold the only copy of the math (MathML).
-    for node in doc.query_selector_all("mjx-container"):
+    for node in doc.query_selector_all("mjx-container") if has("mjx-container") else ():
         inner = node.query_selector("math")
         if node.parent is None or inner is None:
             continue
@@ -91,16 +97,16 @@ def latexify_dom(tree) -> int:
         delim = "$$" if display else "$"
         _replace(tree, node, f" {delim}{_math_to_tex(inner)}{delim} ")
         n += 1
-    for node in doc.query_selector_all(_MATHJAX_RENDERED):
+    for node in doc.query_selector_all(_MATHJAX_RENDERED) if has("mathjax") or has("mjx") else ():
         if node.parent is not None:
             node.parent.remove_child(node)
-    for node in doc.query_selector_all("script"):
+    for node in doc.query_selector_all("script") if has("math/tex") else ():
         kind = (node.getattr("type") or "").lower()
         if kind.startswith("math/tex"):
             delim = "$$" if "mode=display" in kind else "$"
             _replace(tree, node, f" {delim}{node.text.strip()}{delim} ")
             n += 1
-    for node in doc.query_selector_all(".katex-display, .katex"):
+    for node in doc.query_selector_all(".katex-display, .katex") if has("katex") else ():
         if node.parent is None or not node.parent.tag:
             continue
         tex = _tex_annotation(node)
@@ -109,7 +115,7 @@ def latexify_dom(tree) -> int:
         delim = "$$" if "katex-display" in (node.getattr("class") or "") else "$"
         _replace(tree, node, f" {delim}{tex}{delim} ")
         n += 1
-    for node in doc.query_selector_all("math"):
+    for node in doc.query_selector_all("math") if has("<math") else ():
         if node.parent is None:
             continue
         inner = node
@@ -117,7 +123,7 @@ def latexify_dom(tree) -> int:
         delim = "$$" if display else "$"
         _replace(tree, node, f" {delim}{_math_to_tex(inner)}{delim} ")
         n += 1
-    for node in doc.query_selector_all("img.latex, img.tex, img[class*=math]"):
+    for node in doc.query_selector_all("img.latex, img.tex, img[class*=math]") if has("<img") else ():
         alt = (node.getattr("alt") or "").strip()
         if alt:
             _replace(tree, node, f" ${alt}$ ")
@@ -133,5 +139,5 @@ def html_to_text(html: str, *, main_content: bool = True) -> str:
     tree = HTMLTree.parse(html)
     if tree.document is None:
         return ""
-    latexify_dom(tree)
+    latexify_dom(tree, html.lower())
     return extract_plain_text(tree, main_content=main_content, alt_texts=False, preserve_formatting=True).strip()

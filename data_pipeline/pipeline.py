@@ -206,6 +206,7 @@ def run_iterations(cfg, runner, out, pool, heldout, seed, report) -> list[dict]:
         (idir / "annotations.yaml").write_text(yaml.safe_dump({"auto": auto, "person": person}, sort_keys=False))
         verdicts = {r["id"]: domains.classify_url(r["url"], rules) for r in s_pool}
         added = {i for i, v in verdicts.items() if v == "math"} - seed
+        negs_before = set(extra_negatives)
         extra_negatives |= {i for i, v in verdicts.items() if v == "not_math"} - seed
         negatives_exclude |= added
         overlap = len(kept & prev_kept) / len(kept) if prev_kept else None
@@ -232,6 +233,11 @@ def run_iterations(cfg, runner, out, pool, heldout, seed, report) -> list[dict]:
         seed = seed | added
         if overlap is not None and overlap >= cfg.iterate.stop_overlap:
             rec["stopped"] = f"overlap {overlap:.3f} >= {cfg.iterate.stop_overlap}"
+        elif not added and negs_before == extra_negatives:
+            # Same seed and negatives would retrain the same model and keep the same pages.
+            rec["stopped"] = "the seed did not grow (no newly annotated math pages)"
+        if "stopped" in rec:
+            write_reports(out, report)
             break
         prev_kept = kept
     corpus = [{"id": r["id"], "url": r["url"], "text": r["text"], "score": r["score"]} for r in s_pool
@@ -292,23 +298,28 @@ def plot(path: Path, iterations: list[dict]) -> None:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     edges = np.linspace(0, 1, 21)
     for r in iterations:
-        a1.step(edges[:-1], r["score_hist"], where="post", label=f"iter {r['iteration']}")
+        a1.step(edges[:-1], r["score_hist"], where="post", label=f"iter {r['iteration']}",
+                linestyle=("-", "--", ":", "-.")[(r["iteration"] - 1) % 4])
     a1.set_yscale("log")
     a1.set_xlabel("P(math)")
     a1.set_ylabel("pages")
     a1.set_title("score distribution (pool)")
     a1.legend()
     its = [r["iteration"] for r in iterations]
-    a2.plot(its, [r["kept_tokens"] for r in iterations], "o-", label="kept tokens")
+    for lab, mark in (("math", "o-"), ("physics", "^:"), ("web", "x--")):
+        a2.plot(its, [r["kept_by_label"].get(lab, 0) for r in iterations], mark, label=f"kept, label={lab}")
+    a2.plot(its, [r["seed_pages"] for r in iterations], "s-", label="seed pages")
+    a2.set_ylim(bottom=0)
+    a2.set_xticks(its)
     a2.set_xlabel("iteration")
-    a2.set_ylabel("tokens")
+    a2.set_ylabel("pages")
     a2b = a2.twinx()
-    a2b.plot(its, [r["seed_pages"] for r in iterations], "s--", color="C1", label="seed pages")
-    a2b.plot(its, [r["kept_pages"] for r in iterations], "^:", color="C2", label="kept pages")
-    a2b.set_ylabel("pages")
+    a2b.plot(its, [r["corpus_recall_nonseed_math"] or 0 for r in iterations], "d-.", color="k", label="recall")
+    a2b.set_ylim(0, 1.05)
+    a2b.set_ylabel("recall of non-seed math pages")
     a2.set_title("corpus growth")
-    a2.legend(loc="upper left")
-    a2b.legend(loc="lower right")
+    a2.legend(loc="center left", fontsize=8)
+    a2b.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

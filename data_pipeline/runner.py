@@ -125,6 +125,10 @@ class Runner:
             ray.init(num_cpus=self.num_cpus, num_gpus=0, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
             self._ray_started = True
+        if not self.progress:  # quiet: Ray Data logs every dataset execution at INFO
+            import logging
+
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = self.progress
         ctx.execution_options.preserve_order = True
