@@ -1,0 +1,190 @@
+"""Rollout throughput: the Generator Ray actor vs calling vLLM directly vs HF ``generate``, same prompts.
+
+    python bench/rollout.py [--model DIR] [--prompts 32] [--n 4] [--max-new-tokens 64] [--repeats 3]
+
+Without ``--model`` it builds the tiny Qwen2 of the default run (random weights, so lengths are near max).
+Prints a card, then one line of JSON. The aim: actor overhead < 5 % over direct vLLM (same engine settings:
+the actor adds request/rollout records, log-prob extraction and Ray serialisation). On a GPU it also prints
+an estimate of memory-bandwidth utilisation during decoding (weights read once per decode step / time /
+the device's peak bandwidth from a small table; unknown devices are reported as unknown). Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+for _key, _value in {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "VLLM_CPU_KVCACHE_SPACE": "1",
+                     "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1",
+                     "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}.items():
+    os.environ.setdefault(_key, _value)
+
+# Peak HBM bandwidth, bytes/s (vendor data sheets). Anything else prints "unknown".
+PEAK_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100": 3.35e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.04e12,
+                  "A100-SXM4-40GB": 1.56e12, "A100": 1.56e12, "L4": 0.3e12, "A10G": 0.6e12}
+
+
+def peak_bandwidth(device_name: str) -> float | None:
+    for key in sorted(PEAK_BANDWIDTH, key=len, reverse=True):
+        if key in device_name:
+            return PEAK_BANDWIDTH[key]
+    return None
+
+
+def build_tiny(path: str) -> None:
+    from dsmath.config import ModelConfig
+    from dsmath.tasks.arithmetic import direct_solution, generate_split
+    from dsmath.tiny import build_model, train_tokenizer
+
+    problems = generate_split("train", 2000, seed=0)
+    texts = [f"Q: {p.question}\nA: {direct_solution(p)}" for p in problems]
+    tok = train_tokenizer(texts, ModelConfig().vocab_size, path)
+    build_model(ModelConfig(), tok).save_pretrained(path)
+
+
+def make_requests(num_prompts: int, n: int, max_new_tokens: int):
+    from dsmath.prompts import format_prompt
+    from dsmath.records import GenerationRequest, Problem, SamplingParams
+
+    out = []
+    for i in range(num_prompts):
+        question = f"Tom has {i + 3} apples and buys {2 * i + 1} more. How many apples does he have?"
+        prompt = format_prompt(question, "tiny")
+        out.append(GenerationRequest(f"r{i}", Problem(f"r{i}", question, str(3 * i + 4)), prompt,
+                                     SamplingParams(n=n, temperature=1.0, max_new_tokens=max_new_tokens)))
+    return out
+
+
+def timed(fn, repeats: int) -> tuple[float, int]:
+    fn()  # warm-up
+    times, tokens = [], 0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        tokens = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), tokens
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="")
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-hf", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    model_dir = args.model
+    if not model_dir:
+        model_dir = tempfile.mkdtemp(prefix="bench_rollout_")
+        build_tiny(model_dir)
+    requests = make_requests(args.prompts, args.n, args.max_new_tokens)
+    from dsmath.config import RolloutConfig
+
+    rollout_cfg = RolloutConfig(kv_cache_space_gib=1)
+    results: dict[str, dict] = {}
+
+    # 1. vLLM directly, with the generator's engine settings.
+    from actors.generator import Generator
+
+    direct = Generator(model_dir, rollout_cfg, generator_id="direct", seed=0)
+    params = [direct._vllm_params(r.sampling, n=r.sampling.n, max_tokens=r.sampling.max_new_tokens) for r in requests]
+
+    def run_direct() -> int:
+        outs = direct.llm.generate([r.prompt for r in requests], params, use_tqdm=False)
+        return sum(len(c.token_ids) for o in outs for c in o.outputs)
+
+    seconds, tokens = timed(run_direct, args.repeats)
+    results["vllm_direct"] = {"seconds": seconds, "tokens": tokens}
+    del direct
+    import gc
+
+    gc.collect()
+
+    # 2. The same through the Generator Ray actor (records, log-probs, Ray serialisation).
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=1 if on_gpu else 0, include_dashboard=False, log_to_driver=False)
+    from actors.generator import generator_actor_class
+
+    actor = generator_actor_class(num_cpus=1, num_gpus=1 if on_gpu else 0).remote(
+        model_dir, rollout_cfg, generator_id="actor", seed=0)
+
+    def run_actor() -> int:
+        rollouts = ray.get(actor.generate.remote(requests, None))
+        return sum(len(r.completion_ids) for r in rollouts)
+
+    seconds, tokens = timed(run_actor, args.repeats)
+    results["generator_actor"] = {"seconds": seconds, "tokens": tokens}
+    ray.kill(actor)
+    ray.shutdown()
+
+    # 3. HF generate (padded batch, sampling, same lengths).
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    param_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+    if not args.skip_hf:
+        tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+        device = "cuda" if on_gpu else "cpu"
+        hf.to(device)
+        batch = tok([r.prompt for r in requests], return_tensors="pt", padding=True).to(device)
+
+        def run_hf() -> int:
+            with torch.no_grad():
+                out = hf.generate(**batch, do_sample=True, temperature=1.0, max_new_tokens=args.max_new_tokens,
+                                  num_return_sequences=args.n, pad_token_id=tok.pad_token_id)
+            completion = out[:, batch["input_ids"].shape[1]:]
+            return int((completion != tok.pad_token_id).sum())
+
+        seconds, tokens = timed(run_hf, max(1, args.repeats // 2))
+        results["hf_generate"] = {"seconds": seconds, "tokens": tokens}
+
+    for r in results.values():
+        r["tokens_per_s"] = r["tokens"] / r["seconds"]
+    # Compare per generated token: sampled lengths differ a little between runs.
+    overhead = results["vllm_direct"]["tokens_per_s"] / results["generator_actor"]["tokens_per_s"] - 1.0
+    device_name = torch.cuda.get_device_name() if on_gpu else "cpu"
+    bandwidth = None
+    if on_gpu:
+        peak = peak_bandwidth(device_name)
+        decode_steps = args.max_new_tokens  # every step reads all weights once (batch decoding)
+        achieved = param_bytes * decode_steps / results["vllm_direct"]["seconds"]
+        bandwidth = {"achieved_gb_s": achieved / 1e9, "peak_gb_s": None if peak is None else peak / 1e9,
+                     "utilisation": None if peak is None else achieved / peak}
+
+    print("=" * 64)
+    print(f"rollout bench  device={device_name}  prompts={args.prompts} n={args.n} "
+          f"max_new_tokens={args.max_new_tokens} params={param_bytes / 4 / 1e6:.2f}M")
+    print("-" * 64)
+    print(f"{'path':<18}{'seconds':>10}{'tokens':>10}{'tokens/s':>12}{'vs direct':>12}")
+    base = results["vllm_direct"]["tokens_per_s"]
+    for name, r in results.items():
+        print(f"{name:<18}{r['seconds']:>10.3f}{r['tokens']:>10d}{r['tokens_per_s']:>12.1f}"
+              f"{r['tokens_per_s'] / base:>11.2f}x")
+    print("-" * 64)
+    print(f"generator actor overhead vs direct vLLM: {overhead * 100:+.1f}% (aim < 5%)")
+    if bandwidth is not None:
+        util = "unknown" if bandwidth["utilisation"] is None else f"{bandwidth['utilisation'] * 100:.1f}%"
+        print(f"decode memory bandwidth: {bandwidth['achieved_gb_s']:.1f} GB/s, utilisation {util}")
+    print("=" * 64)
+    print(json.dumps({"bench": "rollout", "device": device_name, "prompts": args.prompts, "n": args.n,
+                      "max_new_tokens": args.max_new_tokens, "results": results,
+                      "actor_overhead": overhead, "bandwidth": bandwidth}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
