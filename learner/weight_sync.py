@@ -435,12 +435,14 @@ class BucketReceiver:
 
     Buckets are staged (the received flat buffers are kept, views into them handed out at the end) so that the
     version switches atomically: ``finish`` returns every named tensor only when all buckets arrived.
-    Memory: one extra copy of the weights while an update is in flight.
+    Memory: one extra copy of the weights on ``staging_device`` (host memory by default) while an update is in
+    flight; on the accelerator at most one bucket. The engine then copies host -> device when applying.
     """
 
-    def __init__(self, owner: str, device: str | torch.device = "cpu"):
+    def __init__(self, owner: str, device: str | torch.device = "cpu", staging_device: str | torch.device = "cpu"):
         self.owner = owner
         self.device = torch.device(device)
+        self.staging_device = torch.device(staging_device)
         self.version = 0
         self._pending: int | None = None
         self._num_buckets = 0
@@ -483,19 +485,22 @@ class BucketReceiver:
                 f"(expected {self._received}/{self._num_buckets})"
             )
         if self._transport == "object_store":
-            flat = payload.to(self.device) if payload.device != self.device else payload
+            flat = payload
         elif self._transport in ("gloo", "nccl"):
             if self._group is None:
                 raise WeightSyncError(f"{self.owner}: {self._transport} bucket but no group joined")
-            flat = empty_bucket(layout, self.device)
+            flat = empty_bucket(layout, self.device)  # the collective's buffer lives on the transport's device
             broadcast_from_rank0(self._group, flat, self.timeout_s)
-        else:  # cuda_ipc: rebuild the sender's buffer from its handle, copy before the sender frees it
+        else:  # cuda_ipc: rebuild the sender's buffer from its handle; copy out before the sender frees it
             rebuild, args = payload
             args = list(args)
             # args[6] is the device index in torch's CUDA rebuild signature; map it to this process's device.
             if len(args) > 6 and isinstance(args[6], int) and self.device.type == "cuda":
                 args[6] = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            flat = rebuild(*args).clone()
+            flat = rebuild(*args)
+        if flat.device != self.staging_device or self._transport == "cuda_ipc":
+            # Staging off the accelerator keeps its memory at one bucket, not one extra copy of the model.
+            flat = flat.to(self.staging_device, copy=True)
         self._staged.extend(unpack_bucket(flat, bucket.names, layout))
         self._received += 1
 
