@@ -27,7 +27,9 @@ _UNITS = (
     "apples?|books?|cookies?|pages?|marbles?|boxes|eggs?|cars?|times|ways|sq\\.? ?(?:ft|in|cm|m)|cubic (?:feet|inches|cm|meters)"
 )
 _UNIT_TEXT = re.compile(r"\\(?:text|textbf|mbox|mathrm|textup|rm)\s*\{\s*(?:" + _UNITS + r")\s*\}(?:\^\{?[23]\}?)?")
-_TRAILING_UNIT = re.compile(r"^(.*?[\d}])\s*(?:" + _UNITS + r")(?:\^\{?[23]\}?)?\s*$", re.IGNORECASE)
+# bare words after a number: only units of 2+ letters ("3m" may be 3·m; "3 cm" is 3)
+_BARE_UNITS = "|".join(u for u in _UNITS.split("|") if len(u.rstrip("?")) > 1 and u not in ("in", "s?"))
+_TRAILING_UNIT = re.compile(r"^(.*?[\d}])\s*(?:" + _BARE_UNITS + r")(?:\^\{?[23]\}?)?\s*$", re.IGNORECASE)
 _TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|mbox|mathrm|textup|textnormal|operatorname|rm|mathit)\s*\{([^{}]*)\}")
 _THOUSANDS = re.compile(r"^-?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?$")
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree")
@@ -48,6 +50,7 @@ def prepare(s: str) -> str:
     s = s.replace("\\$", "").replace("$", "")
     s = re.sub(r"\\[dtc]frac", r"\\frac", s)
     s = re.sub(r"\\left\s*\.|\\right\s*\.", "", s)
+    s = re.sub(r"(\d),\\!(?=\d{3})", r"\1", s)  # 5,\!525
     s = re.sub(r"\\left|\\right|\\displaystyle|\\!|\\bigl|\\bigr|\\Bigl|\\Bigr|\\big|\\Big", "", s)
     s = re.sub(r"(?<!\\)\\[,;:> ]|~|\\q?quad", " ", s)  # not the row break "\\\\ "
     s = s.replace("{,}", ",").replace("\\le ", "\\le").replace("\\ge ", "\\ge")
@@ -63,6 +66,8 @@ def prepare(s: str) -> str:
     if m and not re.search(r"[a-zA-Z]", re.sub(r"\\[a-zA-Z]+", "", m.group(1))):
         s = m.group(1).strip()
     s = s.rstrip(".").strip()
+    s = re.sub(r"^[a-zA-Z]\s*\\in\s*", "", s)  # x \in [-2, 7]
+    s = re.sub(r",\s*(?:and|or)\s+", ", ", s)  # "7, -2, and -5"
     if _THOUSANDS.match(s.replace(" ", "")):
         s = s.replace(",", "").replace(" ", "")
     return s

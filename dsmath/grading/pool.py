@@ -108,6 +108,9 @@ class _Worker:
 
     def start_process(self) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+        # the worker imports dsmath from wherever this process did (an uninstalled checkout, a Ray working_dir)
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
         proc = subprocess.Popen([sys.executable, "-m", "dsmath.grading.worker", str(self.pool.memory_mb)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                 env=env, close_fds=True)

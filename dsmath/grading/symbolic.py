@@ -72,13 +72,22 @@ def exprs_equal(ea: sympy.Expr, eb: sympy.Expr, text_a: str = "", text_b: str = 
         return False
 
 
+_unparsed: list[str] = []  # leaves the converter could not read during the current symbolic_equal call
+
+
 def symbolic_scalar(a: str, b: str) -> bool:
     fast = fast_scalar(a, b)
     if fast is not None:
         return fast
     try:
-        ea, eb = parse_latex(a), parse_latex(b)
+        ea = parse_latex(a)
     except (LatexParseError, TypeError, ValueError, ZeroDivisionError):
+        _unparsed.append(a)
+        return False
+    try:
+        eb = parse_latex(b)
+    except (LatexParseError, TypeError, ValueError, ZeroDivisionError):
+        _unparsed.append(b)
         return False
     return exprs_equal(ea, eb, a, b)
 
@@ -113,5 +122,10 @@ def symbolic_equation(pred: Node, gold: Node) -> bool:
 def symbolic_equal(pred_prepared: str, gold_prepared: str) -> tuple[bool, str]:
     """(equal, reason) for two ``prepare``-d answers; decides every pair (no 'undecided')."""
     p, g = parse_structure(pred_prepared), parse_structure(gold_prepared)
+    _unparsed.clear()
     result = compare(p, g, symbolic_scalar, symbolic_equation)
-    return bool(result), ("symbolically equal" if result else "symbolically different")
+    if result:
+        return True, "symbolically equal"
+    if _unparsed:
+        return False, f"not a math expression the grader can read: {_unparsed[0][:80]!r}"
+    return False, "symbolically different"
