@@ -1,0 +1,425 @@
+"""The training driver: one controller that reads top to bottom through named, timed stages.
+
+    setup → eval(before) → [rollout → reward → advantages → ref_logprobs → update → weight_sync
+                              → (checkpoint) → (eval)] × steps → eval(after) → summary.json
+
+Stage names are the metric names (``time/rollout`` …). Synchronous mode is exactly on-policy: every
+generator is at the learner's weight version before a step samples, and generators refuse requests
+for any other version.
+
+This is the wiring layer: it imports Ray, the actors and the learner. Nothing imports it back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict as dataclasses_asdict
+from dataclasses import dataclass, field
+from dataclasses import replace as dataclasses_replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dsmath.config import TrainConfig, to_dict
+from dsmath.errors import UserError
+from dsmath.sampler import ProblemStream
+from dsmath.records import GenerationRequest, Problem, Rollout, RewardResult, SamplingParams
+from dsmath.utils.metrics import MetricsWriter
+from dsmath.utils.timing import StageTimer
+
+
+@dataclass
+class RunState:
+    """What a checkpoint must restore besides the weights and optimizer."""
+
+    step: int = 0
+    weight_version: int = 0
+    data_position: int = 0
+    samples_trained: int = 0
+    history: list = field(default_factory=list)
+
+
+def _log(msg: str) -> None:
+    print(f"[dsmath] {msg}", flush=True)
+
+
+def _env_for_workers() -> dict[str, str]:
+    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DS_ACCELERATOR", "VLLM_CPU_KVCACHE_SPACE",
+            "VLLM_ENABLE_V1_MULTIPROCESSING", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "RAY_AUTH_MODE")
+    return {k: os.environ[k] for k in keys if k in os.environ}
+
+
+def connect_ray(cfg: TrainConfig):
+    """Join the cluster at ``cfg.ray_address`` / ``$RAY_ADDRESS``, or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
+    runtime_env = {"env_vars": _env_for_workers()}
+    if address:
+        _log(f"joining Ray cluster at {address}")
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        needed = (
+            cfg.rollout.num_generators * cfg.rollout.cpus_per_generator
+            + cfg.learner.num_ranks * cfg.learner.cpus_per_rank
+            + cfg.reward.num_workers * 0.5
+        )
+        # Logical CPUs: sync mode runs the stages one after another, so actors may share cores.
+        num_cpus = max(int(needed + 0.999), os.cpu_count() or 1)
+        _log(f"starting a local Ray cluster ({num_cpus} logical CPUs, no GPUs)")
+        ray.init(num_cpus=num_cpus, num_gpus=0, include_dashboard=False, runtime_env=runtime_env,
+                 log_to_driver=True)
+    return ray
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class TaskData:
+    model_dir: Path
+    train: list[Problem]
+    heldout: list[Problem]
+    prompt_mode: str
+
+
+def load_task(cfg: TrainConfig) -> TaskData:
+    """The model to start from and the questions: the tiny bootstrap, or a user model + JSONL files."""
+    if cfg.model.path:
+        raise UserError(
+            "model.path is set: point data.train / data.heldout at question/answer JSONL files "
+            "(not wired in this version; the tiny_cpu preset uses the built-in bootstrap)"
+        )
+    from dsmath.bootstrap import PROMPT_MODE, ensure_bootstrap
+
+    arts = ensure_bootstrap(cfg.bootstrap, cfg.model, log=_log)
+    train_all = arts.train_problems()
+    # The first num_sft_problems questions were used for the SFT warm-up; RL draws from the rest.
+    rl_train = train_all[cfg.bootstrap.num_sft_problems:]
+    heldout = arts.heldout_problems(limit=cfg.eval_size)
+    return TaskData(model_dir=arts.model_dir, train=rl_train, heldout=heldout, prompt_mode=PROMPT_MODE)
+
+
+def make_requests(problems: list[Problem], *, step: int, prompt_mode: str, n: int, temperature: float,
+                  top_p: float, max_new_tokens: int, stop: tuple[str, ...], tag: str) -> list[GenerationRequest]:
+    from dsmath.prompts import format_prompt
+
+    sampling = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, stop=stop)
+    return [
+        GenerationRequest(request_id=f"{tag}{step}-{i}-{p.uid}", problem=p, prompt=format_prompt(p.question, prompt_mode),
+                          sampling=sampling)
+        for i, p in enumerate(problems)
+    ]
+
+
+def chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def generate_and_score(gen_pool, reward_pool, requests: list[GenerationRequest], expected_version: int,
+                       timer: StageTimer, *, chunk_size: int, timeout_s: float = 600.0
+                       ) -> tuple[list[Rollout], list[RewardResult]]:
+    """Rollout, with each generator's chunk handed to the reward pool the moment it returns.
+
+    ``time/rollout`` covers generation (scoring overlaps it); ``time/reward`` is only the scoring left
+    after the last completion arrived. Every rollout gets exactly one reward (checked).
+    """
+    import ray
+
+    rollouts: list[Rollout] = []
+    reward_futures = []
+    with timer.stage("rollout"):
+        pending = [gen_pool.submit(c, expected_version) for c in chunks(requests, chunk_size)]
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=timeout_s)
+            if not ready:
+                raise TimeoutError(f"no generator answered within {timeout_s:.0f} s ({len(pending)} chunks pending)")
+            for fut in ready:
+                out = ray.get(fut)
+                gen_pool.done(fut)
+                rollouts.extend(out)
+                reward_futures.append(reward_pool.submit(out))
+    results: list[RewardResult] = []
+    with timer.stage("reward"):
+        for fut in reward_futures:
+            results.extend(ray.get(fut, timeout=timeout_s))
+            reward_pool.done(fut)
+    by_key = {(r.request_id, r.sample_index): r for r in results}
+    if len(by_key) != len(rollouts) or any((r.request_id, r.sample_index) not in by_key for r in rollouts):
+        raise RuntimeError(f"reward accounting broken: {len(rollouts)} rollouts, {len(results)} rewards")
+    order = {r.request_id: i for i, r in enumerate(requests)}
+    rollouts.sort(key=lambda r: (order[r.request_id], r.sample_index))
+    return rollouts, [by_key[(r.request_id, r.sample_index)] for r in rollouts]
+
+
+def evaluate(gen_pool, reward_pool, problems: list[Problem], cfg: TrainConfig, version: int, prompt_mode: str,
+             *, tag: str = "eval") -> dict:
+    """Greedy pass@1 on ``problems``; grading is the reward workers' (dsmath.grading)."""
+    timer = StageTimer()
+    requests = make_requests(problems, step=version, prompt_mode=prompt_mode, n=1, temperature=0.0, top_p=1.0,
+                             max_new_tokens=cfg.rollout.max_new_tokens, stop=cfg.rollout.stop, tag=tag)
+    per_gen = max(1, len(requests) // (4 * len(gen_pool.actors)))
+    rollouts, results = generate_and_score(gen_pool, reward_pool, requests, version, timer, chunk_size=per_gen)
+    correct = sum(r.correct for r in results)
+    by_level: dict[str, list[int]] = {}
+    for ro, res in zip(rollouts, results):
+        level = str(ro.problem.meta.get("level", "all"))
+        by_level.setdefault(level, []).append(int(res.correct))
+    return {
+        "accuracy": correct / max(1, len(results)),
+        "size": len(results),
+        "by_level": {k: sum(v) / len(v) for k, v in sorted(by_level.items())},
+        "timeouts": sum(r.timed_out for r in results),
+        "seconds": sum(timer.pop().values()),
+    }
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+
+def build_train_batch(rollouts: list[Rollout], advantages, pad_id: int, max_length: int):
+    from learner.batch import collate_rollouts
+
+    return collate_rollouts(
+        [r.prompt_ids for r in rollouts],
+        [r.completion_ids for r in rollouts],
+        pad_id=pad_id,
+        advantages=[float(a) for a in advantages],
+        loss_masks=[list(r.loss_mask) if r.loss_mask else [1] * len(r.completion_ids) for r in rollouts],
+        max_length=max_length,
+    )
+
+
+def logprob_gap(rollouts: list[Rollout], batch, learner_logprobs) -> float:
+    """Max |generator logprob − learner logprob| over sampled tokens: a weight-sync bug shows up here."""
+    import torch
+
+    gap = 0.0
+    for i, r in enumerate(rollouts):
+        p = len(r.prompt_ids)
+        k = min(len(r.logprobs), batch.input_ids.shape[1] - p)
+        if k <= 0:
+            continue
+        gen = torch.tensor(r.logprobs[:k], dtype=torch.float32)
+        lrn = learner_logprobs[i, p - 1:p - 1 + k].float()
+        gap = max(gap, float((gen - lrn).abs().max()))
+    return gap
+
+
+def rollout_metrics(rollouts: list[Rollout], results: list[RewardResult], group_size: int) -> dict:
+    import torch
+
+    rewards = torch.tensor([r.reward for r in results], dtype=torch.float32)  # [B*G]
+    groups = rewards.view(-1, group_size)  # [B, G]
+    lengths = torch.tensor([len(r.completion_ids) for r in rollouts], dtype=torch.float32)
+    return {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+        "accuracy": float(sum(r.correct for r in results) / len(results)),
+        "zero_std_groups": float((groups.std(dim=1) == 0).float().mean()),
+        "response_length/mean": float(lengths.mean()),
+        "response_length/max": float(lengths.max()),
+        "truncation_rate": float(sum(r.truncated for r in rollouts) / len(rollouts)),
+        "grading_timeouts": float(sum(r.timed_out for r in results)),
+    }
+
+
+def _generator_health(gen_pool) -> list[dict]:
+    import ray
+
+    out = []
+    for i, actor in enumerate(gen_pool.actors):
+        try:
+            h = ray.get(actor.health.remote(), timeout=10)
+            out.append({"id": i, "alive": h.alive, "weight_version": h.weight_version,
+                        "requests": h.requests_served, "tokens": h.tokens_generated})
+        except Exception:  # noqa: BLE001 - a dead or hung generator is shown as such, not raised
+            out.append({"id": i, "alive": False})
+    return out
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
+    """Run online GRPO as configured; returns (and writes) the run summary."""
+    import torch
+    from tqdm import tqdm
+
+    from actors.generator import generator_actor_class
+    from actors.pool import GeneratorPool, RewardPool
+    from actors.reward_worker import reward_worker_actor_class
+    from dsmath.grpo import group_advantages
+    from dsmath.status import StatusServer
+    from dsmath.status.snapshot import SnapshotBuilder
+    from learner import checkpoint as ckpt
+    from learner.ray_group import LearnerGroup
+    from learner.weight_sync import broadcast_weights
+
+    wall_start = time.time()
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_root = run_dir / "checkpoints"
+    timer = StageTimer()
+    state = RunState()
+
+    # --- setup: data, cluster, actors --------------------------------------------------------------
+    with timer.stage("setup"):
+        task = load_task(cfg)
+        resume_from = None
+        if resume:
+            latest = ckpt.resolve(ckpt_root)
+            if not (latest / "trainer_state.json").exists():
+                raise UserError(f"--resume: no checkpoint under {ckpt_root} (run without --resume to start fresh)")
+            resume_from = latest
+            saved = json.loads((latest / "trainer_state.json").read_text())["extra"]
+            state = RunState(**{k: v for k, v in saved.items() if k in RunState.__dataclass_fields__})
+            _log(f"resuming from {latest} at step {state.step} (weight version {state.weight_version})")
+        elif (run_dir / "metrics.jsonl").exists():
+            (run_dir / "metrics.jsonl").unlink()  # a fresh run does not append to an old run's curve
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        connect_ray(cfg)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(task.model_dir))
+        gen_model = str(resume_from or task.model_dir)
+        gen_cls = generator_actor_class(cfg.rollout.cpus_per_generator, cfg.rollout.gpus_per_generator)
+        generators = [
+            gen_cls.remote(gen_model, cfg.rollout, generator_id=f"generator-{i}", seed=cfg.seed + i,
+                           weight_version=state.weight_version)
+            for i in range(cfg.rollout.num_generators)
+        ]
+        reward_cls = reward_worker_actor_class()
+        rewarders = [reward_cls.remote(cfg.reward, worker_id=f"reward-{i}") for i in range(cfg.reward.num_workers)]
+        gen_pool, reward_pool = GeneratorPool(generators), RewardPool(rewarders)
+        # The reference model is the starting policy, also on resume; the checkpoint restores the policy.
+        learner = LearnerGroup(task.model_dir, cfg.learner, cfg.grpo, seed=cfg.seed)
+        if resume_from is not None:
+            learner.load_checkpoint(resume_from)
+        stream = ProblemStream(task.train, seed=cfg.seed, position=state.data_position)
+        status = StatusServer(port=cfg.status_port, run_dir=run_dir)
+        builder = SnapshotBuilder(run_dir.name, cfg.steps)
+        _log(f"status: dsmath status {run_dir}   (gRPC on {status.address})")
+    metrics_out = MetricsWriter(run_dir)
+    setup_s = timer.pop().get("time/setup", 0.0)
+
+    summary_path = run_dir / "summary.json"
+    try:
+        # --- eval before RL -------------------------------------------------------------------------
+        before = state.history[0] if (resume and state.history) else None
+        if before is None:
+            ev = evaluate(gen_pool, reward_pool, task.heldout, cfg, state.weight_version, task.prompt_mode,
+                          tag="eval-before")
+            before = {"step": state.step, "accuracy": ev["accuracy"], "by_level": ev["by_level"]}
+            state.history.append(before)
+            _log(f"held-out greedy accuracy before RL: {ev['accuracy']:.1%} on {ev['size']} problems "
+                 f"({ev['seconds']:.1f} s) by level {ev['by_level']}")
+
+        q, g = cfg.rollout.questions_per_step, cfg.rollout.group_size
+        chunk = max(1, q // (2 * len(generators)))
+        max_len = cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens
+        bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, desc="grpo", unit="step",
+                   dynamic_ncols=True)
+        last_ckpt, last_eval = None, None
+        while state.step < cfg.steps:
+            step = state.step + 1
+            problems = stream.take(q)
+            requests = make_requests(problems, step=step, prompt_mode=task.prompt_mode, n=g,
+                                     temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                     max_new_tokens=cfg.rollout.max_new_tokens, stop=cfg.rollout.stop, tag="s")
+            rollouts, results = generate_and_score(gen_pool, reward_pool, requests, state.weight_version, timer,
+                                                   chunk_size=chunk)
+            with timer.stage("advantages"):
+                rewards = torch.tensor([r.reward for r in results], dtype=torch.float32)  # [B*G]
+                adv = group_advantages(rewards, g, cfg.grpo.adv_eps)  # [B*G]
+                batch = build_train_batch(rollouts, adv.tolist(), tokenizer.pad_token_id, max_len)
+            with timer.stage("old_logprobs"):
+                old_lp = learner.logprobs(batch)  # [N, T]
+            gap = logprob_gap(rollouts, batch, old_lp)
+            if cfg.grpo.beta > 0:
+                with timer.stage("ref_logprobs"):
+                    batch = dataclasses_replace(batch, ref_logprobs=learner.ref_logprobs(batch))
+            with timer.stage("update"):
+                train_metrics = learner.grpo_step(dataclasses_replace(batch, old_logprobs=old_lp))
+            with timer.stage("weight_sync"):
+                sync = broadcast_weights(learner.actors[0], {f"generator-{i}": a for i, a in enumerate(generators)},
+                                         state.weight_version + 1, cfg.weight_sync)
+            state.weight_version += 1
+            state.step = step
+            state.data_position = stream.position
+            state.samples_trained += len(rollouts)
+
+            row = rollout_metrics(rollouts, results, g)
+            row.update({k if "/" in k else f"train/{k}": v for k, v in train_metrics.items()})
+            row.update(timer.pop())
+            completion_tokens = sum(len(r.completion_ids) for r in rollouts)
+            row["tokens_per_s"] = completion_tokens / max(1e-9, row.get("time/rollout", 0.0))
+            row["rollout/logprob_abs_diff_max"] = gap
+            row["weight_version"] = state.weight_version
+            row["samples_trained"] = state.samples_trained
+            row["weight_sync/bytes"] = float(sync.bytes)
+            row["weight_sync/pause_s"] = float(sync.pause_s)
+            row["weight_sync/transfer_s"] = float(sync.transfer_s)
+
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                with timer.stage("eval"):
+                    ev = evaluate(gen_pool, reward_pool, task.heldout, cfg, state.weight_version, task.prompt_mode)
+                row["eval/accuracy"] = ev["accuracy"]
+                row.update(timer.pop())
+                last_eval = {"step": step, "accuracy": ev["accuracy"]}
+                state.history.append(last_eval)
+            if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+                with timer.stage("checkpoint"):
+                    path = learner.save_checkpoint(ckpt_root / f"step-{step:06d}", extra=dataclasses_asdict(state))
+                row.update(timer.pop())
+                last_ckpt = {"step": step, "path": str(path)}
+            health = _generator_health(gen_pool)
+            versions = [h.get("weight_version", -1) for h in health]
+            row["generators/version_min"], row["generators/version_max"] = min(versions), max(versions)
+            row["generators/alive"] = sum(bool(h.get("alive")) for h in health)
+            metrics_out.write(step, row)
+            status.update(builder.step(step, row, generators=health,
+                                       queues={"reward": {"depth": sum(reward_pool.outstanding),
+                                                          "timeout_rate": row["grading_timeouts"] / len(results)}},
+                                       last_checkpoint=last_ckpt, last_eval=last_eval))
+            bar.set_postfix(reward=f"{row['reward/mean']:.2f}", acc=f"{row['accuracy']:.2f}",
+                            kl=f"{row.get('train/kl', row.get('kl', 0.0)):.3f}")
+            bar.update(1)
+            if not progress:
+                _log(f"step {step}/{cfg.steps} reward {row['reward/mean']:.3f} acc {row['accuracy']:.3f} "
+                     f"step time {sum(v for k, v in row.items() if k.startswith('time/')):.1f} s")
+        bar.close()
+
+        # --- eval after RL ----------------------------------------------------------------------------
+        ev = evaluate(gen_pool, reward_pool, task.heldout, cfg, state.weight_version, task.prompt_mode,
+                      tag="eval-after")
+        _log(f"held-out greedy accuracy after RL: {ev['accuracy']:.1%} by level {ev['by_level']}")
+        summary = {
+            "heldout_accuracy_before": before["accuracy"],
+            "heldout_accuracy_after": ev["accuracy"],
+            "heldout_accuracy_before_by_level": before.get("by_level", {}),
+            "heldout_accuracy_after_by_level": ev["by_level"],
+            "heldout_size": ev["size"],
+            "steps": state.step,
+            "samples_trained": state.samples_trained,
+            "weight_version": state.weight_version,
+            "wall_seconds": time.time() - wall_start,
+            "setup_seconds": setup_s,
+            "config": cfg.run_dir,
+            "resumed": bool(resume),
+            "summary_path": str(summary_path),
+        }
+        summary_path.write_text(json.dumps(summary, indent=2))
+        status.update(builder.finish())
+        return summary
+    except BaseException as exc:
+        try:
+            status.update(builder.finish(failed=f"{type(exc).__name__}: {exc}"))
+        except Exception:  # noqa: BLE001 - reporting the failure must not mask it
+            pass
+        raise
+    finally:
+        metrics_out.close()
+        status.stop()
