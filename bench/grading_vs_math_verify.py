@@ -45,8 +45,58 @@ def build_pairs(n: int, seed: int) -> list[dict]:
                 other = items[rng.randrange(len(items))][1]
                 if _key(other) != _key(answer):
                     break
-            pairs.append({"set": name, "completion": completion, "gold": other, "label": False})
+            pairs.append({"set": name, "completion": completion, "gold": other, "label": False, "own": answer})
     return pairs[:n] if len(pairs) > n else pairs
+
+
+def rewrite(answer: str, rng: random.Random) -> str:
+    """An equivalent way to write ``answer`` (a model's style differs from the reference's)."""
+    import re
+    from fractions import Fraction
+
+    a = answer.strip()
+    m = re.fullmatch(r"(-?)\\[dt]?frac\{(\d+)\}\{(\d+)\}", a)
+    if m and rng.random() < 0.7:
+        value = Fraction(int(m.group(2)), int(m.group(3))) * (-1 if m.group(1) else 1)
+        den = value.denominator
+        while den % 2 == 0:
+            den //= 2
+        while den % 5 == 0:
+            den //= 5
+        if den == 1 and value.denominator != 1:
+            return str(float(value))
+        return f"{value.numerator}/{value.denominator}"
+    if re.fullmatch(r"-?\d+", a):
+        n = int(a)
+        choice = rng.randrange(4)
+        if choice == 0 and abs(n) >= 1000:
+            return f"{n:,}"
+        if choice == 1:
+            return f"{n}.0"
+        if choice == 2:
+            return f"x = {n}"
+        return f"{n} \\text{{ units}}"
+    out = a.replace("\\frac", "\\dfrac")
+    out = re.sub(r"(?<!\\left)\(", r"\\left(", out)
+    out = re.sub(r"(?<!\\right)\)", r"\\right)", out)
+    out = out.replace("+", " + ").replace(",", ", ")
+    return out
+
+
+def build_variant_pairs(n: int, seed: int) -> list[dict]:
+    """Completions that state an equivalent rewrite of their gold (positives) or of another answer."""
+    rng = random.Random(seed + 1)
+    out = []
+    for p in build_pairs(n, seed):
+        stated = rewrite(p["gold"] if p["label"] else p["gold"], rng)
+        # positives: our own answer rewritten; negatives: the other answer rewritten, graded against our own
+        if p["label"]:
+            completion, gold = f"Working omitted. Therefore the final answer is $\\boxed{{{stated}}}$.", p["gold"]
+        else:
+            own = p["own"]
+            completion, gold = f"Working omitted. Therefore the final answer is $\\boxed{{{stated}}}$.", own
+        out.append({"set": p["set"], "completion": completion, "gold": gold, "label": p["label"]})
+    return out
 
 
 def run_dsmath(pairs: list[dict], workers: int, timeout_s: float) -> tuple[list[bool], float, dict]:
@@ -69,7 +119,7 @@ def run_math_verify(pairs: list[dict]) -> tuple[list[bool], float]:
     t0 = time.perf_counter()
     for p in pairs:
         try:
-            gold = parse(f"${p['gold']}$") if p["set"] == "math" else parse(p["gold"])
+            gold = parse(f"${p['gold']}$")
             pred = parse(p["completion"])
             out.append(bool(verify(gold, pred)))
         except Exception:  # noqa: BLE001 - math-verify errors count as 'wrong'
@@ -84,9 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout-s", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--show", type=int, default=5, help="print this many dsmath mistakes")
+    ap.add_argument("--variants", action="store_true",
+                    help="completions state an equivalent rewrite of the answer (\\dfrac, \\left(, x =, 0.5 for 1/2, "
+                         "1,000, units) instead of the reference's own text")
     args = ap.parse_args(argv)
 
-    pairs = build_pairs(args.pairs, args.seed)
+    pairs = build_variant_pairs(args.pairs, args.seed) if args.variants else build_pairs(args.pairs, args.seed)
     ours, our_s, stats = run_dsmath(pairs, args.workers, args.timeout_s)
     theirs, their_s = run_math_verify(pairs)
 
@@ -96,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [("all", None), ("MATH", lambda p: p["set"] == "math"), ("GSM8K", lambda p: p["set"] == "gsm8k"),
             ("positives", lambda p: p["label"]), ("negatives", lambda p: not p["label"])]
-    print(f"grading vs math-verify — {len(pairs)} labelled pairs (seed {args.seed}), dsmath workers={args.workers}")
+    print(f"grading vs math-verify — {len(pairs)} labelled pairs (seed {args.seed}{', rewritten answers' if args.variants else ''}), "
+          f"dsmath workers={args.workers}")
     print(f"{'subset':<10} {'n':>6} {'dsmath':>9} {'math-verify':>12}")
     for name, sub in rows:
         a, n = agreement(ours, sub)
@@ -116,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"math-verify={theirs[i]}")
     a_all, _ = agreement(ours)
     b_all, _ = agreement(theirs)
-    print(json.dumps({"pairs": len(pairs), "dsmath_agreement": round(a_all, 4), "math_verify_agreement": round(b_all, 4),
+    print(json.dumps({"pairs": len(pairs), "variants": args.variants, "dsmath_agreement": round(a_all, 4), "math_verify_agreement": round(b_all, 4),
                       "dsmath_pairs_per_s": round(ours_pps, 1), "math_verify_pairs_per_s": round(theirs_pps, 1),
                       "speedup": round(ours_pps / theirs_pps, 2), "timeouts": stats["timeouts"]}))
     return 0
