@@ -41,10 +41,11 @@ def _configure_cpu_env(rollout: RolloutConfig) -> None:
     # Must happen before vLLM creates its engine: it reads these once, and disables set_num_threads afterwards.
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(rollout.kv_cache_space_gib)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # One OpenMP thread: two busy processes with 2 threads each on 2 cores run 20-30x slower (DESIGN §7).
+    os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    torch.set_num_threads(1)
 
 
 class Generator:
