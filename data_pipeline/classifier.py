@@ -8,8 +8,11 @@ a fixed budget per iteration, not a score threshold). Ties break by id so the re
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -32,8 +35,6 @@ def train(positives: list[str], negatives: list[str], out_path: str | Path, *, d
           word_ngrams: int = 3, min_count: int = 3, epoch: int = 3, bucket: int = 200000, threads: int = 1,
           seed: int = 0, max_chars: int = 20000) -> Path:
     """Train a supervised fastText model (labels ``__label__math`` / ``__label__other``) and save it."""
-    import fasttext
-
     if not positives or not negatives:
         raise ValueError(f"need positives and negatives to train (got {len(positives)} and {len(negatives)})")
     rng = np.random.RandomState(seed)
@@ -45,13 +46,29 @@ def train(positives: list[str], negatives: list[str], out_path: str | Path, *, d
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, dir=out_path.parent) as fh:
         fh.write("\n".join(lines) + "\n")
         train_file = fh.name
+    params = {"input": train_file, "dim": dim, "lr": lr, "wordNgrams": word_ngrams, "minCount": min_count,
+              "epoch": epoch, "bucket": bucket, "thread": threads, "seed": seed, "verbose": 0}
     try:
-        model = fasttext.train_supervised(input=train_file, dim=dim, lr=lr, wordNgrams=word_ngrams, minCount=min_count,
-                                          epoch=epoch, bucket=bucket, thread=threads, seed=seed, verbose=0)
+        for attempt in range(4):
+            # A fresh interpreter per training run: in a long-lived process that has run other native code,
+            # fastText 0.9.2 was seen to abort with "Encountered NaN" on inputs that train fine on their own.
+            proc = subprocess.run([sys.executable, "-c", _TRAIN_SNIPPET, json.dumps(params), str(out_path)],
+                                  capture_output=True, text=True)
+            if proc.returncode == 0:
+                break
+            if "NaN" not in proc.stderr or attempt == 3:  # diverged: retry with half the learning rate
+                raise RuntimeError(f"fastText training failed: {proc.stderr.strip()[-500:]}")
+            params["lr"] /= 2
     finally:
         os.unlink(train_file)
-    model.save_model(str(out_path))
     return out_path
+
+
+_TRAIN_SNIPPET = """
+import json, sys
+import fasttext
+fasttext.train_supervised(**json.loads(sys.argv[1])).save_model(sys.argv[2])
+"""
 
 
 _MODELS: dict[str, object] = {}

@@ -83,7 +83,6 @@ def test_ray_data_and_local_runner_give_identical_outputs(tmp_path):
 
 
 @needs_shared
-@pytest.mark.slow
 def test_cli_corpus_run_two_iterations_writes_report_plot_and_prints_precision_recall(tmp_path, capsys):
     from dsmath.cli import main
 
@@ -96,11 +95,15 @@ def test_cli_corpus_run_two_iterations_writes_report_plot_and_prints_precision_r
     assert "iter 1:" in printed and "iter 2:" in printed and "held-out precision" in printed
     report = json.loads((out / "report.json").read_text())
     assert [it["iteration"] for it in report["iterations"]] == [1, 2]
-    for it in report["iterations"]:
-        assert it["heldout"]["precision"] > 0.8 and it["heldout"]["recall"] > 0.5
-        assert it["corpus_precision_labelled"] > 0.8
+    first, second = report["iterations"]
+    # The seed grows with the discovered domains (mathoverflow.net was never in it), and the retrained
+    # classifier is better on the held-out split and finds more of the non-seed math pages.
+    assert second["seed_pages"] > 5 * first["seed_pages"]
+    assert second["heldout"]["f1"] > first["heldout"]["f1"]
+    assert second["heldout"]["precision"] > 0.8 and second["heldout"]["recall"] > 0.9
+    assert second["corpus_recall_nonseed_math"] > first["corpus_recall_nonseed_math"]
+    assert second["kept_by_label"]["web"] < first["kept_by_label"]["web"]
     assert "mathoverflow.net" in report["iterations"][0]["flagged_domains"]  # discovered, not in the seed
-    assert report["iterations"][1]["seed_pages"] > report["iterations"][0]["seed_pages"]
     assert (out / "report.png").stat().st_size > 5000 and "| 2 |" in (out / "report.md").read_text()
     assert (out / "iter_1" / "review.yaml").exists() and list((out / "corpus").glob("shard-*.parquet"))
     # Resume: a second run reuses every shard and every model.
