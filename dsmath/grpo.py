@@ -121,6 +121,14 @@ def process_advantages(
     return adv * response_mask.to(dtype)
 
 
+def online_rft_advantages(correct: Tensor) -> Tensor:
+    """Online RFT in the paper's unified paradigm (§5.2.1): gradient coefficient 1 for a correct
+    sample, 0 otherwise. Used as the advantages of :func:`grpo_loss` with ``beta=0`` and on-policy
+    ``old_logp`` (ratio 1, never clipped), the loss gradient is exactly ``−coef · ∇log π``."""
+    return correct.to(torch.get_default_dtype()) if correct.dtype == torch.bool else (correct > 0).to(
+        torch.get_default_dtype())
+
+
 # ----------------------------------------------------------------------------------------------
 # Per-token quantities from logits
 # ----------------------------------------------------------------------------------------------
@@ -332,6 +340,7 @@ __all__ = [
     "grpo_loss",
     "kl_k3",
     "loss_normalizer",
+    "online_rft_advantages",
     "process_advantages",
     "sft_loss",
     "token_logprobs",

@@ -124,6 +124,9 @@ class PolicyLearner:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.max_tokens = max_tokens
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
+        if self.grpo_cfg.loss_agg == "seq_mean_token_sum_norm" and not max_tokens:
+            raise UserError("grpo.loss_agg=seq_mean_token_sum_norm (Dr. GRPO) needs the learner's max_tokens "
+                            "(pass rollout.max_new_tokens)")
         self.backend = init_distributed(rank, world_size, learner_cfg.backend)
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}") if self.backend == "nccl" else torch.device("cpu")
         torch.manual_seed(seed)
@@ -166,6 +169,13 @@ class PolicyLearner:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
         self.steps = 0
+
+    @classmethod
+    def from_env(cls, model_dir: str | Path, learner_cfg: LearnerConfig, grpo_cfg: GRPOConfig | None = None,
+                 **kwargs) -> "PolicyLearner":
+        """Under ``torchrun``: rank and world size from ``RANK``/``WORLD_SIZE``."""
+        return cls(model_dir, learner_cfg, grpo_cfg, rank=int(os.environ.get("RANK", "0")),
+                   world_size=int(os.environ.get("WORLD_SIZE", "1")), **kwargs)
 
     # ------------------------------------------------------------------ forward helpers
 

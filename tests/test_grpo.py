@@ -214,3 +214,15 @@ def test_split_batch_with_global_normalizer_adds_up(agg):
 def test_sft_loss_is_token_mean_nll():
     logp = torch.log(torch.tensor([[0.5, 0.25, 0.9]]))
     assert grpo.sft_loss(logp, torch.tensor([[1, 1, 0]])).item() == pytest.approx((math.log(2) + math.log(4)) / 2)
+
+
+def test_online_rft_coefficients_give_the_unified_paradigm_gradient():
+    correct = torch.tensor([True, False, True])
+    coef = grpo.online_rft_advantages(correct)
+    assert coef.tolist() == [1.0, 0.0, 1.0]
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -0.1], [-3.0, -1.5]], requires_grad=True)
+    mask = torch.ones(3, 2)
+    loss, _ = grpo.grpo_loss(logp, logp.detach(), None, coef, mask, beta=0.0, loss_agg="token_mean")
+    loss.backward()
+    # d/dlogp of −mean(coef · ratio) at ratio 1 = −coef / #tokens
+    assert torch.allclose(logp.grad, -coef[:, None].expand(3, 2) / 6)

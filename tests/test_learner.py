@@ -148,10 +148,11 @@ def assert_same_update(initial: dict, reference: dict, others: list[dict]) -> No
             assert torch.allclose(t, other[name], rtol=0, atol=5e-5), (name, (t - other[name]).abs().max())
 
 
-def test_exact_resume_from_checkpoint(model_dir, tmp_path):
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_exact_resume_from_checkpoint(model_dir, tmp_path, zero_stage):
     """Train 4 steps saving after 2; a fresh learner loading that checkpoint reproduces steps 3–4."""
     run = tmp_path / "ckpts"
-    a = make_learner(model_dir)
+    a = make_learner(model_dir, zero_stage=zero_stage)
     losses_a = []
     for step in range(4):
         batch = rl_batch(a, 100 + step)
@@ -162,7 +163,7 @@ def test_exact_resume_from_checkpoint(model_dir, tmp_path):
             expected_draw = torch.rand(3)
     final_a = dict(a.named_weights())
 
-    b = make_learner(model_dir)
+    b = make_learner(model_dir, zero_stage=zero_stage)
     extra = b.load_checkpoint(run)  # via the `latest` pointer
     assert extra == {"data_position": 16, "weight_version": 4} and b.steps == 4
     assert torch.equal(torch.rand(3), expected_draw)
@@ -232,3 +233,5 @@ def test_world_size_mismatch_is_a_user_error(model_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not a dsmath learner checkpoint"):
         learner.load_checkpoint(tmp_path / "empty")
+    with pytest.raises(UserError, match="Dr. GRPO"):
+        make_learner(model_dir, grpo_cfg=GRPOConfig(loss_agg="seq_mean_token_sum_norm"))
