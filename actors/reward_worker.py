@@ -4,9 +4,11 @@
 chunks over several workers (least outstanding rollouts first) and hands back one future per chunk, so the driver
 submits each generator's output the moment it returns instead of waiting for the whole batch.
 
-Grading goes through ``dsmath.grading.grade(completion, gold)`` when that module exists (hang-proof: it bounds
-its own time). Until then, a local fallback extracts the last ``\\boxed{...}`` and compares exactly, then
-numerically; it is pure string work and cannot hang. ``RewardResult.reason`` says which grader ran.
+Grading goes through a ``dsmath.grading.GradingPool`` owned by the worker (one killable sympy process, a
+``RewardConfig.timeout_s`` deadline per answer, ``strict`` or ``lenient`` extraction from ``RewardConfig.strict``):
+a timeout is a reported outcome (``RewardResult.timed_out``), never a hang. If ``dsmath.grading`` cannot be
+imported, a local fallback extracts the last ``\\boxed{...}`` and compares exactly, then numerically (pure string
+work, cannot hang). ``RewardResult.reason`` starts with the grader that ran.
 
 Guaranteed: ``score(rollouts)`` returns exactly one ``RewardResult`` per rollout, in order, with the rollout's
 ``request_id``/``sample_index``; a grader exception becomes an incorrect result with the reason, never a lost one.
@@ -64,12 +66,14 @@ def fallback_grade(completion: str, gold: str) -> tuple[bool, str, str | None]:
     return False, "mismatch", pred
 
 
-def _load_grader() -> tuple[Callable[[str, str], Any] | None, str]:
+def _load_grader(cfg: RewardConfig) -> tuple[Callable[[Sequence[tuple[str, str]]], list] | None, Any, str]:
+    """(batch grading function, pool to close, name); (None, None, "fallback") without dsmath.grading."""
     try:
-        from dsmath.grading import grade  # type: ignore[attr-defined]
+        from dsmath.grading import GradingPool
     except ImportError:
-        return None, "fallback"
-    return grade, "dsmath.grading"
+        return None, None, "fallback"
+    pool = GradingPool(workers=1, timeout_s=cfg.timeout_s, mode="strict" if cfg.strict else "lenient")
+    return pool.grade_many, pool, "dsmath.grading"
 
 
 class RewardWorker:
@@ -79,47 +83,59 @@ class RewardWorker:
     def __init__(self, cfg: RewardConfig | None = None, *, worker_id: str = "reward-0"):
         self.cfg = cfg or RewardConfig()
         self.worker_id = worker_id
-        self._grade, self.grader_name = _load_grader()
+        self._grade_many, self._pool, self.grader_name = _load_grader(self.cfg)
         self.scored = 0
         self.seconds = 0.0
 
-    def _one(self, rollout: Rollout) -> RewardResult:
-        gold = rollout.problem.answer
-        timed_out = False
+    def _verdicts(self, rollouts: Sequence[Rollout]) -> list[tuple[bool, str, str | None, bool]]:
+        """(correct, reason, extracted, timed_out) per rollout."""
+        pairs = [(r.completion, r.problem.answer) for r in rollouts]
+        if self._grade_many is None:
+            return [(*fallback_grade(c, g), False) for c, g in pairs]
         try:
-            if self._grade is not None:
-                verdict = self._grade(rollout.completion, gold)
-                correct = bool(verdict.correct)
-                reason = str(getattr(verdict, "reason", ""))
-                extracted = getattr(verdict, "extracted", getattr(verdict, "pred", None))
-                timed_out = bool(getattr(verdict, "timed_out", False))
+            verdicts = self._grade_many(pairs)
+        except Exception:  # noqa: BLE001 - grade one by one so one bad pair cannot lose the others
+            verdicts = []
+            for pair in pairs:
+                try:
+                    verdicts.extend(self._grade_many([pair]))
+                except Exception as exc:  # noqa: BLE001
+                    verdicts.append(exc)
+        out = []
+        for v in verdicts:
+            if isinstance(v, Exception):
+                out.append((False, f"grader error: {type(v).__name__}: {v}", None, False))
             else:
-                correct, reason, extracted = fallback_grade(rollout.completion, gold)
-        except Exception as exc:  # noqa: BLE001 - a grader bug must not lose a rollout's reward
-            correct, reason, extracted = False, f"grader error: {type(exc).__name__}: {exc}", None
-        reward = self.cfg.correct_reward if correct else self.cfg.incorrect_reward
-        if extracted is None and not correct:
-            reward -= self.cfg.format_penalty
-        return RewardResult(
-            request_id=rollout.request_id,
-            sample_index=rollout.sample_index,
-            reward=float(reward),
-            correct=correct,
-            reason=f"{self.grader_name}: {reason}",
-            extracted=None if extracted is None else str(extracted),
-            timed_out=timed_out,
-        )
+                out.append((bool(v.correct), str(v.reason), v.extracted, bool(v.timed_out)))
+        return out
 
     def score(self, rollouts: Sequence[Rollout]) -> list[RewardResult]:
-        """One result per rollout, in order."""
+        """One result per rollout, in order: ``correct_reward`` / ``incorrect_reward``, minus ``format_penalty``
+        when no final answer could be extracted."""
         start = time.perf_counter()
-        results = []
         for rollout in rollouts:
             check_schema(rollout)
-            results.append(self._one(rollout))
+        results = []
+        for rollout, (correct, reason, extracted, timed_out) in zip(rollouts, self._verdicts(rollouts), strict=True):
+            reward = self.cfg.correct_reward if correct else self.cfg.incorrect_reward
+            if extracted is None and not correct:
+                reward -= self.cfg.format_penalty
+            results.append(RewardResult(
+                request_id=rollout.request_id,
+                sample_index=rollout.sample_index,
+                reward=float(reward),
+                correct=correct,
+                reason=f"{self.grader_name}: {reason}",
+                extracted=None if extracted is None else str(extracted),
+                timed_out=timed_out,
+            ))
         self.scored += len(results)
         self.seconds += time.perf_counter() - start
         return results
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
 
     def stats(self) -> dict[str, Any]:
         return {"worker_id": self.worker_id, "grader": self.grader_name, "scored": self.scored,

@@ -35,6 +35,8 @@ def test_fallback_grade(completion, gold, correct):
 def test_worker_rewards_and_format_penalty_one_result_each():
     cfg = RewardConfig(correct_reward=1.0, incorrect_reward=-0.5, format_penalty=0.25)
     worker = RewardWorker(cfg, worker_id="rw")
+    worker.close()
+    worker._grade_many, worker.grader_name = None, "fallback"  # the fallback path, deterministic
     rollouts = [rollout("a", "\\boxed{3}", "3"), rollout("a", "\\boxed{4}", "3", 1), rollout("b", "none", "3")]
     results = worker.score(rollouts)
     assert [(r.request_id, r.sample_index) for r in results] == [("a", 0), ("a", 1), ("b", 0)]
@@ -47,13 +49,39 @@ def test_worker_rewards_and_format_penalty_one_result_each():
 
 def test_grader_exception_is_a_result_not_a_loss():
     worker = RewardWorker(RewardConfig())
+    worker.close()
 
-    def broken(completion, gold):
-        raise ValueError("boom")
+    def broken(pairs):
+        if any(c == "bad" for c, _ in pairs):
+            raise ValueError("boom")
+        return [fallback_verdict(c, g) for c, g in pairs]
 
-    worker._grade = broken
-    (result,) = worker.score([rollout("a", "\\boxed{3}", "3")])
-    assert not result.correct and "boom" in result.reason
+    worker._grade_many = broken
+    results = worker.score([rollout("a", "\\boxed{3}", "3"), rollout("b", "bad", "3"), rollout("c", "\\boxed{4}", "3")])
+    assert [r.request_id for r in results] == ["a", "b", "c"]
+    assert [r.correct for r in results] == [True, False, False]
+    assert "boom" in results[1].reason and "boom" not in results[2].reason
+
+
+def fallback_verdict(completion, gold):
+    from types import SimpleNamespace
+
+    correct, reason, extracted = fallback_grade(completion, gold)
+    return SimpleNamespace(correct=correct, reason=reason, extracted=extracted, timed_out=False)
+
+
+def test_uses_dsmath_grading_when_present():
+    pytest.importorskip("dsmath.grading")
+    worker = RewardWorker(RewardConfig(timeout_s=5.0))
+    try:
+        results = worker.score([rollout("a", "The answer is \\boxed{\\frac{1}{2}}.", "0.5"),
+                                rollout("b", "The answer is \\boxed{x^2+2x+1}.", "(x+1)^2"),
+                                rollout("c", "no answer here", "7")])
+    finally:
+        worker.close()
+    assert worker.grader_name == "dsmath.grading"
+    assert [r.correct for r in results] == [True, True, False]
+    assert results[2].extracted is None and all(r.reason.startswith("dsmath.grading:") for r in results)
 
 
 class _FakeMethod:
