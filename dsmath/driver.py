@@ -258,6 +258,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     from learner.ray_group import LearnerGroup
     from learner.weight_sync import broadcast_weights
 
+    from ray import get as ray_get
+
     wall_start = time.time()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -295,7 +297,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         rewarders = [reward_cls.remote(cfg.reward, worker_id=f"reward-{i}") for i in range(cfg.reward.num_workers)]
         gen_pool, reward_pool = GeneratorPool(generators), RewardPool(rewarders)
         # The reference model is the starting policy, also on resume; the checkpoint restores the policy.
-        learner = LearnerGroup(task.model_dir, cfg.learner, cfg.grpo, seed=cfg.seed)
+        learner = LearnerGroup(task.model_dir, cfg.learner, cfg.grpo, seed=cfg.seed,
+                               max_tokens=cfg.rollout.max_new_tokens)
+        ray_get(learner.actors[0].configure_sync.remote(cfg.weight_sync))  # rank 0 sends the weights
         if resume_from is not None:
             learner.load_checkpoint(resume_from)
         stream = ProblemStream(task.train, seed=cfg.seed, position=state.data_position)

@@ -50,6 +50,22 @@ class LearnerRank:
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
         return list(self.learner.named_weights())
 
+    def sync_weights(self, version: int, receivers, cfg=None):
+        """Push this rank's weights to ``receivers`` (generator actors) as ``version``.
+
+        Runs in the rank's own process, so the collective transports (gloo, NCCL) broadcast straight
+        from the learner's memory. One sender is kept for the actor's lifetime (its group is reused).
+        """
+        from learner.weight_sync import make_sender
+
+        if getattr(self, "_sender", None) is None or (cfg is not None and cfg != self._sender.cfg):
+            self._sender = make_sender(cfg if cfg is not None else self._sync_cfg)
+        return self._sender.send(self.learner.named_weights(), version, receivers)
+
+    def configure_sync(self, cfg) -> None:
+        self._sync_cfg = cfg
+        self._sender = None
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.learner.named_weights()}
 
