@@ -290,3 +290,29 @@ def test_corpus_config_unknown_key_and_bad_values_are_one_line_errors(tmp_path):
         load_corpus_config("corpus_demo", ["dedup.bands=7"])
     with pytest.raises(ConfigError, match="runner.backend"):
         load_corpus_config("corpus_demo", ["runner.backend=spark"])
+
+
+def test_pipeline_modules_import_nothing_distributed():
+    import subprocess
+    import sys
+
+    code = ("import sys; import data_pipeline.pipeline, data_pipeline.decontam, data_pipeline.html_math; "
+            "import dsmath.commands.corpus; "
+            "bad = [m for m in ('ray', 'vllm', 'deepspeed', 'torch', 'fasttext', 'matplotlib') if m in sys.modules]; "
+            "print(','.join(bad))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ""
+
+
+@needs_shared
+def test_cli_decontam_subcommand_drops_planted_page(tmp_path, capsys):
+    from dsmath.cli import main
+
+    q = _bench("gsm8k_test.jsonl")[42]["question"]
+    pages = tmp_path / "pages.jsonl"
+    pages.write_text(json.dumps({"url": "http://blog.example/1", "text": "Homework: " + q.lower()}) + "\n"
+                     + json.dumps({"url": "http://blog.example/2", "text": "A clean page about gardening."}) + "\n")
+    assert main(["corpus", "decontam", str(pages), "--out", str(tmp_path / "clean.jsonl")]) == 0
+    assert "kept 1, dropped 1" in capsys.readouterr().out
+    dropped = [json.loads(line) for line in (tmp_path / "clean.dropped.jsonl").open()]
+    assert [d["benchmark_item"] for d in dropped] == ["gsm8k:42"]
