@@ -147,6 +147,31 @@ def collate_rollouts(
     )
 
 
+def collate_from_rollouts(
+    rollouts: Sequence,
+    advantages: Sequence[float | Sequence[float]],
+    *,
+    pad_id: int,
+    generator_logprobs_as_old: bool = False,
+    max_length: int | None = None,
+) -> TrainBatch:
+    """:func:`collate_rollouts` over :class:`dsmath.records.Rollout` records.
+
+    Uses each rollout's ``loss_mask`` (tool output masked) when present. With
+    ``generator_logprobs_as_old`` the generator's sampling log-probs become ``old_logprobs`` (the
+    async off-policy case); otherwise ``old_logprobs`` stays None and the learner uses its own.
+    """
+    return collate_rollouts(
+        [r.prompt_ids for r in rollouts],
+        [r.completion_ids for r in rollouts],
+        pad_id=pad_id,
+        advantages=advantages,
+        old_logprobs=[r.logprobs for r in rollouts] if generator_logprobs_as_old else None,
+        loss_masks=[r.loss_mask if r.loss_mask else [1] * len(r.completion_ids) for r in rollouts],
+        max_length=max_length,
+    )
+
+
 def micro_batches(batch: TrainBatch, max_seqs: int, max_tokens: int | None = None) -> list[tuple[list[int], TrainBatch]]:
     """Split into micro-batches, each padded only to its own longest sequence.
 

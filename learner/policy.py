@@ -92,8 +92,7 @@ class PolicyLearner:
     Guaranteed: ``grpo_step``/``sft_step`` do exactly one optimizer step over the whole local batch
     (gradient accumulation over micro-batches of at most ``learner_cfg.micro_batch_size`` rows and,
     if set, ``max_tokens_per_micro_batch`` padded tokens); every rank must call them together with
-    equally sized shards. Not guaranteed: ZeRO-3 beyond gathering weights for sync/saves (the CPU
-    path is tested with ZeRO 0–2).
+    equally sized shards. ZeRO 0–3 are tested on one CPU rank (exact resume), ZeRO-2 on two.
     """
 
     def __init__(
@@ -344,11 +343,14 @@ class PolicyLearner:
         if self.cfg.zero_stage == 3:
             import deepspeed
 
-            for name, param in module.named_parameters():
-                with deepspeed.zero.GatheredParameters([param]):
-                    yield name, param.detach().cpu().clone()
+            keys = set(module.state_dict().keys())  # HF names incl. tied ones; no non-persistent buffers
+            for name, param in module.named_parameters(remove_duplicate=False):
+                if name in keys:
+                    with deepspeed.zero.GatheredParameters([param]):
+                        yield name, param.detach().cpu().clone()
             for name, buf in module.named_buffers():
-                yield name, buf.detach().cpu()
+                if name in keys:
+                    yield name, buf.detach().cpu()
             return
         for name, tensor in module.state_dict().items():
             yield name, tensor.detach().cpu()

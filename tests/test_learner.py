@@ -80,6 +80,20 @@ def test_collate_aligns_completion_tokens_to_logprob_positions():
     assert t.input_ids.tolist() == [[1, 2, 3]] and t.loss_mask.tolist() == [[0, 1, 0]]
 
 
+def test_collate_from_rollout_records():
+    from dsmath.records import Problem, Rollout
+    from learner.batch import collate_from_rollouts
+
+    prob = Problem("u", "q", "1")
+    rs = [Rollout("r", i, prob, "p", (3, 4), "c", c, lp, "stop", 0, "g0", mask)
+          for i, (c, lp, mask) in enumerate([((5, 6), (-0.5, -0.25), ()), ((7, 8, 9), (-1.0, -2.0, -3.0), (1, 0, 1))])]
+    b = collate_from_rollouts(rs, [1.0, -1.0], pad_id=0, generator_logprobs_as_old=True)
+    assert b.input_ids.tolist() == [[3, 4, 5, 6, 0], [3, 4, 7, 8, 9]]
+    assert b.loss_mask.tolist() == [[0, 1, 1, 0, 0], [0, 1, 0, 1, 0]]
+    assert b.old_logprobs.tolist() == [[0, -0.5, -0.25, 0, 0], [0, -1, -2, -3, 0]]
+    assert collate_from_rollouts(rs, [1.0, -1.0], pad_id=0).old_logprobs is None
+
+
 def test_micro_batches_cover_rows_once_and_trim_padding():
     prompts, comps, adv = random_rollouts(1, n=7, group=7)
     b = collate_rollouts(prompts, comps, pad_id=0, advantages=adv)
@@ -148,9 +162,11 @@ def assert_same_update(initial: dict, reference: dict, others: list[dict]) -> No
             assert torch.allclose(t, other[name], rtol=0, atol=5e-5), (name, (t - other[name]).abs().max())
 
 
-@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
 def test_exact_resume_from_checkpoint(model_dir, tmp_path, zero_stage):
     """Train 4 steps saving after 2; a fresh learner loading that checkpoint reproduces steps 3–4."""
+    from transformers import AutoModelForCausalLM
+
     run = tmp_path / "ckpts"
     a = make_learner(model_dir, zero_stage=zero_stage)
     losses_a = []
@@ -173,6 +189,9 @@ def test_exact_resume_from_checkpoint(model_dir, tmp_path, zero_stage):
         losses_b.append((b.grpo_step(batch)["loss"], b.grpo_step(batch)["loss"]))
     assert losses_b == losses_a[2:]  # bit-exact: same ops, same order, same optimizer state
     assert all(torch.equal(t, final_a[k]) for k, t in b.named_weights())
+    hf = AutoModelForCausalLM.from_pretrained(str(run / "step_2"), dtype=torch.float32).state_dict()
+    saved = dict(b.named_weights())
+    assert set(hf) == set(saved)  # same HF names under every ZeRO stage (ZeRO-3 gathers)
 
 
 def test_checkpoint_is_hf_loadable_atomic_and_survives_a_failed_save(model_dir, tmp_path):
