@@ -98,7 +98,16 @@ def _budget(cfg: CorpusConfig, pool_tokens: int) -> int:
 def run_pipeline(cfg: CorpusConfig) -> dict:
     out = Path(cfg.out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    saved = out / "config.yaml"
+    if saved.exists():
+        # Resume reuses shards and models: only safe when everything but the runner settings is unchanged.
+        before = yaml.safe_load(saved.read_text()) or {}
+        now = to_dict(cfg)
+        changed = sorted(k for k in set(before) | set(now) if k not in ("runner", "out_dir") and before.get(k) != now.get(k))
+        if changed:
+            raise UserError(f"{out} holds a run made with different settings ({', '.join(changed)}); "
+                            "use a new out_dir, or delete that folder to start over")
+    saved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     rc = cfg.runner
     report: dict = {"config": to_dict(cfg), "stages": {}, "iterations": []}
     with Runner(out, backend=rc.backend, shard_size=rc.shard_size, batch_size=rc.batch_size, num_cpus=rc.num_cpus,

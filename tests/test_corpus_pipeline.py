@@ -111,6 +111,9 @@ def test_cli_corpus_run_two_iterations_writes_report_plot_and_prints_precision_r
     log = [json.loads(line) for line in (out / "metrics.jsonl").open()]
     second = log[len(log) // 2 :]
     assert all(r["computed_rows"] == 0 for r in second)
+    # A rerun with different settings into the same folder is refused, not silently mixed with old shards.
+    assert main(["corpus", "run", "--config", str(out / "config.yaml"), "dedup.threshold=0.9"]) == 2
+    assert "holds a run made with different settings (dedup)" in capsys.readouterr().err
 
 
 def test_cli_corpus_errors_are_one_line(capsys):
