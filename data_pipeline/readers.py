@@ -67,19 +67,24 @@ def read_warc(path: str | Path, errors: list[ReadError], *, source: str = "", la
         return
     with path.open("rb") as fh:
         it = ArchiveIterator(fh, record_types=WarcRecordType.response | WarcRecordType.conversion, parse_http=True)
+        last_good = 0
         while True:
-            offset = -1
             try:
                 rec = next(it)
             except StopIteration:
                 break
-            except Exception as exc:  # a corrupt record: FastWARC stops the stream, so we stop this file
-                errors.append(ReadError(str(path), offset, f"unreadable WARC stream: {exc}"))
+            except Exception as exc:  # a corrupt header: FastWARC cannot resync, so the rest of this file is lost
+                errors.append(ReadError(str(path), last_good, f"unreadable WARC stream after the record at this "
+                                                              f"offset ({exc}); rest of the file skipped"))
                 break
-            offset = rec.stream_pos
+            offset = last_good = rec.stream_pos
             try:
                 url = clean_uri(rec.headers.get("WARC-Target-URI"))
                 body = rec.reader.read()
+                if rec.content_length and len(body) < rec.content_length:
+                    errors.append(ReadError(str(path), offset, f"truncated record: {len(body)} of "
+                                                               f"{rec.content_length} bytes"))
+                    continue
                 if rec.record_type == WarcRecordType.conversion:
                     yield page(url, text=_decode(body, "utf-8"), source=source, label=label, id=f"{url}")
                     continue
