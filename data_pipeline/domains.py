@@ -95,21 +95,29 @@ def discover(rows: list[dict], kept_ids: set[str], *, granularity: str = "host",
     return out
 
 
-def auto_annotate(domains: list[dict], *, min_mean_score: float = 0.5, min_kept_fraction: float = 0.5) -> dict:
-    """Decide every path prefix of every flagged domain: math if the path is content (not navigation), its
-    mean score ≥ ``min_mean_score`` and ≥ ``min_kept_fraction`` of its pages were kept; or if a math word is
-    in the path and the median score clears the bar. Everything else in a flagged domain is not math."""
+def path_glob(prefix: str) -> str:
+    """``host/questions`` → ``host/questions*``; the bare root ``host/`` matches the home page only, never the
+    whole site."""
+    return prefix if prefix.endswith("/") else prefix + "*"
+
+
+def auto_annotate(domains: list[dict], *, min_mean_score: float = 0.5, min_kept_fraction: float = 0.5,
+                  min_pages: int = 3) -> dict:
+    """Decide every path prefix of every flagged domain: math if the path is content (not navigation), holds
+    at least ``min_pages`` pages (one lucky page is no evidence), its mean score ≥ ``min_mean_score`` and
+    ≥ ``min_kept_fraction`` of its pages were kept; or if a math word is in the path and the median score
+    clears the bar. Everything else in a flagged domain is not math."""
     ann: dict[str, list[str]] = {"math": [], "not_math": []}
     for d in domains:
         if not d["flagged"]:
             continue
         for p in d["paths"]:
             path = p["prefix"][len(p["prefix"].split("/")[0]):]
-            glob = p["prefix"] + "*"
             is_nav = bool(NOT_CONTENT_PATH_WORDS.search(path))
             strong = p["score_mean"] >= min_mean_score and p["kept_fraction"] >= min_kept_fraction
             worded = bool(MATH_PATH_WORDS.search(path)) and p["score_p50"] >= min_mean_score
-            ann["math" if (strong or worded) and not is_nav else "not_math"].append(glob)
+            is_math = (strong or worded) and not is_nav and p["pages"] >= min_pages
+            ann["math" if is_math else "not_math"].append(path_glob(p["prefix"]))
     return ann
 
 
@@ -135,10 +143,16 @@ def load_annotations(path: str | Path) -> dict:
 def merge_annotations(auto: dict, person: dict | None) -> dict:
     """The person's patterns first: :func:`classify_url` takes the first matching pattern, so they win."""
     if not person:
-        return {"rules": [(g, "math") for g in auto["math"]] + [(g, "not_math") for g in auto["not_math"]]}
+        return {"rules": _auto_rules(auto)}
     rules = [(g, "math") for g in person.get("math", [])] + [(g, "not_math") for g in person.get("not_math", [])]
-    rules += [(g, "math") for g in auto["math"]] + [(g, "not_math") for g in auto["not_math"]]
+    rules += _auto_rules(auto)
     return {"rules": rules}
+
+
+def _auto_rules(auto: dict) -> list[tuple[str, str]]:
+    """Automatic rules, most specific (longest) pattern first, so a sub-path verdict beats its parent's."""
+    rules = [(g, "math") for g in auto["math"]] + [(g, "not_math") for g in auto["not_math"]]
+    return sorted(rules, key=lambda r: -len(r[0]))
 
 
 def classify_url(url: str, rules: list[tuple[str, str]]) -> str | None:

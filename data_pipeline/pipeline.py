@@ -204,12 +204,13 @@ def run_iterations(cfg, runner, out, pool, heldout, seed, report) -> list[dict]:
             {"note": "Candidate URL paths of domains with > min_kept_fraction of pages kept. Copy patterns into an "
                      "annotation file (math: [...], not_math: [...]) and set domains.annotation_file to override.",
              "domains": [{"domain": d["domain"], "kept_fraction": round(d["kept_fraction"], 3),
-                          "paths": [{"pattern": p["prefix"] + "*", "pages": p["pages"],
+                          "paths": [{"pattern": domains.path_glob(p["prefix"]), "pages": p["pages"],
                                      "kept_fraction": round(p["kept_fraction"], 3),
                                      "score_mean": round(p["score_mean"], 3)} for p in d["paths"]]}
                          for d in flagged]}, sort_keys=False, allow_unicode=True))
         auto = (domains.auto_annotate(dom, min_mean_score=cfg.domains.auto_min_mean_score,
-                                      min_kept_fraction=cfg.domains.auto_min_kept_fraction)
+                                      min_kept_fraction=cfg.domains.auto_min_kept_fraction,
+                                      min_pages=cfg.domains.min_pages)
                 if cfg.domains.auto_annotate else {"math": [], "not_math": []})
         rules = domains.merge_annotations(auto, person)["rules"]
         (idir / "annotations.yaml").write_text(yaml.safe_dump({"auto": auto, "person": person}, sort_keys=False))

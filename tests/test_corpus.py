@@ -262,15 +262,20 @@ def test_domain_discovery_flags_and_auto_annotator_with_person_override(tmp_path
     rows = ([_scored(f"https://mathy.org/questions/{i}", 0.9, i) for i in range(10)]
             + [_scored(f"https://mathy.org/users/{i}", 0.6, i) for i in range(4)]
             + [_scored(f"https://news.com/story/{i}", 0.1, i) for i in range(40)]
-            + [_scored("https://news.com/math-page", 0.95, 0)])
+            + [_scored("https://news.com/math-page", 0.95, 0)]
+            + [_scored("https://tiny.org/", 0.9, 0)] + [_scored(f"https://tiny.org/blog/{i}", 0.1, i) for i in range(4)])
     kept = {r["id"] for r in rows if r["score"] >= 0.8}
     found = {d["domain"]: d for d in domains.discover(rows, kept, min_kept_fraction=0.10, min_pages=5)}
     assert found["mathy.org"]["flagged"] and not found["news.com"]["flagged"]  # news.com: 1/41 kept
     auto = domains.auto_annotate(list(found.values()), min_mean_score=0.5, min_kept_fraction=0.5)
-    assert auto == {"math": ["mathy.org/questions*"], "not_math": ["mathy.org/users*"]}
+    assert found["tiny.org"]["flagged"]  # 1 of 5 pages kept: > 10 %
+    # The one kept page is the home page: one page is no evidence, and "tiny.org/" never means the whole site.
+    assert auto == {"math": ["mathy.org/questions*"], "not_math": ["mathy.org/users*", "tiny.org/", "tiny.org/blog*"]}
     rules = domains.merge_annotations(auto, None)["rules"]
     assert domains.classify_url("https://mathy.org/questions/77", rules) == "math"
     assert domains.classify_url("https://news.com/x", rules) is None
+    assert domains.classify_url("https://tiny.org/", rules) == "not_math"
+    assert domains.classify_url("https://tiny.org/other/1", rules) is None
     ann = tmp_path / "ann.yaml"
     ann.write_text("math: []\nnot_math: ['mathy.org/questions/7*']\n")
     rules = domains.merge_annotations(auto, domains.load_annotations(ann))["rules"]
