@@ -77,6 +77,17 @@ def connect_ray(cfg: TrainConfig):
     return ray
 
 
+def role_resources() -> dict[str, dict]:
+    """Actor options for the cluster's role resources (cluster/README.md), when the cluster has them.
+
+    On a plain local cluster there are none, and asking for one would leave the actor pending forever.
+    """
+    import ray
+
+    have = ray.cluster_resources()
+    return {role: {"resources": {role: 1}} for role in ("generator", "learner", "reward") if have.get(role, 0) > 0}
+
+
 # ----------------------------------------------------------------------------------------------- data
 
 
@@ -287,18 +298,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
 
         tokenizer = AutoTokenizer.from_pretrained(str(task.model_dir))
         gen_model = str(resume_from or task.model_dir)
+        roles = role_resources()
         gen_cls = generator_actor_class(cfg.rollout.cpus_per_generator, cfg.rollout.gpus_per_generator)
         generators = [
-            gen_cls.remote(gen_model, cfg.rollout, generator_id=f"generator-{i}", seed=cfg.seed + i,
-                           weight_version=state.weight_version)
+            gen_cls.options(**roles.get("generator", {})).remote(
+                gen_model, cfg.rollout, generator_id=f"generator-{i}", seed=cfg.seed + i,
+                weight_version=state.weight_version)
             for i in range(cfg.rollout.num_generators)
         ]
         reward_cls = reward_worker_actor_class()
-        rewarders = [reward_cls.remote(cfg.reward, worker_id=f"reward-{i}") for i in range(cfg.reward.num_workers)]
+        rewarders = [reward_cls.options(**roles.get("reward", {})).remote(cfg.reward, worker_id=f"reward-{i}")
+                     for i in range(cfg.reward.num_workers)]
         gen_pool, reward_pool = GeneratorPool(generators), RewardPool(rewarders)
         # The reference model is the starting policy, also on resume; the checkpoint restores the policy.
         learner = LearnerGroup(task.model_dir, cfg.learner, cfg.grpo, seed=cfg.seed,
-                               max_tokens=cfg.rollout.max_new_tokens)
+                               max_tokens=cfg.rollout.max_new_tokens,
+                               actor_resources=roles.get("learner", {}).get("resources"))
         ray_get(learner.actors[0].configure_sync.remote(cfg.weight_sync))  # rank 0 sends the weights
         if resume_from is not None:
             learner.load_checkpoint(resume_from)

@@ -87,6 +87,7 @@ class LearnerGroup:
         num_ranks: int | None = None,
         env: dict[str, str] | None = None,
         timeout_s: float = 600.0,
+        actor_resources: dict[str, float] | None = None,
         **learner_kwargs,
     ) -> None:
         import ray
@@ -95,7 +96,9 @@ class LearnerGroup:
             raise UserError("LearnerGroup needs a running Ray (call ray.init first)")
         self.num_ranks = num_ranks or learner_cfg.num_ranks
         self.timeout_s = timeout_s
-        actor_cls = ray.remote(num_cpus=learner_cfg.cpus_per_rank, num_gpus=learner_cfg.gpus_per_rank)(LearnerRank)
+        # ``actor_resources``: a cluster's role resources (e.g. {"learner": 1}, see cluster/README.md).
+        actor_cls = ray.remote(num_cpus=learner_cfg.cpus_per_rank, num_gpus=learner_cfg.gpus_per_rank,
+                               resources=actor_resources or None)(LearnerRank)
         self.actors = [actor_cls.remote() for _ in range(self.num_ranks)]
         addr, port = self._get(self.actors[0].address.remote())
         worker_env = {k: os.environ[k] for k in ("DS_ACCELERATOR", "OMP_NUM_THREADS", "HF_HUB_OFFLINE",
