@@ -89,7 +89,8 @@ def test_cli_corpus_run_two_iterations_writes_report_plot_and_prints_precision_r
     out = tmp_path / "run"
     rc = main(["corpus", "run", "--config", "corpus_demo", f"input.demo_data_dir={SHARED}", f"out_dir={out}",
                "input.max_pages_per_source=70", "iterate.max_iterations=2", "iterate.stop_overlap=1.0",
-               "classifier.dim=32", "classifier.epoch=10", "classifier.lr=0.5", "runner.progress=false"])
+               "classifier.dim=32", "classifier.epoch=10", "classifier.lr=0.5", "select.token_budget_fraction=0.5",
+               "runner.progress=false"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "iter 1:" in printed and "iter 2:" in printed and "held-out precision" in printed
