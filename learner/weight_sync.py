@@ -319,14 +319,16 @@ class WeightSender:
         self.close()
         start = time.monotonic()
         host = local_ip()
-        port = free_port(host)
         timeout_s = max(0.1, deadline - time.monotonic())
         backend = self.transport
+        # Bind the store first on a kernel-chosen port, then tell the receivers: picking a "free" port and
+        # binding it later races with every other process on the machine (EADDRINUSE).
+        store = open_store(host, 0, 0, len(handles) + 1, timeout_s)
+        port = store.port
         refs = [
             h.join_weight_group.remote(host, port, rank + 1, len(handles) + 1, backend, timeout_s)
             for rank, h in enumerate(handles)
         ]
-        store = open_store(host, port, 0, len(handles) + 1, timeout_s)
         try:
             group = open_group(store, 0, len(handles) + 1, backend, timeout_s)
         except Exception as exc:  # noqa: BLE001 - name the ranks that never arrived
