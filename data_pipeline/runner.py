@@ -137,14 +137,21 @@ class Runner:
         import ray
 
         self._ensure_ray()
+        import pyarrow as pa
+
         items = [{**r, "_shard": k, "_pos": i} for k in todo for i, r in enumerate(shards[k])]
-        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 2 * self.num_cpus * len(todo))))
+        # One Arrow table split into blocks (from_items converts row by row in the driver, which on 2 cores
+        # competes with the workers).
+        table = pa.Table.from_pylist(items)
+        n_blocks = max(1, min(len(items), 2 * self.num_cpus))
+        step = -(-len(items) // n_blocks)
+        ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, len(items), step)])
         ds = ds.map_batches(partial(_apply_batch, fn=fn, kwargs=kwargs), batch_size=self.batch_size,
                             batch_format="pyarrow", num_cpus=1, zero_copy_batch=False)
         results: dict[int, list[tuple[int, dict]]] = {k: [] for k in todo}
-        for r in ds.iter_rows():
-            r = dict(r)
-            k, i = r.pop("_shard"), r.pop("_pos")
-            results[k].append((i, r))
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for r in batch.to_pylist():
+                k, i = r.pop("_shard"), r.pop("_pos")
+                results[k].append((i, r))
         for k in todo:
             _write_shard(paths[k], [r for _, r in sorted(results[k], key=lambda x: x[0])])
