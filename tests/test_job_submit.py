@@ -118,3 +118,48 @@ def test_ray_job_submit_with_working_dir(ray_head: tuple[str, dict], tmp_path: P
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert 'dsmath-job-ok 42 ["script.py"]' in out.stdout
     assert "succeeded" in out.stdout
+
+
+def test_ray_job_submit_runs_dsmath_train_and_status_shows_it(ray_head: tuple[str, dict], tmp_path: Path) -> None:
+    """`ray job submit -- dsmath train ...` on the head: the job joins that cluster (RAY_ADDRESS), trains,
+    and `dsmath status RUN_DIR` shows the run while it is live and after it finished."""
+    import json
+
+    from test_train_loop import TINY
+
+    address, env = ray_head
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    dsmath = str(Path(sys.executable).with_name("dsmath"))
+    # 2 CPUs on this head: shrink the actors' CPU requests so generator, learner and reward worker all fit.
+    args = TINY + [f"run_dir={run_dir}", f"bootstrap.data_dir={cache}", "steps=2", "rollout.num_generators=1",
+                   "rollout.cpus_per_generator=0.5", "learner.cpus_per_rank=0.5"]
+    out = subprocess.run([RAY, "job", "submit", "--address", address, "--no-wait", "--", dsmath, "train",
+                          "--no-progress", *args], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    job_id = next(line.split("'")[1] for line in out.stdout.splitlines() if "submitted successfully" in line)
+
+    seen_live = None
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = subprocess.run([RAY, "job", "status", "--address", address, job_id], capture_output=True,
+                                text=True, env=env, timeout=60)
+        state = status.stdout + status.stderr  # the Ray CLI logs the status line to stderr
+        if (run_dir / "status_address").exists() and seen_live is None:
+            view = subprocess.run([dsmath, "status", str(run_dir), "--json"], capture_output=True, text=True,
+                                  env=env, timeout=60)
+            if view.returncode == 0:
+                seen_live = json.loads(view.stdout)
+        if "SUCCEEDED" in state or "FAILED" in state or "STOPPED" in state:
+            break
+        time.sleep(1.0)  # a status poll interval, not a synchronisation sleep
+    logs = subprocess.run([RAY, "job", "logs", "--address", address, job_id], capture_output=True, text=True,
+                          env=env, timeout=60).stdout
+    assert "SUCCEEDED" in state, state[-500:] + logs[-3000:]
+    assert "joining Ray cluster" in logs
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["samples_trained"] == 2 * 4 * 4
+    assert seen_live is not None and seen_live["run_name"] == "run", "dsmath status never saw the live job"
+    final = subprocess.run([dsmath, "status", str(run_dir), "--json"], capture_output=True, text=True, env=env,
+                           timeout=60)
+    snap = json.loads(final.stdout)
+    assert snap["state"] == "finished" and snap["step"] == 2

@@ -404,7 +404,17 @@ class Template:
         needed = [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))]
         needed += [p for p in sys.path if p and os.path.isdir(p)]
         self.covered = _expose_private_paths(needed)
+        # The empty tmpfs over /tmp hides the host's temp files; an interpreter or venv that itself lives under
+        # /tmp (a CI checkout, say) is bind-mounted back, read-only, through a directory fd opened beforehand.
+        under_tmp = sorted({os.path.realpath(p) for p in needed if os.path.realpath(p).startswith("/tmp/")})
+        roots = [p for p in under_tmp if not any(p != q and p.startswith(q + "/") for q in under_tmp)]
+        held = [(p, os.open(p, os.O_RDONLY | os.O_DIRECTORY)) for p in roots]
         _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+        for path, fd in held:
+            os.makedirs(path, exist_ok=True)
+            _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC, None)
+            _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+            os.close(fd)
         os.mkdir(SCRATCH, 0o755)
 
     def serve(self) -> None:
