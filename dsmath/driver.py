@@ -320,6 +320,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         stream = ProblemStream(task.train, seed=cfg.seed, position=state.data_position)
         status = StatusServer(port=cfg.status_port, run_dir=run_dir)
         builder = SnapshotBuilder(run_dir.name, cfg.steps)
+        status.update(builder.step(state.step, {}))  # visible as "running, step N/total" from the start
         _log(f"status: dsmath status {run_dir}   (gRPC on {status.address})")
     metrics_out = MetricsWriter(run_dir)
     setup_s = timer.pop().get("time/setup", 0.0)
