@@ -80,15 +80,35 @@ class RewardWorker:
     """Scores rollouts with ``RewardConfig`` rewards: ``correct_reward`` / ``incorrect_reward``, minus
     ``format_penalty`` when no final answer could be extracted."""
 
-    def __init__(self, cfg: RewardConfig | None = None, *, worker_id: str = "reward-0"):
+    def __init__(self, cfg: RewardConfig | None = None, *, worker_id: str = "reward-0", mode: str = "cot"):
+        """``mode="pot"``: the completion's program runs in the sandbox (local pool, or the gRPC service at
+        ``cfg.sandbox_address``) and what it prints is graded; otherwise the stated answer is graded."""
         self.cfg = cfg or RewardConfig()
         self.worker_id = worker_id
+        self.mode = mode
         self._grade_many, self._pool, self.grader_name = _load_grader(self.cfg)
+        self._sandbox = None
         self.scored = 0
         self.seconds = 0.0
 
+    def _pot_verdicts(self, rollouts: Sequence[Rollout]) -> list[tuple[bool, str, str | None, bool]]:
+        from dsmath.sandbox import pot_reward, runner_for
+
+        if self._sandbox is None:
+            self._sandbox = runner_for(self.cfg.sandbox_address)
+        out = []
+        for r in rollouts:
+            try:
+                v = pot_reward(r.completion, r.problem.answer, runner=self._sandbox, timeout_s=self.cfg.timeout_s)
+                out.append((v.correct, f"program: {v.reason}", v.answer, v.reason == "timeout"))
+            except Exception as exc:  # noqa: BLE001 - a sandbox failure is an incorrect, explained result
+                out.append((False, f"sandbox error: {type(exc).__name__}: {exc}", None, False))
+        return out
+
     def _verdicts(self, rollouts: Sequence[Rollout]) -> list[tuple[bool, str, str | None, bool]]:
         """(correct, reason, extracted, timed_out) per rollout."""
+        if self.mode == "pot":
+            return self._pot_verdicts(rollouts)
         pairs = [(r.completion, r.problem.answer) for r in rollouts]
         if self._grade_many is None:
             return [(*fallback_grade(c, g), False) for c, g in pairs]

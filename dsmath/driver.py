@@ -88,6 +88,52 @@ def role_resources() -> dict[str, dict]:
     return {role: {"resources": {role: 1}} for role in ("generator", "learner", "reward") if have.get(role, 0) > 0}
 
 
+@dataclass
+class Placement:
+    """One placement group: a bundle per generator, then a bundle per learner rank.
+
+    PACK puts the learner's ranks and the generators on as few nodes as possible (NVLink for the
+    collectives); on a single machine it is simply a reservation, so a step never waits on a stray task.
+    """
+
+    group: Any
+    num_generators: int
+
+    def generator(self, i: int) -> dict:
+        return self._bundle(i)
+
+    def learner(self, rank: int) -> dict:
+        return self._bundle(self.num_generators + rank)
+
+    def _bundle(self, index: int) -> dict:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+            placement_group=self.group, placement_group_bundle_index=index)}
+
+
+def place_actors(cfg: TrainConfig, timeout_s: float = 300.0) -> Placement:
+    """Reserve the generators' and learner ranks' CPUs/GPUs (from config) before creating any actor."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    def bundle(cpus: float, gpus: float) -> dict:
+        return {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}
+
+    r, lr = cfg.rollout, cfg.learner
+    bundles = [bundle(r.cpus_per_generator, r.gpus_per_generator)] * r.num_generators
+    bundles += [bundle(lr.cpus_per_rank, lr.gpus_per_rank)] * lr.num_ranks
+    group = placement_group(bundles, strategy="PACK", name=f"dsmath-{Path(cfg.run_dir).name}")
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    if not ready:
+        raise UserError(
+            f"the cluster cannot place {r.num_generators} generators ({bundles[0]}) and {lr.num_ranks} learner ranks "
+            f"within {timeout_s:.0f} s; it has {ray.cluster_resources()} (lower rollout.num_generators / "
+            "learner.num_ranks or the per-actor cpus/gpus, or add nodes)"
+        )
+    return Placement(group=group, num_generators=r.num_generators)
+
+
 # ----------------------------------------------------------------------------------------------- data
 
 
@@ -299,21 +345,24 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         tokenizer = AutoTokenizer.from_pretrained(str(task.model_dir))
         gen_model = str(resume_from or task.model_dir)
         roles = role_resources()
+        placement = place_actors(cfg)
         gen_cls = generator_actor_class(cfg.rollout.cpus_per_generator, cfg.rollout.gpus_per_generator)
         generators = [
-            gen_cls.options(**roles.get("generator", {})).remote(
+            gen_cls.options(**roles.get("generator", {}), **placement.generator(i)).remote(
                 gen_model, cfg.rollout, generator_id=f"generator-{i}", seed=cfg.seed + i,
                 weight_version=state.weight_version)
             for i in range(cfg.rollout.num_generators)
         ]
         reward_cls = reward_worker_actor_class()
-        rewarders = [reward_cls.options(**roles.get("reward", {})).remote(cfg.reward, worker_id=f"reward-{i}")
+        rewarders = [reward_cls.options(**roles.get("reward", {})).remote(cfg.reward, worker_id=f"reward-{i}",
+                                                                          mode=cfg.rollout.mode)
                      for i in range(cfg.reward.num_workers)]
         gen_pool, reward_pool = GeneratorPool(generators), RewardPool(rewarders)
         # The reference model is the starting policy, also on resume; the checkpoint restores the policy.
         learner = LearnerGroup(task.model_dir, cfg.learner, cfg.grpo, seed=cfg.seed,
                                max_tokens=cfg.rollout.max_new_tokens,
-                               actor_resources=roles.get("learner", {}).get("resources"))
+                               actor_resources=roles.get("learner", {}).get("resources"),
+                               rank_options=[placement.learner(r) for r in range(cfg.learner.num_ranks)])
         ray_get(learner.actors[0].configure_sync.remote(cfg.weight_sync))  # rank 0 sends the weights
         if resume_from is not None:
             learner.load_checkpoint(resume_from)

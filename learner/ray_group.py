@@ -88,6 +88,7 @@ class LearnerGroup:
         env: dict[str, str] | None = None,
         timeout_s: float = 600.0,
         actor_resources: dict[str, float] | None = None,
+        rank_options: list[dict] | None = None,
         **learner_kwargs,
     ) -> None:
         import ray
@@ -99,7 +100,9 @@ class LearnerGroup:
         # ``actor_resources``: a cluster's role resources (e.g. {"learner": 1}, see cluster/README.md).
         actor_cls = ray.remote(num_cpus=learner_cfg.cpus_per_rank, num_gpus=learner_cfg.gpus_per_rank,
                                resources=actor_resources or None)(LearnerRank)
-        self.actors = [actor_cls.remote() for _ in range(self.num_ranks)]
+        # ``rank_options[r]``: extra ``.options()`` for rank r, e.g. its placement-group bundle.
+        opts = rank_options or [{}] * self.num_ranks
+        self.actors = [actor_cls.options(**opts[r]).remote() for r in range(self.num_ranks)]
         addr, port = self._get(self.actors[0].address.remote())
         worker_env = {k: os.environ[k] for k in ("DS_ACCELERATOR", "OMP_NUM_THREADS", "HF_HUB_OFFLINE",
                                                  "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM") if k in os.environ}

@@ -110,3 +110,28 @@ def test_pool_picks_least_loaded_and_accounts_for_every_item():
     pool.done(f2)
     assert pool.outstanding == [0, 2] and pool.completed == 6
     assert pool.submitted == pool.completed + sum(pool.outstanding)
+
+
+def test_program_of_thought_rewards_run_the_program_in_the_sandbox():
+    from actors.reward_worker import RewardWorker
+    from dsmath.records import Problem, Rollout
+
+    def rollout(i: int, completion: str) -> Rollout:
+        return Rollout(request_id="r", sample_index=i, problem=Problem("p", "What is 6*7?", "42"), prompt="",
+                       prompt_ids=(1,), completion=completion, completion_ids=(2,), logprobs=(0.0,),
+                       finish_reason="stop", weight_version=0, generator_id="g")
+
+    worker = RewardWorker(RewardConfig(timeout_s=1.0), mode="pot")
+    try:
+        results = worker.score([
+            rollout(0, "```python\nprint(6 * 7)\n```"),
+            rollout(1, "```python\nprint(6 + 7)\n```"),
+            rollout(2, "The answer is \\boxed{42}."),  # no program: PoT mode does not accept a stated answer
+            rollout(3, "```python\nwhile True: pass\n```"),
+        ])
+    finally:
+        worker.close()
+    assert [r.correct for r in results] == [True, False, False, False]
+    assert results[0].reward == 1.0 and results[0].extracted == "42"
+    assert "no_program" in results[2].reason
+    assert results[3].timed_out and "timeout" in results[3].reason
