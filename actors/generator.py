@@ -145,6 +145,13 @@ class Generator:
         for request in requests:
             check_schema(request)
         self._check_can_sample(expected_version)
+        if not self.on_gpu and requests and requests[0].sampling.seed is not None:
+            # vLLM's CPU sampler rejects per-request generators but draws from the process's torch RNG:
+            # seeding it per call makes a chunk's samples a function of (weights, prompts, seed) alone, so a
+            # resumed run samples exactly what an uninterrupted one would, whichever generator gets the chunk.
+            import torch
+
+            torch.manual_seed(requests[0].sampling.seed)
         try:
             if (mode or self.rollout.mode) == "tool":
                 rollouts = self._generate_tool(requests)

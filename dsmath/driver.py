@@ -174,12 +174,17 @@ def make_requests(problems: list[Problem], *, step: int, prompt_mode: str, n: in
     ]
 
 
+def with_seed(requests: list[GenerationRequest], seed: int) -> list[GenerationRequest]:
+    """The chunk's requests carrying one sampling seed (the generator seeds its RNG with it per call)."""
+    return [dataclasses_replace(r, sampling=dataclasses_replace(r.sampling, seed=seed)) for r in requests]
+
+
 def chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def generate_and_score(gen_pool, reward_pool, requests: list[GenerationRequest], expected_version: int,
-                       timer: StageTimer, *, chunk_size: int, timeout_s: float = 600.0
+                       timer: StageTimer, *, chunk_size: int, timeout_s: float = 600.0, seed: int | None = None
                        ) -> tuple[list[Rollout], list[RewardResult]]:
     """Rollout, with each generator's chunk handed to the reward pool the moment it returns.
 
@@ -191,7 +196,8 @@ def generate_and_score(gen_pool, reward_pool, requests: list[GenerationRequest],
     rollouts: list[Rollout] = []
     reward_futures = []
     with timer.stage("rollout"):
-        pending = [gen_pool.submit(c, expected_version) for c in chunks(requests, chunk_size)]
+        pending = [gen_pool.submit(with_seed(c, seed + i) if seed is not None else c, expected_version)
+                   for i, c in enumerate(chunks(requests, chunk_size))]
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=timeout_s)
             if not ready:
@@ -286,6 +292,17 @@ def rollout_metrics(rollouts: list[Rollout], results: list[RewardResult], group_
     }
 
 
+def truncate_metrics(run_dir: Path, last_step: int) -> None:
+    """On resume, drop rows written after the checkpoint (a killed run may have logged steps it never saved)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
 def _generator_health(gen_pool) -> list[dict]:
     import ray
 
@@ -336,6 +353,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             saved = json.loads((latest / "trainer_state.json").read_text())["extra"]
             state = RunState(**{k: v for k, v in saved.items() if k in RunState.__dataclass_fields__})
             _log(f"resuming from {latest} at step {state.step} (weight version {state.weight_version})")
+            truncate_metrics(run_dir, state.step)
         elif (run_dir / "metrics.jsonl").exists():
             (run_dir / "metrics.jsonl").unlink()  # a fresh run does not append to an old run's curve
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -399,7 +417,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                                      temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                      max_new_tokens=cfg.rollout.max_new_tokens, stop=cfg.rollout.stop, tag="s")
             rollouts, results = generate_and_score(gen_pool, reward_pool, requests, state.weight_version, timer,
-                                                   chunk_size=chunk)
+                                                   chunk_size=chunk, seed=cfg.seed * 1_000_003 + step * 1_000)
             with timer.stage("advantages"):
                 rewards = torch.tensor([r.reward for r in results], dtype=torch.float32)  # [B*G]
                 adv = group_advantages(rewards, g, cfg.grpo.adv_eps)  # [B*G]
@@ -492,3 +510,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     finally:
         metrics_out.close()
         status.stop()
+        release_actors(generators + rewarders, learner, placement)
+
+
+def release_actors(actors: list, learner, placement: Placement) -> None:
+    """Kill this run's actors and free its placement group, so a later run on the same cluster gets them."""
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    learner.shutdown()
+    for actor in actors:
+        ray.kill(actor)
+    remove_placement_group(placement.group)
