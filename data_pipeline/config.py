@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import yaml
 
-from dsmath.config import ConfigError, _build, _set_dotted, parse_overrides, to_dict
+from dsmath.config import ConfigError, load_tree, to_dict
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -146,33 +145,9 @@ def validate(cfg: CorpusConfig) -> None:
     need(0 < cfg.domains.min_kept_fraction <= 1, "domains.min_kept_fraction: must be in (0, 1]")
 
 
-def resolve(name_or_path: str) -> Path:
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        return path
-    preset = PRESET_DIR / f"{name_or_path}.yaml"
-    if preset.exists():
-        return preset
-    names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-    raise ConfigError(f"corpus config {name_or_path!r} not found; presets: {', '.join(names)} (or a .yaml path)")
-
-
 def load_corpus_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> CorpusConfig:
     """Load a preset name or YAML path, apply ``key=value`` overrides, validate, freeze."""
-    data: dict = {}
-    if name_or_path:
-        path = resolve(name_or_path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(data, key, value)
-    cfg = _build(CorpusConfig, data)
-    validate(cfg)
-    return cfg
+    return load_tree(CorpusConfig, name_or_path, overrides, preset_dir=PRESET_DIR, check=validate)
 
 
 __all__ = ["CorpusConfig", "ConfigError", "load_corpus_config", "to_dict", "validate"]

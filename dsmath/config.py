@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Callable, Literal, get_args, get_origin
 
 import yaml
 
@@ -283,24 +283,25 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def resolve_preset(name_or_path: str) -> Path:
+def resolve_preset(name_or_path: str, preset_dir: Path = PRESET_DIR) -> Path:
     path = Path(name_or_path).expanduser()
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.exists():
             raise ConfigError(f"config file {name_or_path!r} does not exist")
         return path
-    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    preset = preset_dir / f"{name_or_path}.yaml"
     if not preset.exists():
-        names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        names = sorted(p.stem for p in preset_dir.glob("*.yaml"))
         raise ConfigError(f"unknown preset {name_or_path!r}; presets: {', '.join(names)} (or a path to a .yaml file)")
     return preset
 
 
-def load_config(name_or_path: str | None = "tiny_cpu", overrides: list[str] | None = None) -> TrainConfig:
-    """Load a preset or YAML file, apply dotted overrides, validate, and freeze."""
+def load_tree(cls: type, name_or_path: str | None, overrides: list[str] | None, *, preset_dir: Path,
+              check: Callable[[Any], None]) -> Any:
+    """Any frozen config tree ``cls``: a preset in ``preset_dir`` or a YAML path, dotted overrides, ``check``."""
     data: dict = {}
     if name_or_path:
-        path = resolve_preset(name_or_path)
+        path = resolve_preset(name_or_path, preset_dir)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
@@ -309,9 +310,14 @@ def load_config(name_or_path: str | None = "tiny_cpu", overrides: list[str] | No
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for key, value in parse_overrides(overrides or []):
         _set_dotted(data, key, value)
-    cfg = _build(TrainConfig, data)
-    validate(cfg)
+    cfg = _build(cls, data)
+    check(cfg)
     return cfg
+
+
+def load_config(name_or_path: str | None = "tiny_cpu", overrides: list[str] | None = None) -> TrainConfig:
+    """Load a preset or YAML file, apply dotted overrides, validate, and freeze."""
+    return load_tree(TrainConfig, name_or_path, overrides, preset_dir=PRESET_DIR, check=validate)
 
 
 def validate(cfg: TrainConfig) -> None:
