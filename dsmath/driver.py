@@ -252,7 +252,7 @@ def build_train_batch(rollouts: list[Rollout], advantages, pad_id: int, max_leng
         [r.prompt_ids for r in rollouts],
         [r.completion_ids for r in rollouts],
         pad_id=pad_id,
-        advantages=[float(a) for a in advantages],
+        advantages=[a if isinstance(a, list) else float(a) for a in advantages],
         loss_masks=[list(r.loss_mask) if r.loss_mask else [1] * len(r.completion_ids) for r in rollouts],
         max_length=max_length,
     )
@@ -325,7 +325,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     from actors.generator import generator_actor_class
     from actors.pool import GeneratorPool, RewardPool
     from actors.reward_worker import reward_worker_actor_class
-    from dsmath.grpo import group_advantages
+    from dsmath.advantages import sample_advantages
     from dsmath.status import StatusServer
     from dsmath.status.snapshot import SnapshotBuilder
     from learner import checkpoint as ckpt
@@ -419,9 +419,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             rollouts, results = generate_and_score(gen_pool, reward_pool, requests, state.weight_version, timer,
                                                    chunk_size=chunk, seed=cfg.seed * 1_000_003 + step * 1_000)
             with timer.stage("advantages"):
-                rewards = torch.tensor([r.reward for r in results], dtype=torch.float32)  # [B*G]
-                adv = group_advantages(rewards, g, cfg.grpo.adv_eps)  # [B*G]
-                batch = build_train_batch(rollouts, adv.tolist(), tokenizer.pad_token_id, max_len)
+                adv = sample_advantages(cfg.grpo, rollouts, results, g)  # B*G floats or per-token lists
+                batch = build_train_batch(rollouts, adv, tokenizer.pad_token_id, max_len)
             with timer.stage("old_logprobs"):
                 old_lp = learner.logprobs(batch)  # [N, T]
             gap = logprob_gap(rollouts, batch, old_lp)
