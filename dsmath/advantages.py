@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from dsmath import grpo
+from dsmath.algorithms import rft_coefficients
 from dsmath.config import GRPOConfig
 from dsmath.records import RewardResult, Rollout
 
@@ -36,9 +37,11 @@ def sample_advantages(cfg: GRPOConfig, rollouts: Sequence[Rollout], results: Seq
         return grpo.group_advantages(rewards, group_size, cfg.adv_eps).tolist()
     if cfg.algorithm == "grpo" and cfg.advantage == "process":
         return process_token_advantages(rollouts, results, group_size, cfg.adv_eps)
-    if cfg.algorithm == "online_rft":
-        return grpo.online_rft_advantages(torch.tensor([r.correct for r in results])).tolist()
-    raise ValueError(f"grpo.algorithm={cfg.algorithm!r} with grpo.advantage={cfg.advantage!r} has no advantage rule here")
+    if cfg.algorithm in ("online_rft", "rft"):
+        # The same coefficient I(o); RFT and online RFT differ only in the sampling source (grpo.sampling).
+        return rft_coefficients(torch.tensor([r.correct for r in results])).tolist()
+    raise ValueError(f"grpo.algorithm={cfg.algorithm!r} with grpo.advantage={cfg.advantage!r} has no advantage rule "
+                     "here (ppo and dpo need the learner's values / log-probs: dsmath.algorithms)")
 
 
 def process_token_advantages(rollouts: Sequence[Rollout], results: Sequence[RewardResult], group_size: int,

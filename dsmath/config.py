@@ -90,6 +90,15 @@ class GRPOConfig:
     loss_agg: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"] = "seq_mean_token_mean"
     updates_per_step: int = 1
     step_delimiter: str = "\n"
+    # The unified paradigm's switches (paper §5.2, dsmath/algorithms.py). sampling: where samples come from —
+    # online (the current policy) or offline (drawn once from the starting policy); auto = the paper's choice.
+    sampling: Literal["auto", "online", "offline"] = "auto"
+    dpo_beta: float = 0.1
+    gae_gamma: float = 1.0
+    gae_lambda: float = 0.95
+    value_lr: float = 1e-5
+    value_clip: float = 0.2
+    whiten_advantages: bool = True
 
 
 @dataclass(frozen=True)
@@ -343,6 +352,20 @@ def validate(cfg: TrainConfig) -> None:
     need(0 <= g.clip_eps_low < 1, "grpo.clip_eps_low: must be in [0, 1)")
     need(g.clip_eps_high >= 0, "grpo.clip_eps_high: must be >= 0")
     need(g.updates_per_step >= 1, "grpo.updates_per_step: must be >= 1")
+    need(g.algorithm != "rft" or g.sampling != "online",
+         "grpo.sampling: rft trains on samples drawn once from the starting policy; use grpo.algorithm=online_rft "
+         "for online sampling")
+    need(g.algorithm != "ppo" or g.sampling != "offline",
+         "grpo.sampling: ppo learns a value of the current policy and needs online samples")
+    need(g.algorithm not in ("rft", "online_rft", "dpo") or g.beta == 0,
+         f"grpo.beta: {g.algorithm}'s gradient coefficient has no KL term (paper Table 10); set grpo.beta=0"
+         + (" (DPO's strength is grpo.dpo_beta)" if g.algorithm == "dpo" else ""))
+    need(g.algorithm != "dpo" or r.group_size >= 2,
+         "rollout.group_size: DPO pairs a right and a wrong completion of one question; needs at least 2")
+    need(g.dpo_beta > 0, "grpo.dpo_beta: must be > 0")
+    need(0 <= g.gae_gamma <= 1, "grpo.gae_gamma: must be in [0, 1]")
+    need(0 <= g.gae_lambda <= 1, "grpo.gae_lambda: must be in [0, 1]")
+    need(g.value_lr > 0, "grpo.value_lr: must be > 0")
     need(lr.lr > 0, "learner.lr: must be > 0")
     need(lr.zero_stage in (0, 1, 2, 3), f"learner.zero_stage: {lr.zero_stage} is not one of 0, 1, 2, 3")
     need(lr.num_ranks >= 1, "learner.num_ranks: must be >= 1")
