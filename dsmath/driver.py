@@ -326,6 +326,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     from actors.pool import GeneratorPool, RewardPool
     from actors.reward_worker import reward_worker_actor_class
     from dsmath.advantages import sample_advantages
+    from dsmath.algorithms import resolve_sampling
+    from dsmath.paradigm import OfflinePool, wrap_learner
     from dsmath.status import StatusServer
     from dsmath.status.snapshot import SnapshotBuilder
     from learner import checkpoint as ckpt
@@ -381,6 +383,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                                max_tokens=cfg.rollout.max_new_tokens,
                                actor_resources=roles.get("learner", {}).get("resources"),
                                rank_options=[placement.learner(r) for r in range(cfg.learner.num_ranks)])
+        # ppo: + a value model (its own Ray group); dpo: pairs and the DPO loss. Others: the group itself.
+        learner = wrap_learner(learner, cfg, model_dir=task.model_dir, seed=cfg.seed)
         ray_get(learner.actors[0].configure_sync.remote(cfg.weight_sync))  # rank 0 sends the weights
         if resume_from is not None:
             learner.load_checkpoint(resume_from)
@@ -407,17 +411,26 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         q, g = cfg.rollout.questions_per_step, cfg.rollout.group_size
         chunk = max(1, q // (2 * len(generators)))
         max_len = cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens
+        # Offline sampling (rft and dpo by default, or grpo.sampling=offline): every step's samples are drawn now,
+        # once, from the starting policy; the loop trains on them in order and samples nothing itself.
+        offline_pool = None
+        if resolve_sampling(cfg.grpo.algorithm, cfg.grpo.sampling) == "offline" and state.step < cfg.steps:
+            offline_pool = OfflinePool.draw(cfg, gen_pool=gen_pool, reward_pool=reward_pool, stream=stream,
+                                            prompt_mode=task.prompt_mode, version=state.weight_version, chunk=chunk,
+                                            first_step=state.step + 1, resume=resume, progress=progress, log=_log)
         bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, desc="grpo", unit="step",
                    dynamic_ncols=True)
         last_ckpt, last_eval = None, None
         while state.step < cfg.steps:
             step = state.step + 1
-            problems = stream.take(q)
+            problems = stream.take(q) if offline_pool is None else []  # offline: the pool holds this step's samples
             requests = make_requests(problems, step=step, prompt_mode=task.prompt_mode, n=g,
                                      temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                      max_new_tokens=cfg.rollout.max_new_tokens, stop=cfg.rollout.stop, tag="s")
             rollouts, results = generate_and_score(gen_pool, reward_pool, requests, state.weight_version, timer,
                                                    chunk_size=chunk, seed=cfg.seed * 1_000_003 + step * 1_000)
+            if offline_pool is not None:
+                rollouts, results = offline_pool.take(step)
             with timer.stage("advantages"):
                 adv = sample_advantages(cfg.grpo, rollouts, results, g)  # B*G floats or per-token lists
                 batch = build_train_batch(rollouts, adv, tokenizer.pad_token_id, max_len)
