@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 BASE = ["dsmath", "dsmath.config", "dsmath.records", "dsmath.datasets", "dsmath.prompts", "dsmath.tasks.arithmetic",
-        "dsmath.grpo", "dsmath.grading", "dsmath.sandbox", "dsmath.cli"]
+        "dsmath.grpo", "dsmath.grading", "dsmath.sandbox", "dsmath.cli", "dsmath.evaluation"]
 FORBIDDEN = ["ray", "vllm", "deepspeed", "actors", "learner", "data_pipeline"]
 
 

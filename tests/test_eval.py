@@ -1,0 +1,338 @@
+"""dsmath eval: the pure aggregation (pass@1, maj@k with ties, pass@k, breakdowns), few-shot prompts, scoring
+through the real grading pool and sandbox, the harness's accounting, CLI errors, and one end-to-end CLI run with a
+real vLLM engine on the shared GSM8K and MATH test files."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dsmath.evaluation import (EvalSettings, SampleVerdict, format_table, majority_vote, pass_at_k, run_eval,
+                               score_completions, summarize)
+from dsmath.evaluation.aggregate import pass_at_k_reference
+from dsmath.evaluation.fewshot import FEWSHOT_STOP, fewshot_prefix, load_shots, worked_solution
+from dsmath.grading import GradingPool, math_equal
+from dsmath.records import Problem, RewardResult, Rollout
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT.parent / "shared" / "data" / "decontam_benchmarks"
+GSM8K, MATH = BENCH / "gsm8k_test.jsonl", BENCH / "math_test.jsonl"
+
+
+def V(correct: bool, extracted: str | None) -> SampleVerdict:
+    return SampleVerdict(correct, extracted, "hand-built")
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with GradingPool(1, timeout_s=5.0) as p:
+        yield p
+
+
+# ------------------------------------------------------------------------------------------ majority vote
+
+
+def test_majority_vote_groups_equivalent_answers_and_breaks_ties_by_first_sample(pool):
+    def equal(a, b):
+        return math_equal(a, b, pool=pool)
+
+    # 0.5 and \frac{1}{2} are one cluster of 2 and beat "3" (1 vote); None abstains
+    vote = majority_vote(["3", "\\frac{1}{2}", None, "0.5"], equal)
+    assert (vote.winner, vote.cluster_sizes, vote.voters) == (1, (1, 2), 3)
+    # 2-2 tie: the cluster sampled first wins, whichever it is
+    assert majority_vote(["4", "5", "5", "4"], equal).winner == 0
+    assert majority_vote(["5", "4", "4", "5"], equal).winner == 0
+    assert majority_vote(["1", "2", "2"], equal).winner == 1
+    assert majority_vote([None, None], equal) == majority_vote([], equal)
+    assert majority_vote([None, None], equal).winner is None
+
+
+def test_majority_vote_compares_each_answer_with_cluster_representatives_only():
+    calls = []
+
+    def equal(a, b):
+        calls.append((a, b))
+        return a == b
+
+    vote = majority_vote(["7", "7", "8", "7", "8", "9"], equal)
+    assert vote.cluster_sizes == (3, 2, 1) and vote.winner == 0
+    # identical strings skip the comparison: "8" vs "7", "9" vs "7", "9" vs "8" only
+    assert calls == [("8", "7"), ("9", "7"), ("9", "8")]
+
+
+# ---------------------------------------------------------------------------------------------- pass@k
+
+
+def test_pass_at_k_vectorised_matches_the_loop_reference():
+    rng = random.Random(0)
+    for _ in range(200):
+        k = rng.randint(1, 16)
+        n = [rng.randint(k, 40) for _ in range(rng.randint(1, 12))]
+        c = [rng.randint(0, x) for x in n]
+        got = pass_at_k(np.array(n), np.array(c), k)
+        np.testing.assert_allclose(got, pass_at_k_reference(n, c, k), rtol=0, atol=1e-12)
+    # hand values: n=4, c=1 -> pass@1 = 1/4, pass@2 = 1 - C(3,2)/C(4,2) = 1/2, pass@4 = 1; c=0 -> 0
+    np.testing.assert_allclose(pass_at_k(np.array([4, 4, 4]), np.array([1, 0, 4]), 2), [0.5, 0.0, 1.0])
+    assert pass_at_k(np.array([4]), np.array([1]), 1)[0] == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        pass_at_k(np.array([2]), np.array([1]), 3)
+
+
+# ----------------------------------------------------------------------------------------------- summary
+
+
+def _hand_built():
+    problems = [
+        Problem("p0", "q0", "2", {"level": "Level 1", "type": "Algebra"}),
+        Problem("p1", "q1", "0.5", {"level": "Level 2", "type": "Algebra"}),
+        Problem("p2", "q2", "9", {"level": "Level 2", "type": "Geometry"}),
+        Problem("p3", "q3", "5", {"level": "Level 10", "type": "Geometry"}),
+    ]
+    verdicts = [
+        # greedy right; samples tie 2-2 and the first cluster ("2", right) wins
+        [V(True, "2"), V(True, "2"), V(False, "3"), V(True, "2"), V(False, "3")],
+        # greedy wrong; 0.5 and 1/2 outvote 3 (math_equal groups them)
+        [V(False, "3"), V(False, "3"), V(True, "\\frac{1}{2}"), V(True, "0.5"), V(False, None)],
+        # no answers at all
+        [V(False, None)] + [V(False, None)] * 4,
+        # greedy right; samples tie 2-2 and the first cluster ("4", wrong) wins
+        [V(True, "5"), V(False, "4"), V(True, "5"), V(True, "5"), V(False, "4")],
+    ]
+    completions = [["x" * (i + 1)] * 5 for i in range(4)]
+    return problems, completions, verdicts
+
+
+def test_summary_counts_pass1_majk_passk_and_breakdowns(pool):
+    problems, completions, verdicts = _hand_built()
+    s = summarize(problems, completions, verdicts, equal=lambda a, b: math_equal(a, b, pool=pool))
+    assert s["problems"] == 4 and s["k"] == 4
+    assert (s["pass@1"], s["correct@1"]) == (0.5, 2)  # p0, p3
+    assert s["maj@k"] == 0.5  # p0 (tie won by a right answer), p1 (equivalence vote)
+    assert s["pass@k"] == 0.75  # p0, p1, p3 have a right sample
+    assert s["sample_accuracy"] == 6 / 16
+    assert (s["no_answer"], s["timeouts"]) == (1, 0)
+    assert s["mean_completion_chars"] == pytest.approx((1 + 2 + 3 + 4) / 4)
+    assert list(s["by_level"]) == ["Level 1", "Level 2", "Level 10"]  # numeric order
+    assert s["by_level"]["Level 1"] == {"problems": 1, "pass@1": 1.0, "maj@k": 1.0}
+    assert s["by_level"]["Level 2"] == {"problems": 2, "pass@1": 0.0, "maj@k": 0.5}
+    assert s["by_level"]["Level 10"] == {"problems": 1, "pass@1": 1.0, "maj@k": 0.0}
+    assert s["by_subject"] == {"Algebra": {"problems": 2, "pass@1": 0.5, "maj@k": 1.0},
+                               "Geometry": {"problems": 2, "pass@1": 0.5, "maj@k": 0.0}}
+    assert "by_dataset" not in s  # no such meta: no such breakdown
+
+
+def test_summary_accepts_reward_results_and_sample_only_runs():
+    """The driver's RewardResults work as verdicts; without a greedy sample pass@1 is the mean sample accuracy."""
+    problems = [Problem("a", "q", "1", {"level": 1}), Problem("b", "q", "2", {"level": 3})]
+
+    def rr(correct, extracted):
+        return RewardResult("r", 0, float(correct), correct, "test", extracted)
+
+    verdicts = [[rr(True, "1"), rr(False, "7"), rr(True, "1")], [rr(False, "3"), rr(False, None), rr(False, "3")]]
+    s = summarize(problems, [["c"] * 3] * 2, verdicts, greedy_first=False, equal=lambda a, b: a == b)
+    assert s["pass@1"] == pytest.approx((2 / 3 + 0) / 2) and s["correct@1"] is None
+    assert (s["k"], s["maj@k"], s["no_answer"]) == (3, 0.5, 1)
+    greedy_only = summarize(problems, [["c"]] * 2, [[rr(True, "1")], [rr(False, "3")]], equal=lambda a, b: a == b)
+    assert (greedy_only["pass@1"], greedy_only["k"], greedy_only["maj@k"], greedy_only["pass@k"]) == (0.5, 0, None, None)
+    assert greedy_only["by_level"] == {"1": {"problems": 1, "pass@1": 1.0}, "3": {"problems": 1, "pass@1": 0.0}}
+    with pytest.raises(ValueError, match="2 problems"):
+        summarize(problems, [["c"]], [[rr(True, "1")]])
+
+
+# ---------------------------------------------------------------------------------------------- few-shot
+
+
+def test_fewshot_shots_from_gsm8k_and_math_state_their_answers_the_graders_way():
+    record = {"question": "q", "answer": "She has 3 + 4 = <<3+4=7>>7 apples.\n#### 7"}
+    assert worked_solution(record, "cot") == "She has 3 + 4 = 7 apples.\nThe answer is \\boxed{7}."
+    assert worked_solution({"problem": "q", "solution": "so $\\boxed{2}$."}, "cot") == "so $\\boxed{2}$."
+    assert worked_solution({"question": "q", "code": "print(7)"}, "pot") == "```python\nprint(7)\n```"
+    shots = load_shots(GSM8K, 2, "cot")
+    assert len(shots) == 2 and shots[0].question.startswith("Janet")
+    prefix = fewshot_prefix(shots, "cot")
+    assert prefix.count("User:") == 2 and prefix.count("\\boxed{18}") == 1 and "<<" not in prefix
+    assert FEWSHOT_STOP not in shots[0].solution
+    math_shots = load_shots(MATH, 1, "tool")
+    assert "\\boxed{2}" in math_shots[0].solution
+    from dsmath.errors import UserError
+
+    with pytest.raises(UserError, match="no worked solution for pot few-shot"):
+        load_shots(GSM8K, 1, "pot")
+    with pytest.raises(UserError, match="no such file"):
+        load_shots(BENCH / "missing.jsonl", 1, "cot")
+
+
+def test_fewshot_examples_from_a_data_file_are_not_evaluated():
+    from dsmath.commands.eval import load_eval_problems
+
+    problems, prefixes, notes = load_eval_problems([str(GSM8K)], limit=5, shuffle=False, seed=0, mode="cot",
+                                                   fewshot=3, fewshot_file=None)
+    assert [p.uid for p in problems] == [f"gsm8k_test-{i}" for i in range(3, 8)]
+    assert prefixes["gsm8k_test"].count("User:") == 3 and any("not evaluated" in n for n in notes)
+    shuffled, _, _ = load_eval_problems([str(MATH)], limit=24, shuffle=True, seed=0, mode="cot", fewshot=0,
+                                        fewshot_file=None)
+    assert len(shuffled) == 24 and len({p.meta["type"] for p in shuffled}) > 1  # a subset across subjects
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+
+
+def test_scoring_uses_the_grading_module_and_the_sandbox(pool):
+    cot = score_completions([("so it is \\boxed{\\frac12}", "0.5"), ("The answer is 7.", "8"), ("no idea", "3")],
+                            "cot", grading_pool=pool)
+    assert [(v.correct, v.extracted) for v in cot] == [(True, "\\frac12"), (False, "7"), (False, None)]
+    tool = score_completions(
+        [("Compute it.\n```python\nprint(6*7)\n```\n```output\n42\n```\nSo the answer is $\\boxed{42}$.", "42")],
+        "tool", grading_pool=pool)
+    assert tool[0].correct and tool[0].extracted == "42"
+    from dsmath.sandbox import SandboxPool
+
+    with SandboxPool(size=1) as sandbox:
+        pot = score_completions([
+            ("```python\nprint('work')\nprint(3/4)\n```", "\\frac{3}{4}"),  # the last printed line is the answer
+            ("```python\nprint(5)\n```", "6"),
+            ("I will not write code", "1"),
+            ("```python\nraise ValueError('x')\n```", "1"),
+            ("```python\nwhile True:\n    pass\n```", "1"),
+        ], "pot", grading_pool=pool, sandbox=sandbox, timeout_s=1.0)
+    assert [(v.correct, v.extracted, v.reason, v.timed_out) for v in pot] == [
+        (True, "0.75", "program: correct", False), (False, "5", "program: wrong", False),
+        (False, None, "program: no_program", False), (False, None, "program: error", False),
+        (False, None, "program: timeout", True)]
+
+
+# ------------------------------------------------------------------------------------ harness accounting
+
+
+class ScriptedGenerator:
+    """Answers from a fixed script (the harness's generation interface; the vLLM path is the slow test's)."""
+
+    def __init__(self, script):
+        self.script = script  # (uid, "greedy" | sample index) -> completion
+        self.calls = []
+
+    def __call__(self, requests, mode):
+        self.calls.append((list(requests), mode))
+        out = []
+        for r in requests:
+            for j in range(r.sampling.n):
+                key = (r.problem.uid, "greedy" if r.request_id.startswith("greedy") else j)
+                out.append(Rollout(r.request_id, j, r.problem, r.prompt, (1,), self.script[key], (2,), (),
+                                   "length" if key[1] == 1 else "stop", 0, "scripted"))
+        return out
+
+
+def test_harness_requests_grades_and_accounts_every_completion(pool):
+    problems = [Problem(f"u{i}", f"question {i}", str(i), {"level": f"Level {1 + i % 2}", "dataset": "d"})
+                for i in range(5)]
+    script = {}
+    for i in range(5):
+        script[(f"u{i}", "greedy")] = f"\\boxed{{{i if i % 2 == 0 else 99}}}"  # u0, u2, u4 right
+        for j in range(3):
+            script[(f"u{i}", j)] = f"The answer is {i if j < 2 else 7}."  # 2 of 3 right: maj right
+    gen = ScriptedGenerator(script)
+    settings = EvalSettings(mode="cot", k=3, temperature=0.9, max_new_tokens=50, seed=1, chunk_size=2,
+                            prefix="SHOTS ", stop=("\nUser:",))
+    def count_tokens(prompt):
+        return 500 if "question 3" in prompt else 10  # u3's prompt does not fit in 100 tokens
+
+    out = run_eval(problems, gen, settings, grading_pool=pool, count_tokens=count_tokens, max_model_len=100)
+    assert len(gen.calls) == 3  # chunks of 2 problems
+    first = gen.calls[0][0]
+    assert [r.request_id for r in first] == ["greedy-0", "sample-0", "greedy-1", "sample-1"]
+    assert (first[0].sampling.n, first[0].sampling.temperature) == (1, 0.0)
+    assert (first[1].sampling.n, first[1].sampling.temperature) == (3, 0.9)
+    assert first[0].sampling.max_new_tokens == 50 and first[0].sampling.stop == ("\nUser:",)
+    assert first[0].prompt.startswith("SHOTS User: question 0\nPlease reason step by step")
+    seeds = [c[0][0].sampling.seed for c in gen.calls]
+    assert len(set(seeds)) == 3  # one sampling seed per chunk
+    assert "question 3" not in "".join(r.prompt for c in gen.calls for r in c[0])  # too long: not sent
+
+    s = out.summary
+    assert len(out.rows) == 5 * 4 and [r["sample"] for r in out.rows[:4]] == ["greedy", 0, 1, 2]
+    assert s["prompt_too_long"] == 1 and out.rows[12]["reason"] == "prompt too long"
+    assert s["pass@1"] == 3 / 5 and s["maj@k"] == 4 / 5  # u3 counts, as a miss
+    assert s["sample_accuracy"] == 8 / 15 and s["pass@k"] == pytest.approx(4 / 5)
+    assert s["truncated"] == 4  # sample 1 of the four problems that were generated
+    assert s["by_level"] == {"Level 1": {"problems": 3, "pass@1": 1.0, "maj@k": 1.0},
+                             "Level 2": {"problems": 2, "pass@1": 0.0, "maj@k": 0.5}}
+    assert s["datasets"]["d"]["pass@1"] == s["pass@1"]
+    table = format_table(s)
+    assert "maj@3" in table and " 60.0%" in table and "Level 2" in table
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dsmath.cli", "eval", *args], capture_output=True, text=True,
+                          timeout=600, cwd=cwd)
+
+
+def test_cli_user_mistakes_are_one_line_errors(tmp_path):
+    fake_model = tmp_path / "model"
+    fake_model.mkdir()
+    (fake_model / "config.json").write_text("{}")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1+1", "answer": "2"}\n{"question": oops}\n')
+    cases = [
+        (["--model", str(tmp_path / "nope"), "--data", str(GSM8K)], "not a model folder"),
+        (["--model", str(fake_model), "--data", str(tmp_path / "missing.jsonl")], "no such file"),
+        (["--model", str(fake_model), "--data", str(bad)], f"{bad}:2: not valid JSON"),
+        (["--model", str(fake_model), "--data", str(GSM8K), "--k", "-1"], "--k must be >= 0"),
+        (["--model", str(fake_model), "--data", str(GSM8K), "--temperature", "0"], "--temperature must be > 0"),
+        (["--model", str(fake_model), "--data", str(GSM8K), "--fewshot", "2", "--mode", "pot"], "pot few-shot"),
+    ]
+    for args, message in cases:
+        out = _cli(*args)
+        assert out.returncode == 2, (args, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("dsmath eval: error:") and message in lines[0], out.stderr
+    helped = _cli("--help")
+    assert helped.returncode == 0 and "--fewshot-file" in helped.stdout and "maj@k" in helped.stdout
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_on_the_shared_gsm8k_and_math_files(tmp_path):
+    """A real vLLM engine (tiny random model: accuracy ~0) over 24 + 24 problems: fields, counts, consistency."""
+    from dsmath.config import ModelConfig
+    from dsmath.tiny import build_model, train_tokenizer
+
+    model_dir = tmp_path / "tiny"
+    texts = [f"Q: what is {a} plus {b}?\nA: The answer is \\boxed{{{a + b}}}." for a in range(40) for b in range(20)]
+    tok = train_tokenizer(texts, 384, model_dir)
+    build_model(ModelConfig(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256,
+                            vocab_size=384, max_position_embeddings=1024), tok).save_pretrained(model_dir)
+    out_dir = tmp_path / "out"
+    run = _cli("--model", str(model_dir), "--data", str(GSM8K), str(MATH), "--limit", "24", "--shuffle",
+               "--k", "2", "--max-new-tokens", "16", "--out", str(out_dir), "--no-progress")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "pass@1" in run.stdout and "maj@2" in run.stdout and "gsm8k_test" in run.stdout
+    summary = json.loads((out_dir / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()]
+    assert summary["problems"] == 48 and summary["k"] == 2 and len(rows) == 48 * 3
+    for key in ("pass@1", "maj@k", "pass@k", "sample_accuracy", "no_answer", "truncated", "seconds", "settings"):
+        assert key in summary, key
+    assert set(summary["datasets"]) == {"gsm8k_test", "math_test"}
+    math_part = summary["datasets"]["math_test"]
+    assert math_part["problems"] == 24 and "by_level" not in summary["datasets"]["gsm8k_test"]
+    assert sum(g["problems"] for g in math_part["by_level"].values()) == 24
+    assert sum(g["problems"] for g in math_part["by_subject"].values()) == 24
+    assert len(math_part["by_subject"]) > 1
+    greedy = [r for r in rows if r["sample"] == "greedy"]
+    assert len(greedy) == 48 and all(isinstance(r["correct"], bool) and r["reason"] for r in rows)
+    assert summary["pass@1"] == sum(r["correct"] for r in greedy) / 48
+    assert summary["no_answer"] == sum(r["extracted"] is None for r in greedy)
+    assert summary["truncated"] == sum(r["finish_reason"] == "length" for r in rows)
+    assert summary["prompt_too_long"] == sum(r["reason"] == "prompt too long" for r in greedy)
+    assert {r["gold"] for r in rows if r["dataset"] == "gsm8k_test"} <= {json.loads(line)["answer"].rsplit("####", 1)[1].strip()
+                                                                        for line in GSM8K.read_text().splitlines()}
