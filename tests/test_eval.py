@@ -148,6 +148,23 @@ def test_summary_accepts_reward_results_and_sample_only_runs():
 # ---------------------------------------------------------------------------------------------- few-shot
 
 
+def test_prompts_are_the_deepseekmath_templates_with_chinese_questions_in_chinese():
+    from dsmath.evaluation.fewshot import build_prompt
+
+    en = build_prompt("What is 2+3?", "cot")
+    assert en == ("User: What is 2+3?\nPlease reason step by step, and put your final answer within \\boxed{}."
+                  "\n\nAssistant:")
+    assert "Please integrate natural language reasoning with programs to solve the problem above, and put your " \
+           "final answer within \\boxed{}." in build_prompt("What is 2+3?", "tool")
+    cmath = json.loads((BENCH / "cmath_test.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    zh = build_prompt(cmath["question"], "cot")
+    assert zh.endswith("\n请通过逐步推理来解答问题，并把最终答案放置于\\boxed{}中。\n\nAssistant:")
+    assert "请结合自然语言和Python程序语言来解答问题" in build_prompt(cmath["question"], "tool")
+    from dsmath.datasets import gold_from_record
+
+    assert gold_from_record(cmath) == "18"  # CMATH's "golden"
+
+
 def test_fewshot_shots_from_gsm8k_and_math_state_their_answers_the_graders_way():
     record = {"question": "q", "answer": "She has 3 + 4 = <<3+4=7>>7 apples.\n#### 7"}
     assert worked_solution(record, "cot") == "She has 3 + 4 = 7 apples.\nThe answer is \\boxed{7}."

@@ -9,7 +9,8 @@ A shot is a (question, worked solution) pair read from a GSM8K/MATH-style JSONL 
   holds a ```python block; a file with neither is refused (a CoT shot would teach the wrong format).
 
 The prompt is ``shot_1 + SEPARATOR + … + shot_k + SEPARATOR + format_prompt(question, mode)``, each shot being
-``format_prompt(shot_question, mode) + " " + solution``: the same User/Assistant frame as zero-shot, so an
+``format_prompt(shot_question, mode) + " " + solution`` (Chinese questions get the Chinese instruction,
+``language="auto"``): the same User/Assistant frame as zero-shot, so an
 instruct model sees a familiar format and a base model sees the pattern to continue. Generation should stop at
 :data:`FEWSHOT_STOP` (the next shot's ``User:``), which :func:`fewshot_stop` returns.
 """
@@ -85,12 +86,12 @@ def load_shots(path: str | Path, n: int, mode: str) -> list[Shot]:
 
 def fewshot_prefix(shots: Sequence[Shot], mode: str) -> str:
     """The text that goes before the question's own prompt ('' without shots)."""
-    return "".join(f"{format_prompt(s.question, mode)} {s.solution}{SEPARATOR}" for s in shots)
+    return "".join(f"{format_prompt(s.question, mode, language='auto')} {s.solution}{SEPARATOR}" for s in shots)
 
 
 def build_prompt(question: str, mode: str, prefix: str = "") -> str:
     """``prefix`` (from :func:`fewshot_prefix`) followed by the question in ``mode``'s template."""
-    return prefix + format_prompt(question, mode)
+    return prefix + format_prompt(question, mode, language="auto")
 
 
 def fewshot_stop(num_shots: int) -> tuple[str, ...]:
