@@ -37,11 +37,16 @@ def sample_advantages(cfg: GRPOConfig, rollouts: Sequence[Rollout], results: Seq
         return grpo.group_advantages(rewards, group_size, cfg.adv_eps).tolist()
     if cfg.algorithm == "grpo" and cfg.advantage == "process":
         return process_token_advantages(rollouts, results, group_size, cfg.adv_eps)
-    if cfg.algorithm in ("online_rft", "rft"):
+    if cfg.algorithm in ("online_rft", "rft", "dpo"):
         # The same coefficient I(o); RFT and online RFT differ only in the sampling source (grpo.sampling).
+        # DPO: I(o) is what its learner (learner.unified.DPOLearner) builds the right/wrong pairs from.
         return rft_coefficients(torch.tensor([r.correct for r in results])).tolist()
+    if cfg.algorithm == "ppo" and cfg.advantage == "outcome":
+        # The outcome reward r_φ(o); learner.unified.PPOLearner turns it into per-token rewards and GAE
+        # advantages once the value model and the log-probs are known (dsmath.algorithms).
+        return [float(r.reward) for r in results]
     raise ValueError(f"grpo.algorithm={cfg.algorithm!r} with grpo.advantage={cfg.advantage!r} has no advantage rule "
-                     "here (ppo and dpo need the learner's values / log-probs: dsmath.algorithms)")
+                     "here (see dsmath.algorithms)")
 
 
 def process_token_advantages(rollouts: Sequence[Rollout], results: Sequence[RewardResult], group_size: int,

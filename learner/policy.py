@@ -15,6 +15,7 @@ Per-token tensors follow the alignment of :mod:`learner.batch` (position t = tok
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from dsmath import grpo
+from dsmath import algorithms, grpo
 from dsmath.config import GRPOConfig, LearnerConfig
 from dsmath.errors import UserError
 from learner import checkpoint as ckpt
@@ -130,7 +131,7 @@ class PolicyLearner:
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}") if self.backend == "nccl" else torch.device("cpu")
         torch.manual_seed(seed)
 
-        model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch.float32)
+        model = self._load_model()  # a causal LM; the reward-model learner loads a scoring head instead
         model.config.use_cache = False
         self.tokenizer = _load_tokenizer(self.model_dir)
         self.reference = None
@@ -168,6 +169,12 @@ class PolicyLearner:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
         self.steps = 0
+
+    def _load_model(self):
+        """The trained module, float32, from ``self.model_dir`` (subclasses train other model types)."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch.float32)
 
     @classmethod
     def from_env(cls, model_dir: str | Path, learner_cfg: LearnerConfig, grpo_cfg: GRPOConfig | None = None,
@@ -269,7 +276,9 @@ class PolicyLearner:
         if batch.advantages is None:
             raise ValueError("grpo_step needs batch.advantages")
         g = self.grpo_cfg
-        need_ref = g.beta > 0
+        # PPO pays the KL as a per-token reward (dsmath.algorithms.ppo_token_rewards), not as a loss term.
+        beta = 0.0 if g.algorithm == "ppo" else g.beta
+        need_ref = beta > 0
         if need_ref and batch.ref_logprobs is None and self.reference is None:
             raise ValueError("beta > 0 needs batch.ref_logprobs or a learner with a reference model")
         (normalizer,) = self._all_reduce([grpo.loss_normalizer(batch.loss_mask, g.loss_agg, self.max_tokens)])
@@ -284,7 +293,7 @@ class PolicyLearner:
                     ref, _ = self._logprobs(self.reference, mb)
             return grpo.grpo_loss(
                 logp, old, ref if need_ref else None, mb.advantages, mb.loss_mask,
-                clip_eps_low=g.clip_eps_low, clip_eps_high=g.clip_eps_high, beta=g.beta, loss_agg=g.loss_agg,
+                clip_eps_low=g.clip_eps_low, clip_eps_high=g.clip_eps_high, beta=beta, loss_agg=g.loss_agg,
                 max_tokens=self.max_tokens, is_weights=mb.is_weights, entropy=ent, normalizer=normalizer,
             )
 
@@ -316,6 +325,45 @@ class PolicyLearner:
                 adv_std=math.sqrt(max(0.0, sums[-1] / tokens - mean * mean)), adv_max=extremes[2], adv_min=-extremes[3],
             )
         return metrics
+
+    def dpo_step(self, batch: TrainBatch, beta: float) -> dict[str, float]:
+        """One optimizer step of the paper's DPO loss (A.1.4) against the frozen reference, on pairs.
+
+        Rows 2k and 2k+1 of this rank's ``batch`` are pair k's chosen (right) and rejected (wrong) completion;
+        ``loss_mask`` marks their tokens. The gradient is the DPO loss's, computed through its coefficients: a
+        no-grad pass gives ρ = mean token log π_θ/π_ref per completion and GC = β·σ(β·(ρ⁻ − ρ⁺)) per pair
+        (:func:`dsmath.algorithms.dpo_coefficients`); the step then descends −Σ_pairs GC·(ρ⁺ − ρ⁻)/P with GC held
+        fixed, whose gradient at the current weights equals that of mean −log σ(β·(ρ⁺ − ρ⁻)). So micro-batches
+        may split pairs. ``dpo/loss``, ``dpo/margin`` and ``dpo/pair_accuracy`` are measured before the step,
+        over all ranks' pairs.
+        """
+        if batch.size % 2:
+            raise ValueError(f"dpo_step needs chosen/rejected row pairs; got {batch.size} rows")
+        if self.reference is None:
+            raise RuntimeError("dpo_step needs the frozen reference model (with_reference=True)")
+        logp = self._batched_logprobs(self.engine, batch)  # [N, T]
+        ref = self._batched_logprobs(self.reference, batch)  # [N, T]
+        rho = algorithms.sequence_log_ratio(logp, ref, batch.loss_mask)  # [N]
+        chosen, rejected = rho[0::2], rho[1::2]  # [P] each
+        _, local = algorithms.dpo_loss(chosen, rejected, beta)
+        coef = algorithms.dpo_coefficients(chosen, rejected, beta)  # [P]
+        signed = torch.stack([coef, -coef], dim=1).reshape(-1)  # [N] +GC on chosen rows, −GC on rejected
+        pairs_here = float(batch.size // 2)
+        (pairs, loss_sum, margin_sum, acc_sum) = self._all_reduce(
+            [pairs_here, local["dpo/loss"] * pairs_here, local["dpo/margin"] * pairs_here,
+             local["dpo/pair_accuracy"] * pairs_here])
+        weighted = dataclasses.replace(batch, advantages=signed[:, None] * batch.loss_mask)  # [N, T]
+
+        def loss_fn(mb: TrainBatch):
+            lp, _ = self._logprobs(self.engine, mb)  # [n, w]
+            mb = mb.to(self.device)
+            # Σ_rows ±GC·ρ_θ(row) / P: per-sequence token mean of GC·logp, summed over rows, over the pairs.
+            return grpo.aggregate(-mb.advantages * lp, mb.loss_mask, "seq_mean_token_mean", normalizer=pairs), {}
+
+        self._run_step(weighted, loss_fn)
+        return {"loss": loss_sum / max(pairs, 1.0), "dpo/loss": loss_sum / max(pairs, 1.0),
+                "dpo/margin": margin_sum / max(pairs, 1.0), "dpo/pair_accuracy": acc_sum / max(pairs, 1.0),
+                "dpo/coef_mean": float(coef.mean()) if coef.numel() else 0.0, **self._common_metrics()}
 
     def sft_step(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step of token-mean NLL over ``loss_mask`` (global over ranks)."""

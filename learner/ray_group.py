@@ -33,13 +33,19 @@ class LearnerRank:
         return ray.util.get_node_ip_address(), free_port()
 
     def setup(self, model_dir: str, learner_cfg: LearnerConfig, grpo_cfg: GRPOConfig, *, rank: int, world_size: int,
-              master_addr: str, master_port: int, seed: int, env: dict[str, str], kwargs: dict) -> bool:
+              master_addr: str, master_port: int, seed: int, env: dict[str, str], kwargs: dict,
+              kind: str = "policy") -> bool:
         os.environ.update(env)
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0" if torch.cuda.is_available() else str(rank))
         torch.set_num_threads(max(1, int(env.get("OMP_NUM_THREADS", "1"))))
         from learner.policy import PolicyLearner
 
+        if kind == "value":  # PPO's value model: the same DeepSpeed machinery around a scalar head
+            from learner.value import ValueLearner
+
+            self.learner = ValueLearner(model_dir, learner_cfg, rank=rank, world_size=world_size, seed=seed, **kwargs)
+            return True
         self.learner = PolicyLearner(model_dir, learner_cfg, grpo_cfg, rank=rank, world_size=world_size, seed=seed,
                                      **kwargs)
         return True
@@ -89,6 +95,7 @@ class LearnerGroup:
         timeout_s: float = 600.0,
         actor_resources: dict[str, float] | None = None,
         rank_options: list[dict] | None = None,
+        kind: str = "policy",
         **learner_kwargs,
     ) -> None:
         import ray
@@ -109,7 +116,8 @@ class LearnerGroup:
         worker_env.update(env or {})
         self._get([
             a.setup.remote(str(model_dir), learner_cfg, grpo_cfg or GRPOConfig(), rank=r, world_size=self.num_ranks,
-                           master_addr=addr, master_port=port, seed=seed, env=worker_env, kwargs=learner_kwargs)
+                           master_addr=addr, master_port=port, seed=seed, env=worker_env, kwargs=learner_kwargs,
+                           kind=kind)
             for r, a in enumerate(self.actors)
         ])
 
@@ -131,6 +139,21 @@ class LearnerGroup:
 
     def sft_step(self, batch: TrainBatch) -> dict[str, float]:
         return self._sharded("sft_step", batch)[0]
+
+    def dpo_step(self, batch: TrainBatch, beta: float) -> dict[str, float]:
+        """Rows (2k, 2k+1) are pair k; each rank's contiguous shard must hold whole pairs (an even row count)."""
+        if batch.size % (2 * self.num_ranks):
+            raise UserError(f"{batch.size // 2} DPO pairs do not split evenly over {self.num_ranks} learner ranks")
+        return self._get([a.call.remote("dpo_step", batch.shard(r, self.num_ranks), beta)
+                          for r, a in enumerate(self.actors)])[0]
+
+    def values(self, batch: TrainBatch) -> torch.Tensor:
+        """A value group's (``kind='value'``) per-position values ``[N, T]``."""
+        return torch.cat(self._sharded("values", batch))
+
+    def value_step(self, batch: TrainBatch) -> dict[str, float]:
+        """A value group's update: returns in ``batch.advantages``, old values in ``batch.old_logprobs``."""
+        return self._sharded("value_step", batch)[0]
 
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:
         return torch.cat(self._sharded("logprobs", batch))

@@ -144,11 +144,17 @@ def test_ppo_switch_gives_the_gae_advantage_with_the_kl_as_a_per_token_reward():
     assert gc[0, :3].tolist() == pytest.approx([a0, a1, a2], abs=1e-12)
 
 
-def test_ppo_and_dpo_are_not_sample_advantages_rules():
+def test_ppo_and_dpo_advantage_stage_hands_on_what_their_learners_need():
     _, _, _, rollouts, results = _batch()
-    for algorithm in ("ppo", "dpo"):
-        with pytest.raises(ValueError, match="dsmath.algorithms"):
-            sample_advantages(GRPOConfig(algorithm=algorithm, beta=0.0), rollouts, results, G)
+    rewards = [0.5 if c else -0.25 for c in CORRECT]
+    results = [RewardResult(request_id=r.request_id, sample_index=r.sample_index, reward=x, correct=r.correct,
+                            reason="") for r, x in zip(results, rewards)]
+    # PPO: the outcome reward r_φ(o) (GAE needs the values, so the learner wrapper finishes the job).
+    assert sample_advantages(GRPOConfig(algorithm="ppo"), rollouts, results, G) == rewards
+    # DPO: I(o), from which the right/wrong pairs are built.
+    assert sample_advantages(GRPOConfig(algorithm="dpo", beta=0.0), rollouts, results, G) == [1, 0, 0, 1, 1, 0]
+    with pytest.raises(ValueError):
+        sample_advantages(GRPOConfig(algorithm="ppo", advantage="process"), rollouts, results, G)
 
 
 # --------------------------------------------------------------------------- kernels vs loops
