@@ -25,6 +25,8 @@ COMMANDS: dict[str, str] = {
     "status": "dsmath.commands.status",
     "pretrain": "dsmath.commands.pretrain",
     "compare": "dsmath.commands.compare",
+    "rm": "dsmath.commands.rm",
+    "iterate": "dsmath.commands.iterate",
 }
 
 

@@ -124,6 +124,29 @@ class RewardConfig:
     incorrect_reward: float = 0.0
     format_penalty: float = 0.0
     sandbox_address: str = ""
+    # Reward models (actors/reward_model.py): empty model_path = rule rewards only; otherwise each of the
+    # num_workers reward actors grades by rule and scores with the model.
+    model_path: str = ""
+    model_kind: Literal["outcome", "process"] = "outcome"
+    combine: Literal["weighted", "gate"] = "weighted"  # dsmath.reward_models.combine_rewards
+    rule_weight: float = 1.0
+    model_weight: float = 1.0
+    model_batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class RewardModelTrainConfig:
+    """``dsmath rm train`` and the reward-model half of iterative GRPO (``dsmath iterate``)."""
+
+    questions: int = 64  # questions sampled from the current policy per round of RM training
+    samples_per_question: int = 4
+    completions_per_prefix: int = 4  # Math-Shepherd: K completions from each step prefix
+    label: Literal["any", "most"] = "any"  # a step is good if any / most of its K completions are correct
+    epochs: int = 2
+    lr: float = 1e-3
+    batch_size: int = 32
+    replay_fraction: float = 0.1  # share of historical examples in each later round's training set
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -160,6 +183,7 @@ class TrainConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     async_: AsyncConfig = field(default_factory=AsyncConfig)
+    rm: RewardModelTrainConfig = field(default_factory=RewardModelTrainConfig)
 
 
 # YAML key -> dataclass field name, for keys that are Python keywords.
@@ -404,6 +428,15 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.async_.max_staleness >= 0, "async.max_staleness: must be >= 0")
     need(cfg.reward.num_workers >= 1, "reward.num_workers: must be >= 1")
     need(cfg.reward.timeout_s > 0, "reward.timeout_s: must be > 0")
+    need(cfg.reward.model_batch_size >= 1, "reward.model_batch_size: must be >= 1")
+    need(
+        g.advantage != "process" or cfg.reward.model_kind == "process",
+        "grpo.advantage=process needs step rewards: set reward.model_kind=process and reward.model_path to a PRM",
+    )
+    need(bool(g.step_delimiter), "grpo.step_delimiter: must not be empty")
+    need(0 <= cfg.rm.replay_fraction < 1, "rm.replay_fraction: must be in [0, 1)")
+    need(cfg.rm.questions >= 1 and cfg.rm.samples_per_question >= 1 and cfg.rm.completions_per_prefix >= 1,
+         "rm.questions, rm.samples_per_question, rm.completions_per_prefix: must be >= 1")
     b = cfg.bootstrap
     need(b.num_heldout_problems >= 1, "bootstrap.num_heldout_problems: must be >= 1")
     need(0 <= b.stepwise_fraction <= 1, "bootstrap.stepwise_fraction: must be in [0, 1]")
@@ -432,6 +465,7 @@ __all__ = [
     "LearnerConfig",
     "ModelConfig",
     "RewardConfig",
+    "RewardModelTrainConfig",
     "RolloutConfig",
     "TrainConfig",
     "WeightSyncConfig",

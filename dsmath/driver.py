@@ -147,14 +147,20 @@ class TaskData:
 
 def load_task(cfg: TrainConfig) -> TaskData:
     """The model to start from and the questions: the tiny bootstrap, or a user model + JSONL files."""
-    if cfg.model.path:
-        raise UserError(
-            "model.path is set: point data.train / data.heldout at question/answer JSONL files "
-            "(not wired in this version; the tiny_cpu preset uses the built-in bootstrap)"
-        )
     from dsmath.bootstrap import PROMPT_MODE, ensure_bootstrap
 
-    arts = ensure_bootstrap(cfg.bootstrap, cfg.model, log=_log)
+    # model.path (an HF folder or a dsmath checkpoint, e.g. iterative GRPO's previous iteration) replaces the
+    # bootstrap model as the start and the reference; the questions still come from the built-in task, whose
+    # cache key must not depend on model.path.
+    arts = ensure_bootstrap(cfg.bootstrap, dataclasses_replace(cfg.model, path=""), log=_log)
+    if cfg.model.path:
+        from learner.checkpoint import resolve
+
+        start = resolve(Path(cfg.model.path).expanduser())
+        if not (start / "config.json").exists():
+            raise UserError(f"model.path={cfg.model.path}: not a model folder or checkpoint (no config.json)")
+        _log(f"starting from {start} (questions from the built-in task)")
+        arts = dataclasses_replace(arts, model_dir=start)
     train_all = arts.train_problems()
     # The first num_sft_problems questions were used for the SFT warm-up; RL draws from the rest.
     rl_train = train_all[cfg.bootstrap.num_sft_problems:]
@@ -374,6 +380,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             for i in range(cfg.rollout.num_generators)
         ]
         reward_cls = reward_worker_actor_class()
+        if cfg.reward.model_path or cfg.grpo.advantage == "process":  # rule + reward-model score in one actor
+            from actors.reward_model import reward_model_worker_actor_class
+
+            reward_cls = reward_model_worker_actor_class(cfg)
         rewarders = [reward_cls.options(**roles.get("reward", {})).remote(cfg.reward, worker_id=f"reward-{i}",
                                                                           mode=cfg.rollout.mode)
                      for i in range(cfg.reward.num_workers)]

@@ -4,7 +4,8 @@ import subprocess
 import sys
 
 BASE = ["dsmath", "dsmath.config", "dsmath.records", "dsmath.datasets", "dsmath.prompts", "dsmath.tasks.arithmetic",
-        "dsmath.grpo", "dsmath.grading", "dsmath.sandbox", "dsmath.cli", "dsmath.evaluation"]
+        "dsmath.grpo", "dsmath.grading", "dsmath.sandbox", "dsmath.cli", "dsmath.evaluation",
+        "dsmath.reward_models"]
 FORBIDDEN = ["ray", "vllm", "deepspeed", "actors", "learner", "data_pipeline"]
 
 

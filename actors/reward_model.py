@@ -1,0 +1,166 @@
+"""Reward-model actors: an outcome reward model (one score per completion) and a process reward model (a score
+at the end of every reasoning step), combined with the rule reward (grading / sandbox) by config.
+
+The model is a transformers token-classification model with one label (``AutoModelForTokenClassification``,
+``num_labels=1``): the policy's transformer plus a linear head on every position. Why that and not a head bolted
+onto the causal LM: one forward pass scores every token, so the ORM (score at the last token) and the PRM
+(scores at the step ends) are the same model and the same code; it saves and loads as a plain HF folder; and it
+can be initialised from any policy checkpoint (the body's weights load, the head starts fresh). A score is
+``sigmoid(logit)``, the model's probability that the solution so far leads to the gold answer.
+
+``RewardModelScorer`` is the model (plain class, testable without Ray). ``RewardModelWorker`` grades with the rule
+worker (``actors.reward_worker.RewardWorker``) and scores with the model, then combines both with
+``dsmath.reward_models.combine_rewards``; ``reward_model_worker_actor_class()`` makes it a Ray actor that the
+driver's ``RewardPool`` uses like a rule worker.
+
+The reward model must share the policy's tokenizer (``dsmath rm train`` initialises it from the policy): it reads
+the rollout's own ``prompt_ids + completion_ids``, so step-end indices are the policy's completion-token indices.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from dsmath.config import RewardConfig
+from dsmath.errors import UserError
+from dsmath.records import RewardResult, Rollout, check_schema
+from dsmath.reward_models import combine_rewards, completion_step_ends, gather_scores
+
+
+def load_reward_model(model_dir: str | Path):
+    """(model, tokenizer) from an RM folder, in eval mode on CPU/GPU as available, float32."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    path = Path(model_dir)
+    if not (path / "config.json").exists():
+        raise UserError(f"reward.model_path={model_dir}: not a model folder (no config.json); train one with dsmath rm train")
+    model = AutoModelForTokenClassification.from_pretrained(str(path), dtype=torch.float32)
+    if model.config.num_labels != 1:
+        raise UserError(f"{model_dir}: a reward model needs one output label, this one has {model.config.num_labels}")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return model.eval().requires_grad_(False), tokenizer
+
+
+class RewardModelScorer:
+    """Batched scoring of rollouts with one reward model.
+
+    Guaranteed: one entry per rollout, in order; scores are in (0, 1). Step ends come from
+    ``dsmath.reward_models.completion_step_ends`` with the model's tokenizer (the same function the RM learner
+    labels with).
+    """
+
+    def __init__(self, model_dir: str | Path, *, batch_size: int = 32):
+        self.model, self.tokenizer = load_reward_model(model_dir)
+        self.batch_size = batch_size
+        self.vocab = int(self.model.config.vocab_size)
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _score_positions(self, sequences: list[list[int]], positions: list[list[int]]) -> list[list[float]]:
+        """sigmoid(RM logit) at ``positions[i]`` (sequence positions) of ``sequences[i]``, in batches."""
+        out: list[list[float]] = [[] for _ in sequences]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        for lo in range(0, len(sequences), self.batch_size):
+            part = sequences[lo:lo + self.batch_size]
+            width = max(len(s) for s in part)
+            ids = torch.full((len(part), width), pad, dtype=torch.long)  # [n, w] right-padded
+            mask = torch.zeros((len(part), width), dtype=torch.long)  # [n, w]
+            for i, s in enumerate(part):
+                if s and max(s) >= self.vocab:
+                    raise UserError(f"token id {max(s)} is outside the reward model's vocabulary ({self.vocab}): "
+                                    "the RM must share the policy's tokenizer")
+                ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+                mask[i, :len(s)] = 1
+            with torch.no_grad():
+                logits = self.model(input_ids=ids, attention_mask=mask).logits[..., 0].float()  # [n, w]
+            rows = [i for i in range(len(part)) for _ in positions[lo + i]]
+            cols = [p for i in range(len(part)) for p in positions[lo + i]]
+            flat = torch.sigmoid(gather_scores(logits, rows, cols)).tolist()  # [J]
+            j = 0
+            for i in range(len(part)):
+                n = len(positions[lo + i])
+                out[lo + i] = flat[j:j + n]
+                j += n
+        return out
+
+    def outcome_scores(self, rollouts: Sequence[Rollout]) -> list[float]:
+        """The score at each completion's last token (the last prompt token for an empty completion)."""
+        seqs = [list(r.prompt_ids) + list(r.completion_ids) for r in rollouts]
+        return [s[0] for s in self._score_positions(seqs, [[len(q) - 1] for q in seqs])]
+
+    def step_scores(self, rollouts: Sequence[Rollout], delimiter: str) -> list[tuple[list[float], list[int]]]:
+        """(scores, completion-token indices) at every step end of each completion; empty for an empty one."""
+        ends = [completion_step_ends(self._decode, r.completion_ids, delimiter) for r in rollouts]
+        seqs = [list(r.prompt_ids) + list(r.completion_ids) for r in rollouts]
+        positions = [[len(r.prompt_ids) + k for k in e] for r, e in zip(rollouts, ends)]
+        return list(zip(self._score_positions(seqs, positions), ends))
+
+
+class RewardModelWorker:
+    """Rule reward + reward-model score for each rollout, combined as ``RewardConfig.combine`` says.
+
+    ``kind="outcome"`` fills ``RewardResult.reward``; ``kind="process"`` also fills ``step_rewards`` and
+    ``step_end_token_index`` (what ``grpo.advantage=process`` consumes). Same contract as ``RewardWorker.score``:
+    exactly one result per rollout, in order.
+    """
+
+    def __init__(self, cfg: RewardConfig, *, step_delimiter: str = "\n", worker_id: str = "rm-0", mode: str = "cot"):
+        from actors.reward_worker import RewardWorker
+
+        torch.set_num_threads(1)  # one core per actor; the machine is shared with generators and learners
+        if not cfg.model_path:
+            raise UserError("RewardModelWorker needs reward.model_path")
+        self.cfg = cfg
+        self.kind = cfg.model_kind
+        self.delimiter = step_delimiter
+        self.worker_id = worker_id
+        self.rules = RewardWorker(cfg, worker_id=f"{worker_id}-rules", mode=mode)
+        self.scorer = RewardModelScorer(cfg.model_path, batch_size=cfg.model_batch_size)
+        self.scored = 0
+        self.seconds = 0.0
+
+    def score(self, rollouts: Sequence[Rollout]) -> list[RewardResult]:
+        start = time.perf_counter()
+        for r in rollouts:
+            check_schema(r)
+        rule = self.rules.score(rollouts)
+        if self.kind == "outcome":
+            out = [combine_rewards(res, self.cfg, outcome_score=s)
+                   for res, s in zip(rule, self.scorer.outcome_scores(rollouts), strict=True)]
+        else:
+            out = [combine_rewards(res, self.cfg, step_scores=s, step_ends=e) if s else res
+                   for res, (s, e) in zip(rule, self.scorer.step_scores(rollouts, self.delimiter), strict=True)]
+        self.scored += len(out)
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def close(self) -> None:
+        self.rules.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {"worker_id": self.worker_id, "kind": self.kind, "scored": self.scored, "seconds": round(self.seconds, 4)}
+
+
+def reward_model_worker_actor_class(cfg, num_cpus: float = 0.5):
+    """``RewardModelWorker`` as a Ray actor class for the training config ``cfg``, constructed like the rule
+    worker: ``.remote(cfg.reward, worker_id=..., mode=...)`` (the step delimiter comes from ``cfg.grpo``).
+
+    Raises ``UserError`` when process supervision is asked for without a process reward model.
+    """
+    import ray
+
+    if cfg.grpo.advantage == "process" and not (cfg.reward.model_path and cfg.reward.model_kind == "process"):
+        raise UserError("grpo.advantage=process needs a process reward model: set reward.model_path (dsmath rm train "
+                        "--kind process) and reward.model_kind=process")
+    delimiter = cfg.grpo.step_delimiter
+
+    class ConfiguredRewardModelWorker(RewardModelWorker):
+        def __init__(self, reward_cfg: RewardConfig, *, worker_id: str = "rm-0", mode: str = "cot"):
+            super().__init__(reward_cfg, step_delimiter=delimiter, worker_id=worker_id, mode=mode)
+
+    return ray.remote(num_cpus=num_cpus)(ConfiguredRewardModelWorker)
