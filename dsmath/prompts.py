@@ -27,8 +27,10 @@ TEMPLATES = {"cot": COT_TEMPLATE, "pot": POT_TEMPLATE, "tool": TOOL_TEMPLATE, "t
 
 # Chinese questions (CMATH, Gaokao) get the evaluation code's Chinese instructions.
 TEMPLATES_ZH = {
-    "cot": "User: {question}\n请通过逐步推理来解答问题，并把最终答案放置于\\boxed{{}}中。\n\nAssistant:",
-    "tool": "User: {question}\n请结合自然语言和Python程序语言来解答问题，并把最终答案放置于\\boxed{{}}中。\n\nAssistant:",
+    "cot": "User: {question}\n请通过逐步推理来解答问题，并把最终答案放置于\\boxed{{}}中。"
+           "\n\nAssistant:",
+    "tool": "User: {question}\n请结合自然语言和Python程序语言来解答问题，并把最终答案放置于\\boxed{{}}中。"
+            "\n\nAssistant:",
 }
 _CJK = re.compile(r"[\u4e00-\u9fff]")
 

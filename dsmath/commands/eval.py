@@ -42,8 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many problems per file")
     p.add_argument("--shuffle", action="store_true",
                    help="with --limit: a random (--seed) subset instead of the first problems")
-    p.add_argument("--mode", choices=("cot", "pot", "tool"), default="cot",
-                   help="chain-of-thought, program-of-thought or tool-integrated prompting (default cot)")
+    p.add_argument("--mode", choices=("cot", "pot", "tool", "tiny"), default="cot",
+                   help="chain-of-thought, program-of-thought or tool-integrated prompting (default cot); tiny: "
+                        "the built-in arithmetic task's short 'Q: ... A:' template (dsmath's own tiny models)")
     p.add_argument("--k", type=int, default=4, help="samples per problem for maj@k and pass@k; 0: greedy only (default 4)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the k samples (default 0.7)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for the k samples (default 1.0)")
@@ -163,8 +164,8 @@ def evaluate_model(model: str, data: Sequence[str], *, mode: str = "cot", k: int
     from dsmath.grading import GradingPool
 
     t0 = time.perf_counter()
-    generator = Generator(str(model_dir), RolloutConfig(mode=mode, max_tool_rounds=max_tool_rounds),
-                          generator_id="eval", seed=seed, sandbox_timeout_s=timeout_s)
+    rollout = RolloutConfig(mode="tool" if mode == "tool" else "cot", max_tool_rounds=max_tool_rounds)
+    generator = Generator(str(model_dir), rollout, generator_id="eval", seed=seed, sandbox_timeout_s=timeout_s)
     load_s = time.perf_counter() - t0
     tokenizer = generator.tokenizer
 

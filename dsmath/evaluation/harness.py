@@ -27,7 +27,7 @@ from dsmath.evaluation.fewshot import build_prompt
 from dsmath.records import GenerationRequest, Problem, Rollout, SamplingParams
 
 GenerateFn = Callable[[list[GenerationRequest], str], list[Rollout]]
-MODES = ("cot", "pot", "tool")
+MODES = ("cot", "pot", "tool", "tiny")  # tiny: the built-in arithmetic task's template, graded like cot
 TOO_LONG = "prompt too long"
 
 
@@ -226,16 +226,21 @@ def _pct(x: float | None) -> str:
 
 
 def format_table(summary: dict) -> str:
-    """A plain-text table of a :func:`run_eval` summary: one line per dataset, its levels and subjects, total."""
+    """A plain-text table of a :func:`run_eval` summary: one line per dataset, its levels and subjects, total.
+
+    Columns: problems, pass@1, maj@k, pass@k, no-ans (greedy completions stating no answer), trunc (completions
+    that hit the token limit), long (prompts longer than the context, not generated, counted as misses)."""
     k = summary.get("k", 0)
-    head = f"{'':<28} {'problems':>8} {'pass@1':>7} {f'maj@{k}':>7} {f'pass@{k}':>7} {'no-ans':>6} {'trunc':>6}"
+    head = (f"{'':<28} {'problems':>8} {'pass@1':>7} {f'maj@{k}':>7} {f'pass@{k}':>7} {'no-ans':>6} {'trunc':>6}"
+            f" {'long':>5}")
     lines = [head, "-" * len(head)]
 
     def line(name: str, s: dict, full: bool) -> str:
         base = f"{name[:28]:<28} {s['problems']:>8} {_pct(s['pass@1']):>7} {_pct(s.get('maj@k')):>7}"
         if not full:
             return base
-        return base + f" {_pct(s.get('pass@k')):>7} {s.get('no_answer', 0):>6} {s.get('truncated', 0):>6}"
+        return base + (f" {_pct(s.get('pass@k')):>7} {s.get('no_answer', 0):>6} {s.get('truncated', 0):>6}"
+                       f" {s.get('prompt_too_long', 0):>5}")
 
     for name, part in summary.get("datasets", {}).items():
         lines.append(line(name, part, True))
