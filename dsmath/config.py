@@ -175,6 +175,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     ray_address: str = ""
     status_port: int = 0
+    max_actor_restarts: int = 3  # per pool (generators, reward workers) per run; a learner failure ends the run
     model: ModelConfig = field(default_factory=ModelConfig)
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -215,6 +216,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__}")
         return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:  # named entries, e.g. a data mixture's sources (dotted overrides reach into them)
+        key_tp, value_tp = get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of names, got {type(value).__name__}")
+        return {_coerce(k, key_tp, key): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         for option in get_args(tp):
             try:
@@ -280,6 +286,9 @@ def to_dict(cfg: Any) -> dict:
             out[key] = to_dict(value)
         elif isinstance(value, tuple):
             out[key] = list(value)
+        elif isinstance(value, dict):
+            out[key] = {k: (to_dict(v) if is_dataclass(v) else list(v) if isinstance(v, tuple) else v)
+                        for k, v in value.items()}
         else:
             out[key] = value
     return out
@@ -362,6 +371,7 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(msg)
 
     need(cfg.steps >= 0, "steps: must be >= 0")
+    need(cfg.max_actor_restarts >= 0, "max_actor_restarts: must be >= 0")
     need(r.group_size >= 1, "rollout.group_size: must be >= 1")
     need(
         g.algorithm not in ("grpo", "ppo") or r.group_size >= 2 or g.algorithm == "ppo",

@@ -19,7 +19,7 @@ from dataclasses import asdict as dataclasses_asdict
 from dataclasses import dataclass, field
 from dataclasses import replace as dataclasses_replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -190,37 +190,40 @@ def chunks(items: list, size: int) -> list[list]:
 
 
 def generate_and_score(gen_pool, reward_pool, requests: list[GenerationRequest], expected_version: int,
-                       timer: StageTimer, *, chunk_size: int, timeout_s: float = 600.0, seed: int | None = None
-                       ) -> tuple[list[Rollout], list[RewardResult]]:
+                       timer: StageTimer, *, chunk_size: int, timeout_s: float = 600.0, seed: int | None = None,
+                       on_event: Callable[[str], None] | None = None) -> tuple[list[Rollout], list[RewardResult]]:
     """Rollout, with each generator's chunk handed to the reward pool the moment it returns.
 
     ``time/rollout`` covers generation (scoring overlaps it); ``time/reward`` is only the scoring left
-    after the last completion arrived. Every rollout gets exactly one reward (checked).
+    after the last completion arrived. A generator or reward worker that dies mid-stage is replaced and its
+    chunk reissued with the same sampling seed (actors.pool). Checked before returning: every requested
+    sample came back exactly once and has exactly one reward.
     """
-    import ray
+    from actors.pool import check_one_reward_each, drain
 
     rollouts: list[Rollout] = []
     reward_futures = []
+
+    def scored_on_arrival(out: list[Rollout]) -> None:
+        rollouts.extend(out)
+        reward_futures.append(reward_pool.submit(out))
+
     with timer.stage("rollout"):
-        pending = [gen_pool.submit(with_seed(c, seed + i) if seed is not None else c, expected_version)
+        futures = [gen_pool.submit(with_seed(c, seed + i) if seed is not None else c, expected_version)
                    for i, c in enumerate(chunks(requests, chunk_size))]
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=timeout_s)
-            if not ready:
-                raise TimeoutError(f"no generator answered within {timeout_s:.0f} s ({len(pending)} chunks pending)")
-            for fut in ready:
-                out = ray.get(fut)
-                gen_pool.done(fut)
-                rollouts.extend(out)
-                reward_futures.append(reward_pool.submit(out))
+        if on_event:
+            on_event("rollout_submitted")
+        drain(gen_pool, futures, scored_on_arrival, timeout_s)
     results: list[RewardResult] = []
     with timer.stage("reward"):
-        for fut in reward_futures:
-            results.extend(ray.get(fut, timeout=timeout_s))
-            reward_pool.done(fut)
+        if on_event:
+            on_event("reward_pending")
+        drain(reward_pool, reward_futures, results.extend, timeout_s)
+    check_one_reward_each(rollouts, results)
+    wanted = {(r.request_id, i) for r in requests for i in range(r.sampling.n)}
+    if {(r.request_id, r.sample_index) for r in rollouts} != wanted:
+        raise RuntimeError(f"sample accounting broken: asked for {len(wanted)} samples, got {len(rollouts)}")
     by_key = {(r.request_id, r.sample_index): r for r in results}
-    if len(by_key) != len(rollouts) or any((r.request_id, r.sample_index) not in by_key for r in rollouts):
-        raise RuntimeError(f"reward accounting broken: {len(rollouts)} rollouts, {len(results)} rewards")
     order = {r.request_id: i for i, r in enumerate(requests)}
     rollouts.sort(key=lambda r: (order[r.request_id], r.sample_index))
     return rollouts, [by_key[(r.request_id, r.sample_index)] for r in rollouts]
@@ -323,8 +326,13 @@ def _generator_health(gen_pool) -> list[dict]:
     return out
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
-    """Run online GRPO as configured; returns (and writes) the run summary."""
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
+          fault_hook: Callable[[str, int, Any, Any], None] | None = None) -> dict:
+    """Run online GRPO as configured; returns (and writes) the run summary.
+
+    ``fault_hook(event, step, gen_pool, reward_pool)`` is called at ``rollout_submitted`` (generation in flight)
+    and ``reward_pending`` (scoring in flight) of every step: tests use it to kill actors at a known point.
+    """
     import torch
     from tqdm import tqdm
 
@@ -373,21 +381,40 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         roles = role_resources()
         placement = place_actors(cfg)
         gen_cls = generator_actor_class(cfg.rollout.cpus_per_generator, cfg.rollout.gpus_per_generator)
-        generators = [
-            gen_cls.options(**roles.get("generator", {}), **placement.generator(i)).remote(
-                gen_model, cfg.rollout, generator_id=f"generator-{i}", seed=cfg.seed + i,
-                weight_version=state.weight_version)
-            for i in range(cfg.rollout.num_generators)
-        ]
+        base_version = state.weight_version  # the version ``gen_model`` holds
+
+        def start_generator(i: int, version: int):
+            return gen_cls.options(**roles.get("generator", {}), **placement.generator(i)).remote(
+                gen_model, cfg.rollout, generator_id=f"generator-{i}", seed=cfg.seed + i, weight_version=version)
+
+        def restart_generator(i: int):
+            """A replacement for dead generator i, brought to the learner's current version before it samples."""
+            current = state.weight_version
+            _log(f"generator-{i} died: starting a replacement at weight version {current}")
+            actor = start_generator(i, current if current == base_version else current - 1)
+            if current != base_version:
+                ray_get(learner.actors[0].push_weights.remote(current, {f"generator-{i}": actor}),
+                        timeout=cfg.weight_sync.timeout_s + 300)
+            return actor
+
         reward_cls = reward_worker_actor_class()
         if cfg.reward.model_path or cfg.grpo.advantage == "process":  # rule + reward-model score in one actor
             from actors.reward_model import reward_model_worker_actor_class
 
             reward_cls = reward_model_worker_actor_class(cfg)
-        rewarders = [reward_cls.options(**roles.get("reward", {})).remote(cfg.reward, worker_id=f"reward-{i}",
-                                                                          mode=cfg.rollout.mode)
-                     for i in range(cfg.reward.num_workers)]
-        gen_pool, reward_pool = GeneratorPool(generators), RewardPool(rewarders)
+
+        def start_reward_worker(i: int):
+            return reward_cls.options(**roles.get("reward", {})).remote(cfg.reward, worker_id=f"reward-{i}",
+                                                                        mode=cfg.rollout.mode)
+
+        def restart_reward_worker(i: int):
+            _log(f"reward-{i} died: starting a replacement")
+            return start_reward_worker(i)
+
+        gen_pool = GeneratorPool([start_generator(i, base_version) for i in range(cfg.rollout.num_generators)],
+                                 factory=restart_generator, max_restarts=cfg.max_actor_restarts)
+        reward_pool = RewardPool([start_reward_worker(i) for i in range(cfg.reward.num_workers)],
+                                 factory=restart_reward_worker, max_restarts=cfg.max_actor_restarts)
         # The reference model is the starting policy, also on resume; the checkpoint restores the policy.
         learner = LearnerGroup(task.model_dir, cfg.learner, cfg.grpo, seed=cfg.seed,
                                max_tokens=cfg.rollout.max_new_tokens,
@@ -419,7 +446,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                  f"({ev['seconds']:.1f} s) by level {ev['by_level']}")
 
         q, g = cfg.rollout.questions_per_step, cfg.rollout.group_size
-        chunk = max(1, q // (2 * len(generators)))
+        chunk = max(1, q // (2 * len(gen_pool.actors)))
         max_len = cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens
         # Offline sampling (rft and dpo by default, or grpo.sampling=offline): every step's samples are drawn now,
         # once, from the starting policy; the loop trains on them in order and samples nothing itself.
@@ -437,8 +464,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             requests = make_requests(problems, step=step, prompt_mode=task.prompt_mode, n=g,
                                      temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                      max_new_tokens=cfg.rollout.max_new_tokens, stop=cfg.rollout.stop, tag="s")
-            rollouts, results = generate_and_score(gen_pool, reward_pool, requests, state.weight_version, timer,
-                                                   chunk_size=chunk, seed=cfg.seed * 1_000_003 + step * 1_000)
+            rollouts, results = generate_and_score(
+                gen_pool, reward_pool, requests, state.weight_version, timer, chunk_size=chunk,
+                seed=cfg.seed * 1_000_003 + step * 1_000,
+                on_event=(lambda event: fault_hook(event, step, gen_pool, reward_pool)) if fault_hook else None)
             if offline_pool is not None:
                 rollouts, results = offline_pool.take(step)
             with timer.stage("advantages"):
@@ -453,7 +482,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             with timer.stage("update"):
                 train_metrics = learner.grpo_step(dataclasses_replace(batch, old_logprobs=old_lp))
             with timer.stage("weight_sync"):
-                sync = broadcast_weights(learner.actors[0], {f"generator-{i}": a for i, a in enumerate(generators)},
+                sync = broadcast_weights(learner.actors[0], {f"generator-{i}": a for i, a in enumerate(gen_pool.actors)},
                                          state.weight_version + 1, cfg.weight_sync)
             state.weight_version += 1
             state.step = step
@@ -471,6 +500,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             row["weight_sync/bytes"] = float(sync.bytes)
             row["weight_sync/pause_s"] = float(sync.pause_s)
             row["weight_sync/transfer_s"] = float(sync.transfer_s)
+            row["faults/generator_restarts"] = gen_pool.restarts
+            row["faults/reward_worker_restarts"] = reward_pool.restarts
+            row["faults/reissued_samples"] = gen_pool.reissued
 
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 with timer.stage("eval"):
@@ -532,7 +564,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     finally:
         metrics_out.close()
         status.stop()
-        release_actors(generators + rewarders, learner, placement)
+        release_actors(gen_pool.actors + reward_pool.actors, learner, placement)
 
 
 def release_actors(actors: list, learner, placement: Placement) -> None:

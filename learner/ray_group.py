@@ -68,6 +68,19 @@ class LearnerRank:
             self._sender = make_sender(cfg if cfg is not None else self._sync_cfg)
         return self._sender.send(self.learner.named_weights(), version, receivers)
 
+    def push_weights(self, version: int, receivers) -> dict:
+        """Bring freshly started receivers (a restarted generator) to ``version`` through the object store.
+
+        A one-off sender: the configured (collective) sender and its group are left untouched; the group
+        re-forms with the new member at the next regular sync.
+        """
+        from dataclasses import replace
+
+        from learner.weight_sync import make_sender
+
+        cfg = replace(self._sync_cfg, transport="object_store")
+        return make_sender(cfg).send(self.learner.named_weights(), version, receivers).as_dict()
+
     def configure_sync(self, cfg) -> None:
         self._sync_cfg = cfg
         self._sender = None

@@ -46,13 +46,20 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("bootstrap-cache")
 
 
-def test_three_steps_two_generators(tmp_path, ray_cluster, cache_dir):
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory, ray_cluster, cache_dir):
+    """An uninterrupted 3-step run with two generators: (run dir, summary)."""
     from dsmath.driver import train
 
-    cfg = load_config("tiny_cpu", TINY + [f"run_dir={tmp_path / 'run'}", f"bootstrap.data_dir={cache_dir}",
-                                          "steps=3"])
-    summary = train(cfg, progress=False)
-    rows = read_metrics(tmp_path / "run")
+    run = tmp_path_factory.mktemp("three-steps") / "run"
+    cfg = load_config("tiny_cpu", TINY + [f"run_dir={run}", f"bootstrap.data_dir={cache_dir}", "steps=3"])
+    return run, train(cfg, progress=False)
+
+
+def test_three_steps_two_generators(three_steps):
+    run, summary = three_steps
+    tmp_path = run.parent
+    rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
         # Synchronous mode: after each step every generator holds exactly the learner's version.
@@ -71,26 +78,88 @@ def test_three_steps_two_generators(tmp_path, ray_cluster, cache_dir):
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["samples_trained"] == 48
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step-000003"
+    assert rows[-1]["faults/generator_restarts"] == rows[-1]["faults/reward_worker_restarts"] == 0
 
 
-def test_resume_matches_an_uninterrupted_run_step_for_step(tmp_path, ray_cluster, cache_dir):
-    """Stop after the step-2 checkpoint, resume to step 4: steps 3 and 4 equal an uninterrupted 4-step run's
-    (same samples, same rewards, same losses), and no sample is trained twice or lost."""
+def test_killed_generator_and_reward_worker_are_replaced_and_nothing_is_lost(tmp_path, three_steps, cache_dir):
+    """ray.kill a generator while its chunks are being generated and the only reward worker before it scores, at
+    step 2: both are replaced (the generator brought to the current weight version), their chunks reissued, the
+    learner untouched — and the run equals the uninterrupted one sample for sample."""
+    import ray
+
     from dsmath.driver import train
 
-    def cfg(run: str, steps: int):
-        return load_config("tiny_cpu", TINY + [f"run_dir={tmp_path / run}", f"bootstrap.data_dir={cache_dir}",
-                                               f"steps={steps}", "checkpoint_every=2", "eval_size=8"])
+    killed = []
 
-    full = train(cfg("full", 4), progress=False)
-    train(cfg("split", 2), progress=False)
-    resumed = train(cfg("split", 4), resume=True, progress=False)
+    def kill_at_step_2(event, step, gen_pool, reward_pool):
+        if step == 2 and event == "rollout_submitted":
+            victims = [gen_pool.actors[0], reward_pool.actors[0]]
+            for actor in victims:
+                ray.kill(actor, no_restart=True)
+            killed.extend(victims)
+
+    # gloo weight sync: the collective group must re-form with the replacement at the next broadcast.
+    cfg = load_config("tiny_cpu", TINY + [f"run_dir={tmp_path / 'run'}", f"bootstrap.data_dir={cache_dir}", "steps=3",
+                                          "weight_sync.transport=gloo"])
+    summary = train(cfg, progress=False, fault_hook=kill_at_step_2)
+    assert len(killed) == 2
+    rows = read_metrics(tmp_path / "run")
+    assert [r["faults/generator_restarts"] for r in rows] == [0, 1, 1]
+    assert [r["faults/reward_worker_restarts"] for r in rows] == [0, 1, 1]
+    assert rows[1]["faults/reissued_samples"] > 0  # generator 0 owed samples when it died
+    for r in rows:  # after the restart, every generator (the replacement too) holds the learner's version
+        assert r["generators/alive"] == 2
+        assert r["generators/version_min"] == r["generators/version_max"] == r["weight_version"] == r["step"]
+    assert summary["samples_trained"] == 3 * 4 * 4  # none trained twice, none lost (the driver checks each key)
+    reference = read_metrics(three_steps[0])
+    for ra, rb in zip(reference, rows):  # reissued chunks carry their sampling seed: same samples, same update
+        for key in ("reward/mean", "response_length/mean", "train/loss"):
+            assert ra[key] == pytest.approx(rb[key], abs=1e-6), (ra["step"], key)
+
+
+def test_resume_after_a_killed_driver_matches_an_uninterrupted_run_step_for_step(tmp_path, ray_cluster, cache_dir):
+    """SIGKILL a `dsmath train` driver process once its step-2 checkpoint is on disk (it is then inside step 3),
+    resume to step 4: every step equals an uninterrupted 4-step run's (same samples, rewards, losses), and no
+    sample is trained twice or lost."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dsmath.driver import train
+
+    overrides = TINY + [f"bootstrap.data_dir={cache_dir}", "steps=4", "checkpoint_every=2", "eval_size=8"]
+
+    def cfg(run: str):
+        return load_config("tiny_cpu", overrides + [f"run_dir={tmp_path / run}"])
+
+    full = train(cfg("full"), progress=False)
+
+    # The killed run: its own driver process on this test's Ray cluster (its actors die with it).
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+    driver = subprocess.Popen([sys.executable, "-m", "dsmath.cli", "train", "--no-progress",
+                               *overrides, f"run_dir={tmp_path / 'split'}"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    latest = tmp_path / "split" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 600
+    while not (latest.exists() and latest.read_text().strip() == "step-000002"):
+        assert driver.poll() is None, driver.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no step-2 checkpoint within 600 s"
+        time.sleep(0.1)  # polling a file the other process writes; not synchronising threads
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=60)
+    assert driver.returncode == -signal.SIGKILL
+    assert not (tmp_path / "split" / "summary.json").exists()  # it really died mid-run
+
+    resumed = train(cfg("split"), resume=True, progress=False)
     a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "split")
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["step"] for r in b] == [1, 2, 3, 4]  # rows the killed driver logged after its checkpoint are dropped
     for ra, rb in zip(a, b):
         for key in ("reward/mean", "response_length/mean", "train/loss", "train/kl", "train/grad_norm"):
             assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
         assert ra["weight_version"] == rb["weight_version"] == ra["step"]
     assert resumed["samples_trained"] == full["samples_trained"] == 4 * 4 * 4
+    assert resumed["resumed"] and resumed["steps"] == 4
     assert resumed["heldout_accuracy_before"] == full["heldout_accuracy_before"]
     assert resumed["heldout_accuracy_after"] == full["heldout_accuracy_after"]
