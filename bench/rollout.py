@@ -8,7 +8,8 @@ the actor adds request/rollout records, log-prob extraction and Ray serialisatio
 separates the wrapper from Ray). On a shared, loaded machine run-to-run noise exceeds 5 %: compare medians of
 several runs, or run it on a quiet box. On a GPU it also prints
 an estimate of memory-bandwidth utilisation during decoding (weights read once per decode step / time /
-the device's peak bandwidth from a small table; unknown devices are reported as unknown). Not a test.
+the device's peak bandwidth from a table of exact device names; a device not in it is reported as unknown,
+never matched to a similar name). Not a test.
 """
 
 from __future__ import annotations
@@ -29,16 +30,32 @@ for _key, _value in {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "VLLM_C
                      "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}.items():
     os.environ.setdefault(_key, _value)
 
-# Peak HBM bandwidth, bytes/s (vendor data sheets). Anything else prints "unknown".
-PEAK_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100": 3.35e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.04e12,
-                  "A100-SXM4-40GB": 1.56e12, "A100": 1.56e12, "L4": 0.3e12, "A10G": 0.6e12}
+# Peak DRAM bandwidth in bytes/s from the vendors' data sheets, keyed by the exact name torch.cuda reports.
+# Exact names only: "H100" alone would also match the H100 PCIe (2.0 TB/s, not 3.35) and "L4" the L40S, so
+# anything not listed here is reported as unknown rather than guessed from a substring.
+PEAK_BANDWIDTH = {
+    "NVIDIA H200": 4.8e12,
+    "NVIDIA H200 NVL": 4.8e12,
+    "NVIDIA H100 80GB HBM3": 3.35e12,  # SXM5
+    "NVIDIA H100 NVL": 3.9e12,
+    "NVIDIA H100 PCIe": 2.0e12,
+    "NVIDIA A100-SXM4-80GB": 2.039e12,
+    "NVIDIA A100-SXM4-40GB": 1.555e12,
+    "NVIDIA A100 80GB PCIe": 1.935e12,
+    "NVIDIA A100-PCIE-40GB": 1.555e12,
+    "NVIDIA L40S": 0.864e12,
+    "NVIDIA L4": 0.3e12,
+    "NVIDIA A10G": 0.6e12,
+    "NVIDIA A10": 0.6e12,
+    "Tesla T4": 0.32e12,
+    "Tesla V100-SXM2-16GB": 0.9e12,
+    "Tesla V100-SXM2-32GB": 0.9e12,
+}
 
 
 def peak_bandwidth(device_name: str) -> float | None:
-    for key in sorted(PEAK_BANDWIDTH, key=len, reverse=True):
-        if key in device_name:
-            return PEAK_BANDWIDTH[key]
-    return None
+    """The data-sheet peak for exactly this device name, or None (unknown) — never a near match."""
+    return PEAK_BANDWIDTH.get(device_name.strip())
 
 
 def build_tiny(path: str) -> None:
@@ -76,13 +93,14 @@ def timed(fn, repeats: int) -> tuple[float, int]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="")
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--n", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-hf", action="store_true")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="", help="HF model folder (default: a freshly built tiny Qwen2 with random "
+                                                     "weights, so completions run to near max length)")
+    parser.add_argument("--prompts", type=int, default=32, help="number of prompts per generate call")
+    parser.add_argument("--n", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="max completion length")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per path (median reported)")
+    parser.add_argument("--skip-hf", action="store_true", help="leave out the HF generate line")
     args = parser.parse_args()
 
     import torch
@@ -104,8 +122,11 @@ def main() -> int:
     direct = Generator(model_dir, rollout_cfg, generator_id="direct", seed=0)
     params = [direct._vllm_params(r.sampling, n=r.sampling.n, max_tokens=r.sampling.max_new_tokens) for r in requests]
 
+    longest = [0]  # decode steps of a batch = its longest completion
+
     def run_direct() -> int:
         outs = direct.llm.generate([r.prompt for r in requests], params, use_tqdm=False)
+        longest[0] = max(len(c.token_ids) for o in outs for c in o.outputs)
         return sum(len(c.token_ids) for o in outs for c in o.outputs)
 
     def run_wrapped() -> int:
@@ -174,10 +195,13 @@ def main() -> int:
     bandwidth = None
     if on_gpu:
         peak = peak_bandwidth(device_name)
-        decode_steps = args.max_new_tokens  # every step reads all weights once (batch decoding)
+        # Every decode step of the batch reads all weights once; KV-cache and activation traffic and the prefill
+        # are not modelled, so this is a lower bound on the bytes moved (and on the utilisation).
+        decode_steps = longest[0]
         achieved = param_bytes * decode_steps / results["vllm_direct"]["seconds"]
         bandwidth = {"achieved_gb_s": achieved / 1e9, "peak_gb_s": None if peak is None else peak / 1e9,
-                     "utilisation": None if peak is None else achieved / peak}
+                     "utilisation": None if peak is None else achieved / peak, "decode_steps": decode_steps,
+                     "device_in_table": peak is not None}
 
     print("=" * 68)
     print(f"rollout bench  device={device_name}  prompts={args.prompts} n={args.n} "
@@ -192,8 +216,10 @@ def main() -> int:
     print(f"generator actor overhead vs direct vLLM: {overhead * 100:+.1f}% (aim < 5%); "
           f"of which the Generator wrapper in-process: {wrapper_overhead * 100:+.1f}%")
     if bandwidth is not None:
-        util = "unknown" if bandwidth["utilisation"] is None else f"{bandwidth['utilisation'] * 100:.1f}%"
-        print(f"decode memory bandwidth: {bandwidth['achieved_gb_s']:.1f} GB/s, utilisation {util}")
+        util = (f"unknown ({device_name!r} is not in the bandwidth table)" if bandwidth["utilisation"] is None
+                else f"{bandwidth['utilisation'] * 100:.1f}% of {bandwidth['peak_gb_s']:.0f} GB/s")
+        print(f"decode memory bandwidth (weights only, a lower bound): {bandwidth['achieved_gb_s']:.1f} GB/s over "
+              f"{bandwidth['decode_steps']} decode steps, utilisation {util}")
     print("=" * 68)
     print(json.dumps({"bench": "rollout", "device": device_name, "prompts": args.prompts, "n": args.n,
                       "max_new_tokens": args.max_new_tokens, "results": results,
