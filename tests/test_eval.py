@@ -353,3 +353,56 @@ def test_cli_end_to_end_on_the_shared_gsm8k_and_math_files(tmp_path):
     assert summary["prompt_too_long"] == sum(r["reason"] == "prompt too long" for r in greedy)
     gsm8k_golds = {json.loads(line)["answer"].rsplit("####", 1)[1].strip() for line in GSM8K.read_text().splitlines()}
     assert {r["gold"] for r in rows if r["dataset"] == "gsm8k_test"} <= gsm8k_golds
+
+
+TOOL_QUESTION = "What is 6 times 7?"
+SCRIPTS = {  # what the overfit model writes after each mode's prompt
+    # the trained output block says 41: a completion showing 42 there got it from the sandbox, not the model
+    "tool": " Let me compute.\n```python\nprint(6*7)\n```\n```output\n41\n```\nThe answer is \\boxed{42}.",
+    "pot": " ```python\nprint(6*7)\n```",
+}
+
+
+@pytest.mark.slow
+def test_tool_and_pot_modes_end_to_end_run_the_programs(tmp_path):
+    """A tiny model overfit on one script per mode: the real tool loop / sandbox produce the answer; pass@1 is
+    exactly 1/2 because the same question appears once with its right gold (42) and once with a wrong one (41)."""
+    import torch
+
+    from dsmath.commands.eval import evaluate_model
+    from dsmath.config import ModelConfig
+    from dsmath.evaluation.fewshot import build_prompt
+    from dsmath.tiny import build_model, train_tokenizer
+
+    model_dir = tmp_path / "overfit"
+    texts = [build_prompt(TOOL_QUESTION, mode) + script for mode, script in SCRIPTS.items()] * 20
+    tok = train_tokenizer(texts, 384, model_dir)
+    model = build_model(ModelConfig(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256,
+                                    vocab_size=384), tok, seed=0)
+    batch = [tok(build_prompt(TOOL_QUESTION, m) + s + tok.eos_token, add_special_tokens=False)["input_ids"]
+             for m, s in SCRIPTS.items()]
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        loss = sum(model(torch.tensor([ids]), labels=torch.tensor([ids])).loss for ids in batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+    model.save_pretrained(model_dir)
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"question": TOOL_QUESTION, "answer": "42"}) + "\n"
+                    + json.dumps({"question": TOOL_QUESTION, "answer": "41"}) + "\n")
+    for mode in ("tool", "pot"):
+        s = evaluate_model(str(model_dir), [str(data)], mode=mode, k=2, temperature=0.5, max_new_tokens=60,
+                           out=str(tmp_path / mode), progress=False, log=lambda line: None)
+        rows = [json.loads(line) for line in (tmp_path / mode / "samples.jsonl").read_text().splitlines()]
+        greedy = [r for r in rows if r["sample"] == "greedy"]
+        assert s["pass@1"] == 0.5 and [r["correct"] for r in greedy] == [True, False], greedy
+        assert [r["extracted"] for r in greedy] == ["42", "42"]
+        if mode == "tool":  # the output block is the sandbox's (42), not the trained text's (41)
+            assert greedy[0]["completion"].startswith(SCRIPTS["tool"].split("```output")[0] + "```output\n42\n```")
+            assert greedy[0]["reason"] != "" and greedy[0]["finish_reason"] == "stop"
+        else:
+            assert greedy[0]["reason"] == "program: correct" and greedy[1]["reason"] == "program: wrong"
+        assert s["k"] == 2 and s["maj@k"] in (0.0, 0.5)  # the wrong-gold twin can never be solved
