@@ -145,6 +145,33 @@ def test_summary_accepts_reward_results_and_sample_only_runs():
         summarize(problems, [["c"]], [[rr(True, "1")]])
 
 
+def test_driver_rollouts_and_reward_results_group_by_problem():
+    """The training driver's flat (rollout, RewardResult) lists become summarize()'s per-problem lists."""
+    from dsmath.evaluation import group_by_problem
+
+    p1 = Problem("u1", "q1", "1", {"level": 1})
+    p2 = Problem("u2", "q2", "2", {"level": 2})
+
+    def ro(rid, j, p):
+        return Rollout(rid, j, p, "prompt", (1,), f"{rid}/{j}", (2,), (), "stop", 0, "g")
+
+    def rr(correct, extracted):
+        return RewardResult("r", 0, float(correct), correct, "test", extracted)
+
+    # out of order within a request, a problem's greedy and sampled requests interleaved with another problem
+    rollouts = [ro("g-1", 0, p1), ro("g-2", 0, p2), ro("s-1", 1, p1), ro("s-1", 0, p1), ro("s-2", 0, p2),
+                ro("s-2", 1, p2)]
+    results = [rr(True, "1"), rr(False, "5"), rr(False, "7"), rr(True, "1"), rr(False, "3"), rr(False, "3")]
+    problems, completions, verdicts = group_by_problem(rollouts, results)
+    assert [p.uid for p in problems] == ["u1", "u2"]
+    assert completions == [["g-1/0", "s-1/0", "s-1/1"], ["g-2/0", "s-2/0", "s-2/1"]]
+    assert [[v.extracted for v in vs] for vs in verdicts] == [["1", "1", "7"], ["5", "3", "3"]]
+    s = summarize(problems, completions, verdicts, equal=lambda a, b: a == b)
+    assert (s["pass@1"], s["maj@k"], s["k"]) == (0.5, 0.5, 2)
+    with pytest.raises(ValueError):
+        group_by_problem(rollouts, results[:-1])
+
+
 # ---------------------------------------------------------------------------------------------- few-shot
 
 

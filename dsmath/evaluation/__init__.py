@@ -7,9 +7,10 @@
 Nothing here imports Ray, vLLM or DeepSpeed; ``dsmath eval`` (``dsmath.commands.eval``) wires in a vLLM engine.
 """
 
-from dsmath.evaluation.aggregate import SampleVerdict, Vote, majority_vote, pass_at_k, summarize
+from dsmath.evaluation.aggregate import (SampleVerdict, Vote, group_by_problem, majority_vote, pass_at_k,
+                                         summarize)
 from dsmath.evaluation.fewshot import Shot, fewshot_prefix, load_shots
 from dsmath.evaluation.harness import EvalOutput, EvalSettings, format_table, run_eval, score_completions
 
-__all__ = ["EvalOutput", "EvalSettings", "SampleVerdict", "Shot", "Vote", "fewshot_prefix", "format_table",
+__all__ = ["EvalOutput", "EvalSettings", "SampleVerdict", "Shot", "Vote", "fewshot_prefix", "format_table", "group_by_problem",
            "load_shots", "majority_vote", "pass_at_k", "run_eval", "score_completions", "summarize"]

@@ -126,6 +126,41 @@ def pass_at_k_reference(num_samples: Sequence[int], num_correct: Sequence[int], 
     return out
 
 
+# ------------------------------------------------------------------------------------- driver adapter
+
+
+def group_by_problem(rollouts: Sequence[Any], results: Sequence[GradedSample]
+                     ) -> tuple[list[Problem], list[list[str]], list[list[GradedSample]]]:
+    """(problems, completions, verdicts) for :func:`summarize` from flat, aligned rollouts and their grades.
+
+    ``rollouts`` are ``dsmath.records.Rollout``-like (``request_id``, ``sample_index``, ``problem``,
+    ``completion``); ``results[i]`` grades ``rollouts[i]`` (a ``RewardResult`` or ``Verdict``). Problems come in
+    order of first appearance (by ``problem.uid``, so several requests for one problem — a greedy one and a
+    sampled one — merge, in the order they appear); within a request, samples are sorted by ``sample_index``.
+    Raises ValueError when the lengths differ.
+    """
+    if len(rollouts) != len(results):
+        raise ValueError(f"{len(rollouts)} rollouts but {len(results)} results")
+    order: dict[str, int] = {}
+    requests: list[dict[str, list[tuple[int, str, GradedSample]]]] = []
+    problems: list[Problem] = []
+    for rollout, result in zip(rollouts, results):
+        uid = rollout.problem.uid
+        if uid not in order:
+            order[uid] = len(problems)
+            problems.append(rollout.problem)
+            requests.append({})
+        requests[order[uid]].setdefault(rollout.request_id, []).append(
+            (rollout.sample_index, rollout.completion, result))
+    completions: list[list[str]] = []
+    verdicts: list[list[GradedSample]] = []
+    for per_request in requests:
+        items = [item for group in per_request.values() for item in sorted(group, key=lambda t: t[0])]
+        completions.append([c for _, c, _ in items])
+        verdicts.append([v for _, _, v in items])
+    return problems, completions, verdicts
+
+
 # ---------------------------------------------------------------------------------------------- summary
 
 
