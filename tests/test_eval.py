@@ -420,16 +420,27 @@ def test_tool_and_pot_modes_end_to_end_run_the_programs(tmp_path):
     data = tmp_path / "q.jsonl"
     data.write_text(json.dumps({"question": TOOL_QUESTION, "answer": "42"}) + "\n"
                     + json.dumps({"question": TOOL_QUESTION, "answer": "41"}) + "\n")
-    for mode in ("tool", "pot"):
-        s = evaluate_model(str(model_dir), [str(data)], mode=mode, k=2, temperature=0.5, max_new_tokens=60,
-                           out=str(tmp_path / mode), progress=False, log=lambda line: None)
-        rows = [json.loads(line) for line in (tmp_path / mode / "samples.jsonl").read_text().splitlines()]
-        greedy = [r for r in rows if r["sample"] == "greedy"]
-        assert s["pass@1"] == 0.5 and [r["correct"] for r in greedy] == [True, False], greedy
-        assert [r["extracted"] for r in greedy] == ["42", "42"]
-        if mode == "tool":  # the output block is the sandbox's (42), not the trained text's (41)
-            assert greedy[0]["completion"].startswith(SCRIPTS["tool"].split("```output")[0] + "```output\n42\n```")
-            assert greedy[0]["reason"] != "" and greedy[0]["finish_reason"] == "stop"
-        else:
-            assert greedy[0]["reason"] == "program: correct" and greedy[1]["reason"] == "program: wrong"
-        assert s["k"] == 2 and s["maj@k"] in (0.0, 0.5)  # the wrong-gold twin can never be solved
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    try:
+        for mode, address in (("tool", None), ("pot", "auto")):  # pot: the engine as a Ray actor (--address)
+            _check_mode(evaluate_model(str(model_dir), [str(data)], mode=mode, k=2, temperature=0.5,
+                                       max_new_tokens=60, out=str(tmp_path / mode), progress=False,
+                                       address=address, log=lambda line: None), mode, tmp_path)
+    finally:
+        ray.shutdown()
+
+
+def _check_mode(s, mode, tmp_path):
+    assert s["settings"]["engine"] == ("local" if mode == "tool" else "ray actor (CPU)")
+    rows = [json.loads(line) for line in (tmp_path / mode / "samples.jsonl").read_text().splitlines()]
+    greedy = [r for r in rows if r["sample"] == "greedy"]
+    assert s["pass@1"] == 0.5 and [r["correct"] for r in greedy] == [True, False], greedy
+    assert [r["extracted"] for r in greedy] == ["42", "42"]
+    if mode == "tool":  # the output block is the sandbox's (42), not the trained text's (41)
+        assert greedy[0]["completion"].startswith(SCRIPTS["tool"].split("```output")[0] + "```output\n42\n```")
+        assert greedy[0]["finish_reason"] == "stop"
+    else:
+        assert greedy[0]["reason"] == "program: correct" and greedy[1]["reason"] == "program: wrong"
+    assert s["k"] == 2 and s["maj@k"] in (0.0, 0.5)  # the wrong-gold twin can never be solved

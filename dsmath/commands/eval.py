@@ -62,6 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None,
                    help="output folder for summary.json and samples.jsonl (default: MODEL/eval/MODE, or "
                         "runs/eval/NAME-MODE when the model folder is not writable)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (HOST:PORT, or 'auto' for the one RAY_ADDRESS / `ray start` names): run "
+                        "the vLLM engine there as a Ray actor, on a GPU when the cluster has one (default: in this "
+                        "process, no Ray). The model folder must be readable on that node and here")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of the table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -133,13 +137,14 @@ def evaluate_model(model: str, data: Sequence[str], *, mode: str = "cot", k: int
                    shuffle: bool = False, fewshot: int = 0, fewshot_file: str | None = None,
                    max_tool_rounds: int = 3, timeout_s: float = 5.0, grading_workers: int = 1, chunk_size: int = 16,
                    skip_bad: bool = False, out: str | None = None, progress: bool = True,
-                   log=print) -> dict:
+                   address: str | None = None, log=print) -> dict:
     """Evaluate the HF model folder ``model`` on ``data`` files; returns the summary dict (see ``run_eval``).
 
     The summary's ``datasets[NAME]`` holds each file's ``pass@1``, ``maj@k``, ``pass@k``, ``by_level``,
     ``by_subject``; the top level the same over all files. With ``out`` set, writes ``summary.json`` and
     ``samples.jsonl`` there. For few-shot accuracy of a base model: ``evaluate_model(dir, [file], fewshot=4,
-    k=0)["pass@1"]``. Raises ``UserError`` for bad paths and settings. Loads one vLLM engine (GPU if present).
+    k=0)["pass@1"]``. Raises ``UserError`` for bad paths and settings. Loads one vLLM engine (GPU if present):
+    in this process, or with ``address`` as a Ray actor on that cluster (joining an already initialised Ray as is).
     """
     from dsmath.errors import UserError
 
@@ -154,51 +159,29 @@ def evaluate_model(model: str, data: Sequence[str], *, mode: str = "cot", k: int
     for note in notes:
         log(f"dsmath eval: {note}")
 
-    from tqdm import tqdm
-
     from actors.generator import Generator
     from dsmath.config import RolloutConfig
     from dsmath.datasets import write_jsonl
-    from dsmath.evaluation.fewshot import fewshot_stop
-    from dsmath.evaluation.harness import EvalSettings, format_table, run_eval
-    from dsmath.grading import GradingPool
+    from dsmath.evaluation.harness import format_table
 
     t0 = time.perf_counter()
     rollout = RolloutConfig(mode="tool" if mode == "tool" else "cot", max_tool_rounds=max_tool_rounds)
-    generator = Generator(str(model_dir), rollout, generator_id="eval", seed=seed, sandbox_timeout_s=timeout_s)
-    load_s = time.perf_counter() - t0
-    tokenizer = generator.tokenizer
-
-    def count_tokens(text: str) -> int:
-        return len(tokenizer(text)["input_ids"])  # with special tokens: what the engine will see, or more
-
-    def generate(requests, run_mode):
-        return generator.generate(requests, mode=run_mode)
-
-    outputs = []
-    with GradingPool(grading_workers, timeout_s=timeout_s) as pool, \
-            tqdm(total=len(problems), desc=f"eval {mode}", unit="problem", file=sys.stderr,
-                 disable=None if progress else True) as bar:
-        for name in dict.fromkeys(p.meta["dataset"] for p in problems):
-            part = [p for p in problems if p.meta["dataset"] == name]
-            settings = EvalSettings(mode=mode, k=k, temperature=temperature, top_p=top_p,
-                                    max_new_tokens=max_new_tokens, seed=seed, prefix=prefixes[name],
-                                    stop=fewshot_stop(fewshot), chunk_size=chunk_size, timeout_s=timeout_s)
-            outputs.append(run_eval(part, generate, settings, grading_pool=pool, count_tokens=count_tokens,
-                                    max_model_len=generator.max_model_len, progress=bar.update))
-        # one summary over every file (the prefixes differ per file; the counting does not)
-        from dsmath.evaluation.aggregate import summarize
-        from dsmath.grading import math_equal
-
-        all_problems = [p for o in outputs for p in o.problems]
-        summary = summarize(all_problems, [c for o in outputs for c in o.completions],
-                            [v for o in outputs for v in o.verdicts],
-                            equal=lambda a, b: math_equal(a, b, pool=pool, timeout_s=timeout_s))
+    engine = _RemoteEngine(address, str(model_dir), rollout, seed, timeout_s) if address else \
+        _LocalEngine(Generator(str(model_dir), rollout, generator_id="eval", seed=seed, sandbox_timeout_s=timeout_s))
+    try:
+        load_s = time.perf_counter() - t0
+        summary, outputs = _evaluate(engine, problems, prefixes, mode=mode, k=k, temperature=temperature,
+                                     top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, fewshot=fewshot,
+                                     chunk_size=chunk_size, timeout_s=timeout_s, grading_workers=grading_workers,
+                                     progress=progress)
+    finally:
+        engine.close()
     summary["prompt_too_long"] = sum(o.summary["prompt_too_long"] for o in outputs)
     summary["truncated"] = sum(o.summary["truncated"] for o in outputs)
     summary["datasets"] = {name: part for o in outputs for name, part in o.summary["datasets"].items()}
     summary["settings"] = {**outputs[0].summary["settings"], "fewshot": fewshot, "fewshot_file": fewshot_file,
-                           "limit": limit, "shuffle": shuffle, "max_tool_rounds": max_tool_rounds}
+                           "limit": limit, "shuffle": shuffle, "max_tool_rounds": max_tool_rounds,
+                           "engine": engine.where}
     summary["model"] = str(model_dir)
     summary["data"] = [str(d) for d in data]
     summary["seconds"] = {"load": round(load_s, 3),
@@ -217,6 +200,86 @@ def evaluate_model(model: str, data: Sequence[str], *, mode: str = "cot", k: int
     return summary
 
 
+class _LocalEngine:
+    """The vLLM Generator in this process."""
+
+    where = "local"
+
+    def __init__(self, generator) -> None:
+        self.generator = generator
+        self.max_model_len = generator.max_model_len
+        self.tokenizer = generator.tokenizer
+
+    def generate(self, requests, mode):
+        return self.generator.generate(requests, mode=mode)
+
+    def close(self) -> None:
+        self.generator = None
+
+
+class _RemoteEngine:
+    """The vLLM Generator as a Ray actor on the cluster at ``address`` (a GPU one when the cluster has GPUs)."""
+
+    def __init__(self, address: str, model_dir: str, rollout, seed: int, timeout_s: float) -> None:
+        import ray
+        from transformers import AutoTokenizer
+
+        from actors.generator import generator_actor_class
+
+        self._started_ray = not ray.is_initialized()
+        if self._started_ray:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        self.where = f"ray actor ({'1 GPU' if gpus else 'CPU'})"
+        self.actor = generator_actor_class(num_cpus=1.0, num_gpus=gpus).remote(
+            model_dir, rollout, generator_id="eval", seed=seed, sandbox_timeout_s=timeout_s)
+        self.max_model_len = ray.get(self.actor.__ray_call__.remote(lambda gen: gen.max_model_len))
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)  # prompt lengths, counted here
+
+    def generate(self, requests, mode):
+        import ray
+
+        return ray.get(self.actor.generate.remote(list(requests), None, mode))
+
+    def close(self) -> None:
+        import ray
+
+        ray.kill(self.actor)
+        if self._started_ray:
+            ray.shutdown()
+
+
+def _evaluate(engine, problems, prefixes, *, mode, k, temperature, top_p, max_new_tokens, seed, fewshot, chunk_size,
+              timeout_s, grading_workers, progress):
+    """(summary over all files, per-file EvalOutputs): one run_eval per file (each has its own few-shot prefix)."""
+    from tqdm import tqdm
+
+    from dsmath.evaluation.aggregate import summarize
+    from dsmath.evaluation.fewshot import fewshot_stop
+    from dsmath.evaluation.harness import EvalSettings, run_eval
+    from dsmath.grading import GradingPool, math_equal
+
+    def count_tokens(text: str) -> int:
+        return len(engine.tokenizer(text)["input_ids"])  # with special tokens: what the engine will see, or more
+
+    outputs = []
+    with GradingPool(grading_workers, timeout_s=timeout_s) as pool, \
+            tqdm(total=len(problems), desc=f"eval {mode}", unit="problem", file=sys.stderr,
+                 disable=None if progress else True) as bar:
+        for name in dict.fromkeys(p.meta["dataset"] for p in problems):
+            part = [p for p in problems if p.meta["dataset"] == name]
+            settings = EvalSettings(mode=mode, k=k, temperature=temperature, top_p=top_p,
+                                    max_new_tokens=max_new_tokens, seed=seed, prefix=prefixes[name],
+                                    stop=fewshot_stop(fewshot), chunk_size=chunk_size, timeout_s=timeout_s)
+            outputs.append(run_eval(part, engine.generate, settings, grading_pool=pool, count_tokens=count_tokens,
+                                    max_model_len=engine.max_model_len, progress=bar.update))
+        # one summary over every file (the prefixes differ per file; the counting does not)
+        summary = summarize([p for o in outputs for p in o.problems], [c for o in outputs for c in o.completions],
+                            [v for o in outputs for v in o.verdicts],
+                            equal=lambda a, b: math_equal(a, b, pool=pool, timeout_s=timeout_s))
+    return summary, outputs
+
+
 def run(args: argparse.Namespace) -> int:
     out = args.out or str(_default_out(Path(args.model), args.mode))
     summary = evaluate_model(
@@ -224,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, seed=args.seed, limit=args.limit, shuffle=args.shuffle,
         fewshot=args.fewshot, fewshot_file=args.fewshot_file, max_tool_rounds=args.max_tool_rounds,
         timeout_s=args.timeout_s, grading_workers=args.grading_workers, chunk_size=args.chunk_size,
-        skip_bad=args.skip_bad, out=out, progress=not args.no_progress,
+        skip_bad=args.skip_bad, out=out, progress=not args.no_progress, address=args.address,
         log=lambda line: print(line, flush=True),
     )
     table = summary.pop("table")
