@@ -197,6 +197,8 @@ def test_fewshot_shots_from_gsm8k_and_math_state_their_answers_the_graders_way()
     assert worked_solution(record, "cot") == "She has 3 + 4 = 7 apples.\nThe answer is \\boxed{7}."
     assert worked_solution({"problem": "q", "solution": "so $\\boxed{2}$."}, "cot") == "so $\\boxed{2}$."
     assert worked_solution({"question": "q", "code": "print(7)"}, "pot") == "```python\nprint(7)\n```"
+    assert worked_solution({"question": "q", "golden": "18"}, "cot") == "The answer is \\boxed{18}."  # CMATH
+    assert worked_solution({"question": "q"}, "cot") is None
     shots = load_shots(GSM8K, 2, "cot")
     assert len(shots) == 2 and shots[0].question.startswith("Janet")
     prefix = fewshot_prefix(shots, "cot")

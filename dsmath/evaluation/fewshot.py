@@ -4,7 +4,8 @@ A shot is a (question, worked solution) pair read from a GSM8K/MATH-style JSONL 
 
 * chain-of-thought / tool-integrated: the record's ``solution`` (MATH, ends in ``\\boxed{}``) or its ``answer``
   rationale (GSM8K: the ``<<48/2=24>>`` calculator notes are removed and ``#### 72`` becomes
-  ``The answer is \\boxed{72}.``), so every shot shows the answer format the grader reads;
+  ``The answer is \\boxed{72}.``), so every shot shows the answer format the grader reads; a record with only a
+  final answer (CMATH's ``golden``) becomes the short shot ``The answer is \\boxed{…}.``;
 * program-of-thought: a ``program`` / ``code`` field (wrapped in a ```python block), or a solution that already
   holds a ```python block; a file with neither is refused (a CoT shot would teach the wrong format).
 
@@ -52,8 +53,9 @@ def worked_solution(record: dict, mode: str) -> str | None:
         text = _first(record, ("solution", "response"))
         return str(text).strip() if text is not None and _PYTHON_BLOCK in str(text) else None
     text = _first(record, ("solution", "response", "answer"))
-    if text is None:
-        return None
+    if text is None:  # only a final answer (CMATH's "golden"): a short shot that still shows the answer format
+        final = _first(record, ("final_answer", "golden", "gold"))
+        return None if final is None else f"The answer is \\boxed{{{str(final).strip()}}}."
     text = str(text)
     if "####" in text:  # GSM8K rationale: drop calculator notes, state the answer the way the grader reads it
         rationale, final = text.rsplit("####", 1)
@@ -76,7 +78,7 @@ def load_shots(path: str | Path, n: int, mode: str) -> list[Shot]:
     for lineno, obj in enumerate(iter_jsonl(path, required=("|".join(QUESTION_KEYS),)), 1):
         solution = worked_solution(obj, mode)
         if solution is None:
-            need = "a 'program'/'code' field or a ```python block" if mode == "pot" else "a 'solution' or 'answer'"
+            need = "a 'program'/'code' field or a ```python block" if mode == "pot" else "a solution or an answer"
             raise DataError(f"{path}: record {lineno} has no worked solution for {mode} few-shot (needs {need})")
         shots.append(Shot(str(_first(obj, QUESTION_KEYS)), solution))
         if len(shots) == n:

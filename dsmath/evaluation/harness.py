@@ -230,7 +230,7 @@ def format_table(summary: dict) -> str:
 
     Columns: problems, pass@1, maj@k, pass@k, no-ans (greedy completions stating no answer), trunc (completions
     that hit the token limit), long (prompts longer than the context, not generated, counted as misses)."""
-    k = summary.get("k", 0)
+    k = summary.get("k", 0) or "k"  # greedy-only runs: the columns say maj@k / pass@k and hold "-"
     head = (f"{'':<28} {'problems':>8} {'pass@1':>7} {f'maj@{k}':>7} {f'pass@{k}':>7} {'no-ans':>6} {'trunc':>6}"
             f" {'long':>5}")
     lines = [head, "-" * len(head)]
