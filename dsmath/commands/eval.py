@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 HELP = "evaluate a model: greedy pass@1 and maj@k (CoT, PoT, tool-integrated) on GSM8K/MATH-style JSONL"
 DESCRIPTION = """Evaluate a model the DeepSeekMath way: one greedy completion per problem (pass@1) and, with --k,
@@ -137,7 +137,7 @@ def evaluate_model(model: str, data: Sequence[str], *, mode: str = "cot", k: int
                    shuffle: bool = False, fewshot: int = 0, fewshot_file: str | None = None,
                    max_tool_rounds: int = 3, timeout_s: float = 5.0, grading_workers: int = 1, chunk_size: int = 16,
                    skip_bad: bool = False, out: str | None = None, progress: bool = True,
-                   address: str | None = None, log=print) -> dict:
+                   address: str | None = None, log: Callable[[str], None] = print) -> dict:
     """Evaluate the HF model folder ``model`` on ``data`` files; returns the summary dict (see ``run_eval``).
 
     The summary's ``datasets[NAME]`` holds each file's ``pass@1``, ``maj@k``, ``pass@k``, ``by_level``,
