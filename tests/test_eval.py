@@ -325,10 +325,17 @@ def test_cli_user_mistakes_are_one_line_errors(tmp_path):
     fake_model = tmp_path / "model"
     fake_model.mkdir()
     (fake_model / "config.json").write_text("{}")
+    for run in ("ckpts", "run"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "latest").write_text("step-000003")
+    (tmp_path / "run" / "step-000003").mkdir()
+    (tmp_path / "run" / "step-000003" / "config.json").write_text("{}")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "1+1", "answer": "2"}\n{"question": oops}\n')
     cases = [
         (["--model", str(tmp_path / "nope"), "--data", str(GSM8K)], "not a model folder"),
+        (["--model", str(tmp_path / "ckpts"), "--data", str(GSM8K)], "not a model folder"),  # latest -> missing
+        (["--model", str(tmp_path / "run"), "--data", str(bad)], f"{bad}:2: not valid JSON"),  # latest -> found
         (["--model", str(fake_model), "--data", str(tmp_path / "missing.jsonl")], "no such file"),
         (["--model", str(fake_model), "--data", str(bad)], f"{bad}:2: not valid JSON"),
         (["--model", str(fake_model), "--data", str(GSM8K), "--k", "-1"], "--k must be >= 0"),

@@ -37,7 +37,9 @@ data file, which are then not evaluated (said in the output)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF model folder with its tokenizer (a dsmath checkpoint is one)")
+    p.add_argument("--model", required=True,
+                   help="HF model folder with its tokenizer (a dsmath checkpoint is one; a run's checkpoints/ "
+                        "folder means its latest checkpoint)")
     p.add_argument("--data", required=True, nargs="+", help="one or more question/answer JSONL(.gz) files")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many problems per file")
     p.add_argument("--shuffle", action="store_true",
@@ -152,6 +154,10 @@ def evaluate_model(model: str, data: Sequence[str], *, mode: str = "cot", k: int
                     max_new_tokens=max_new_tokens, max_tool_rounds=max_tool_rounds, timeout_s=timeout_s,
                     grading_workers=grading_workers, chunk_size=chunk_size)
     model_dir = Path(model)
+    if (model_dir / "latest").is_file():  # a run's checkpoints/ folder: its newest checkpoint
+        from learner.checkpoint import resolve
+
+        model_dir = resolve(model_dir)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"--model {model}: not a model folder (no config.json)")
     problems, prefixes, notes = load_eval_problems(data, limit=limit, shuffle=shuffle, seed=seed, mode=mode,
