@@ -93,21 +93,26 @@ def run_dsmath(spec: dict, *, asynchronous: bool) -> dict:
     stamps = [m["time"] for m in metrics]
     splits, tokens = [], []
     for m in metrics:
-        generate = m.get("time/rollout", 0.0)
         train_s = sum(m.get(k, 0.0) for k in TRAIN_STAGES)
-        splits.append({"generate_s": generate, "reward_s": m.get("time/reward", 0.0), "train_s": train_s,
-                       "sync_s": m.get("time/weight_sync", 0.0)})
+        split = {"reward_s": m.get("time/reward", 0.0), "train_s": train_s, "sync_s": m.get("time/weight_sync", 0.0)}
+        if "time/rollout_wait" in m:  # async: generation overlaps training; the step only waits for what is left
+            split.update(generate_s=m["time/rollout_wait"], generate_overlapped_s=m.get("time/rollout", 0.0))
+        else:
+            split["generate_s"] = m.get("time/rollout", 0.0)
+        splits.append(split)
         tokens.append(round(m["response_length/mean"] * match.samples_per_step))
     staleness_keys = sorted({k for m in metrics for k in m if "stale" in k})
+    max_staleness = max((m[k] for m in metrics for k in staleness_keys if m.get(k) is not None), default=0)
     out = {
         "steps": len(metrics), "samples": summary["samples_trained"], "rows": _step_rows(stamps, splits, tokens),
         "heldout_before": summary["heldout_accuracy_before"], "heldout_after": summary["heldout_accuracy_after"],
         "heldout_size": summary["heldout_size"], "arm_wall_s": wall, "setup_s": summary.get("setup_seconds"),
         "reward_mean_last": metrics[-1]["reward/mean"] if metrics else None,
-        "staleness_metrics": staleness_keys,
+        "staleness_metrics": staleness_keys, "max_staleness": max_staleness,
     }
-    if asynchronous and not staleness_keys:
-        out["not_async"] = "the run logged no staleness metric: async.enabled did not make it asynchronous"
+    if asynchronous and not max_staleness:
+        out["not_async"] = ("no step trained on samples from an older weight version (staleness metrics "
+                            f"{staleness_keys or 'absent'}): async.enabled did not make the run asynchronous")
     return out
 
 

@@ -67,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-new-tokens", type=int, default=96, help="max completion length on both sides")
     ap.add_argument("--beta", type=float, default=0.04, help="k3 KL coefficient in the loss on both sides")
     ap.add_argument("--lr", type=float, default=3e-4, help="learning rate on both sides (constant)")
-    ap.add_argument("--eval-size", type=int, default=200, help="held-out questions for the greedy accuracy")
+    ap.add_argument("--eval-size", type=int, default=500,
+                    help="held-out questions for the greedy accuracy (500 = the whole held-out split)")
     ap.add_argument("--trl-threads", type=int, default=1,
                     help="torch threads in the TRL process (dsmath runs one per actor; on 2 shared cores more threads "
                          "next to other busy processes run slower)")
@@ -215,7 +216,11 @@ def summarise(runs: list[dict], samples_per_step: int) -> dict:
                      for r in ok]
     split = {k: statistics.median([row.get(k, 0.0) for r in ok for row in r["rows"]])
              for k in ("generate_s", "reward_s", "train_s", "sync_s")}
+    # Stages that overlap (async) can add up to more than the wall time: then there is no "other".
     split["other_s"] = max(0.0, med - sum(split.values()))
+    overlapped = [row["generate_overlapped_s"] for r in ok for row in r["rows"] if "generate_overlapped_s" in row]
+    if overlapped:
+        split["generate_overlapped_s"] = statistics.median(overlapped)
     out.update(
         step_s_median=med, step_s_min=min(walls), timed_steps=len(walls),
         samples_per_s=samples_per_step / med, completion_tokens_per_s=statistics.median(per_round_tps),
@@ -224,6 +229,7 @@ def summarise(runs: list[dict], samples_per_step: int) -> dict:
         heldout_before=statistics.mean(r["heldout_before"] for r in ok),
         heldout_after=statistics.mean(r["heldout_after"] for r in ok),
         heldout_after_rounds=[round(r["heldout_after"], 4) for r in ok],
+        heldout_size=ok[0]["heldout_size"],
         samples_trained=ok[0]["samples"],
     )
     return out
@@ -293,14 +299,24 @@ def print_card(spec: dict, gate: dict, arms: dict, skipped: dict, args: argparse
             if s.get("rounds_ok"):
                 ratio = s["samples_per_s"] / trl["samples_per_s"]
                 acc_ok = s["heldout_after"] >= trl["heldout_after"]
+                # Two proportions on the same n questions: 95 % half-width of their difference (unpaired, normal).
+                n = s["heldout_size"]
+                half = 1.96 * ((s["heldout_after"] * (1 - s["heldout_after"])
+                                + trl["heldout_after"] * (1 - trl["heldout_after"])) / n) ** 0.5
                 verdicts[name] = {"throughput_ratio": ratio, "aim": aim, "throughput_met": ratio >= aim,
-                                  "heldout_at_least_trl": acc_ok}
+                                  "heldout_at_least_trl": acc_ok, "heldout_diff_ci95": half}
                 print(f"dsmath {name} vs TRL: {ratio:.2f}x samples/s (aim >= {aim:.1f}x: "
                       f"{'met' if ratio >= aim else 'NOT met'}); held-out after {s['samples_trained']} samples "
                       f"{s['heldout_after']:.1%} vs TRL {trl['heldout_after']:.1%} "
-                      f"({'at least as good' if acc_ok else 'WORSE'})")
+                      f"({'at least as good' if acc_ok else 'lower'}; difference "
+                      f"{(s['heldout_after'] - trl['heldout_after']) * 100:+.1f} +- {half * 100:.1f} points, 95 %, "
+                      f"n={n})")
     print("time split: median seconds per timed step; TRL's 'train' = step wall - generate - reward (ref logprobs, "
           "forward/backward, optimizer); TRL has no weight sync (HF generate uses the training model)")
+    for name, s in arms.items():
+        if s.get("rounds_ok") and "generate_overlapped_s" in s["split"]:
+            print(f"{name}: 'gen' is the wait for samples; generation itself took "
+                  f"{s['split']['generate_overlapped_s']:.2f} s per step, overlapped with training")
     print(line)
     return verdicts
 
