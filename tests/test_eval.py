@@ -321,6 +321,14 @@ def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
                           timeout=600, cwd=cwd)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_cli_user_mistakes_are_one_line_errors(tmp_path):
     fake_model = tmp_path / "model"
     fake_model.mkdir()
@@ -341,6 +349,8 @@ def test_cli_user_mistakes_are_one_line_errors(tmp_path):
         (["--model", str(fake_model), "--data", str(GSM8K), "--k", "-1"], "--k must be >= 0"),
         (["--model", str(fake_model), "--data", str(GSM8K), "--temperature", "0"], "--temperature must be > 0"),
         (["--model", str(fake_model), "--data", str(GSM8K), "--fewshot", "2", "--mode", "pot"], "pot few-shot"),
+        (["--model", str(fake_model), "--data", str(GSM8K), "--limit", "1", "--address", f"127.0.0.1:{_free_port()}"],
+         "nothing answers there"),
     ]
     for args, message in cases:
         out = _cli(*args)

@@ -160,20 +160,21 @@ def evaluate_model(model: str, data: Sequence[str], *, mode: str = "cot", k: int
         model_dir = resolve(model_dir)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"--model {model}: not a model folder (no config.json)")
+    if address:
+        _check_reachable(address)
     problems, prefixes, notes = load_eval_problems(data, limit=limit, shuffle=shuffle, seed=seed, mode=mode,
                                                    fewshot=fewshot, fewshot_file=fewshot_file, skip_bad=skip_bad)
     for note in notes:
         log(f"dsmath eval: {note}")
 
-    from actors.generator import Generator
     from dsmath.config import RolloutConfig
     from dsmath.datasets import write_jsonl
     from dsmath.evaluation.harness import format_table
 
     t0 = time.perf_counter()
     rollout = RolloutConfig(mode="tool" if mode == "tool" else "cot", max_tool_rounds=max_tool_rounds)
-    engine = _RemoteEngine(address, str(model_dir), rollout, seed, timeout_s) if address else \
-        _LocalEngine(Generator(str(model_dir), rollout, generator_id="eval", seed=seed, sandbox_timeout_s=timeout_s))
+    engine_class = _RemoteEngine if address else _LocalEngine
+    engine = engine_class(address, str(model_dir), rollout, seed, timeout_s)
     try:
         load_s = time.perf_counter() - t0
         summary, outputs = _evaluate(engine, problems, prefixes, mode=mode, k=k, temperature=temperature,
@@ -211,16 +212,34 @@ class _LocalEngine:
 
     where = "local"
 
-    def __init__(self, generator) -> None:
-        self.generator = generator
-        self.max_model_len = generator.max_model_len
-        self.tokenizer = generator.tokenizer
+    def __init__(self, address: None, model_dir: str, rollout, seed: int, timeout_s: float) -> None:
+        from actors.generator import Generator
+
+        self.generator = Generator(model_dir, rollout, generator_id="eval", seed=seed, sandbox_timeout_s=timeout_s)
+        self.max_model_len = self.generator.max_model_len
+        self.tokenizer = self.generator.tokenizer
 
     def generate(self, requests, mode):
         return self.generator.generate(requests, mode=mode)
 
     def close(self) -> None:
         self.generator = None
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast (UserError) when a HOST:PORT address does not accept connections: Ray itself retries for minutes."""
+    import socket
+
+    from dsmath.errors import UserError
+
+    target = address.split("://", 1)[-1]
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # 'auto', 'local' or a form Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=5.0).close()
+    except OSError as exc:
+        raise UserError(f"--address {address}: nothing answers there ({exc})") from None
 
 
 class _RemoteEngine:
@@ -234,7 +253,12 @@ class _RemoteEngine:
 
         self._started_ray = not ray.is_initialized()
         if self._started_ray:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                from dsmath.errors import UserError
+
+                raise UserError(f"--address {address}: no Ray cluster there ({type(exc).__name__}: {exc})") from None
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
         self.where = f"ray actor ({'1 GPU' if gpus else 'CPU'})"
         self.actor = generator_actor_class(num_cpus=1.0, num_gpus=gpus).remote(
