@@ -121,6 +121,9 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int |
     if cfg.optim.batch_size % world:
         raise UserError(f"optim.batch_size={cfg.optim.batch_size} does not split over {world} ranks")
     check_paths(cfg)
+    if world > 1 and not cfg.model.path:
+        raise UserError("more than one rank needs model.path (build the tiny model with one rank first, or "
+                        "start from a base model): ranks must not each build their own")
     run_dir.mkdir(parents=True, exist_ok=True)
     model_dir = Path(cfg.model.path) if cfg.model.path else build_initial_model(cfg, run_dir / "init", log)
     if rank == 0:

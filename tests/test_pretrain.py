@@ -288,3 +288,23 @@ def test_corpus_evaluate_math_beats_news_on_heldout_math(tmp_path):
     news_loss = res["news"]["heldout"]["math_overflow"]["loss"]
     assert math_loss < news_loss - 0.1, (math_loss, news_loss)
     assert "| math |" in r.stdout and "| news |" in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("DSMATH_TORCHRUN_TEST"), reason="opt-in: set DSMATH_TORCHRUN_TEST=1 (~80 s)")
+def test_two_torchrun_ranks_train_like_one_rank(tmp_path):
+    from learner.policy import free_port
+
+    init = tmp_path / "one" / "init"
+    common = ["--steps", "6", "--no-progress", "optim.batch_size=8", "optim.micro_batch_size=2", "optim.zero_stage=2",
+              "eval.heldout_max_docs=5", *TINY]
+    r = _dsmath("pretrain", "--run-dir", str(tmp_path / "one"), *common)  # builds the initial model, 1 rank
+    assert r.returncode == 0, r.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "dsmath.cli", "pretrain", "--run-dir", str(tmp_path / "two"),
+           *common, f"model.path={init}"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = ([json.loads(x)["pretrain/loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+                for d in ("one", "two"))
+    np.testing.assert_allclose(two, one, rtol=0, atol=1e-5)
