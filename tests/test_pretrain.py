@@ -198,6 +198,27 @@ def test_resume_continues_the_stream_token_for_token(tmp_path, tokenizer, cut):
     assert resumed.source.streams["parquet"].epoch >= 2
 
 
+def test_reads_the_corpus_pipelines_parquet_output_folder(tmp_path, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_pipeline.runner import _write_shard  # the writer `dsmath corpus run` uses for OUT/corpus/
+
+    out = tmp_path / "corpus"
+    out.mkdir()
+    pages = [{"id": f"p{i}", "url": f"https://math.example/{i}", "text": f"page {i} $x^{i}$", "score": 0.9}
+             for i in range(5)]
+    _write_shard(out / "shard-00000.parquet", pages[:3])
+    _write_shard(out / "shard-00001.parquet", pages[3:])
+    _write_shard(out / "shard-00002.parquet", [])  # an empty shard (no columns) is fine
+    assert pq.read_table(out / "shard-00000.parquet").column_names == ["id", "url", "text", "score"]
+    s = stream("mined", expand_paths([str(out)]), tokenizer)
+    tok = tokenize_fn(tokenizer)
+    want = [t for p in pages for t in tok(p["text"]) + [tokenizer.eos_token_id]]
+    ids, docs = s.take(len(want) + 1)  # one token into the second epoch
+    assert ids[: len(want)] == want and docs[len(want) - 1] == 4 and s.epoch == 1
+
+
 def test_malformed_record_names_file_and_line_or_is_counted(tmp_path, tokenizer):
     f = tmp_path / "bad.jsonl"
     f.write_text(json.dumps({"text": "fine words"}) + "\n{not json\n" + json.dumps({"text": "more"}) + "\n")
