@@ -52,16 +52,15 @@ def run(args: argparse.Namespace) -> int:
     if args.steps is not None:
         overrides.append(f"optim.steps={args.steps}")
     cfg = load_pretrain_config(args.config, overrides)
+    from dsmath.errors import UserError
     from dsmath.pretrain.data import check_paths, check_run_dir
 
+    if args.stop_after is not None and args.stop_after < 1:
+        raise UserError(f"--stop-after: {args.stop_after} must be >= 1")
     check_run_dir(cfg, args.resume)  # before the slow imports: a user mistake fails in a second
     check_paths(cfg)
     from learner.pretrain import run_pretrain
 
-    if args.stop_after is not None and args.stop_after < 1:
-        from dsmath.errors import UserError
-
-        raise UserError(f"--stop-after: {args.stop_after} must be >= 1")
     s = run_pretrain(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
     shares = ", ".join(f"{n} {s['mixture_realised'][n]:.1%} (weight {w:.1%})" for n, w in s["mixture_weights"].items())
     print(f"pretrain: {s['steps']} steps, {s['label_tokens']:,} trained tokens, loss {s['first_loss']:.3f} -> "

@@ -93,7 +93,7 @@ def validate(cfg: PretrainConfig) -> None:
     need(d.seq_len <= cfg.model.max_position_embeddings or bool(cfg.model.path),
          f"data.seq_len: {d.seq_len} exceeds model.max_position_embeddings={cfg.model.max_position_embeddings}")
     need(d.chunk_tokens >= 1, "data.chunk_tokens: must be >= 1")
-    need(o.steps >= 0, "optim.steps: must be >= 0")
+    need(o.steps >= 1, "optim.steps: must be >= 1")
     need(o.batch_size >= 1 and o.micro_batch_size >= 1, "optim.batch_size, optim.micro_batch_size: must be >= 1")
     need(o.lr > 0, "optim.lr: must be > 0")
     need(o.zero_stage in (0, 1, 2, 3), "optim.zero_stage: must be 0, 1, 2 or 3")
