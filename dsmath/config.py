@@ -75,6 +75,15 @@ class RolloutConfig:
     max_tool_rounds: int = 3
     gpu_memory_utilization: float = 0.85
     kv_cache_space_gib: int = 1
+    # DAPO dynamic sampling: drop groups whose rewards are all equal and sample more questions, up to
+    # ``dynamic_sampling_max_rounds`` rounds per step (then train on what was kept).
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = 3
+    # Completions that hit max_new_tokens: "mask" drops them from the loss, "penalty" adds DAPO's soft
+    # length penalty (0 → −overlong_penalty over the last overlong_buffer tokens) to the reward.
+    overlong: Literal["none", "mask", "penalty"] = "none"
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -436,6 +445,11 @@ def validate(cfg: TrainConfig) -> None:
         "use 'gloo' or 'object_store' on CPU",
     )
     need(cfg.async_.max_staleness >= 0, "async.max_staleness: must be >= 0")
+    need(not cfg.async_.enabled or cfg.async_.max_staleness >= 1,
+         "async.max_staleness: must be >= 1 when async.enabled (generation of step k+1 overlaps the update of step k)")
+    need(r.dynamic_sampling_max_rounds >= 1, "rollout.dynamic_sampling_max_rounds: must be >= 1")
+    need(0 <= r.overlong_buffer < r.max_new_tokens, "rollout.overlong_buffer: must be in [0, rollout.max_new_tokens)")
+    need(r.overlong_penalty >= 0, "rollout.overlong_penalty: must be >= 0")
     need(cfg.reward.num_workers >= 1, "reward.num_workers: must be >= 1")
     need(cfg.reward.timeout_s > 0, "reward.timeout_s: must be > 0")
     need(cfg.reward.model_batch_size >= 1, "reward.model_batch_size: must be >= 1")

@@ -16,6 +16,7 @@ import json
 import os
 import time
 from dataclasses import asdict as dataclasses_asdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from dataclasses import replace as dataclasses_replace
 from pathlib import Path
@@ -254,17 +255,110 @@ def evaluate(gen_pool, reward_pool, problems: list[Problem], cfg: TrainConfig, v
 # ------------------------------------------------------------------------------------------- the loop
 
 
-def build_train_batch(rollouts: list[Rollout], advantages, pad_id: int, max_length: int):
+@dataclass
+class StepSamples:
+    """One step's scored samples, and where the problem stream stood after drawing them."""
+
+    rollouts: list[Rollout]
+    results: list[RewardResult]
+    timings: dict[str, float]
+    data_position: int
+    version: int  # the generators' weight version when they sampled
+    dropped_groups: int = 0
+    rounds: int = 1
+
+
+def apply_overlong(rollout_cfg, rollouts: list[Rollout], results: list[RewardResult]) -> list[RewardResult]:
+    """``rollout.overlong=penalty``: add DAPO's soft length penalty to each reward (mask mode acts in the batch)."""
+    if rollout_cfg.overlong != "penalty":
+        return results
+    import torch
+
+    from dsmath.shaping import overlong_penalty
+
+    lengths = torch.tensor([len(r.completion_ids) for r in rollouts])  # [N]
+    pen = overlong_penalty(lengths, rollout_cfg.max_new_tokens, rollout_cfg.overlong_buffer,
+                           rollout_cfg.overlong_penalty)  # [N]
+    return [dataclasses_replace(res, reward=res.reward + float(p)) if p else res for res, p in zip(results, pen.tolist())]
+
+
+def sample_step(cfg: TrainConfig, gen_pool, reward_pool, stream: ProblemStream, prompt_mode: str, *, step: int,
+                version: int, chunk: int, num_ranks: int = 1,
+                on_event: Callable[[str], None] | None = None) -> StepSamples:
+    """Draw ``questions_per_step`` questions, sample G completions each at ``version`` and score them.
+
+    With ``rollout.dynamic_sampling`` (DAPO), groups whose rewards are all equal are dropped and more questions
+    are drawn, up to ``dynamic_sampling_max_rounds`` rounds; the batch may end short (never empty: if every group
+    of every round was dropped, the last round is kept). Deterministic for a given stream position and step:
+    round r's chunks carry the seeds ``seed·1000003 + step·1000 + 100·r + chunk``.
+    """
+    import torch
+
+    from dsmath.shaping import informative_groups
+
+    q, g, r = cfg.rollout.questions_per_step, cfg.rollout.group_size, cfg.rollout
+    timer = StageTimer()
+    rollouts: list[Rollout] = []
+    results: list[RewardResult] = []
+    dropped, rounds = 0, 0
+    max_rounds = r.dynamic_sampling_max_rounds if r.dynamic_sampling else 1
+    while rounds < max_rounds and len(rollouts) < q * g:
+        problems = stream.take(q - len(rollouts) // g)
+        requests = make_requests(problems, step=step, prompt_mode=prompt_mode, n=g, temperature=r.temperature,
+                                 top_p=r.top_p, max_new_tokens=r.max_new_tokens, stop=r.stop,
+                                 tag="s" if rounds == 0 else f"s{rounds}r")
+        ro, res = generate_and_score(gen_pool, reward_pool, requests, version, timer, chunk_size=chunk,
+                                     seed=cfg.seed * 1_000_003 + step * 1_000 + 100 * rounds, on_event=on_event)
+        res = apply_overlong(r, ro, res)
+        rounds += 1
+        if not r.dynamic_sampling:
+            rollouts, results = ro, res
+            break
+        keep = informative_groups(torch.tensor([x.reward for x in res], dtype=torch.float32), g).tolist()  # [B]
+        dropped += keep.count(False)
+        for i, k in enumerate(keep):
+            if k:
+                rollouts += ro[i * g:(i + 1) * g]
+                results += res[i * g:(i + 1) * g]
+        if not rollouts and rounds == max_rounds:  # nothing informative at all: train on the last round (KL only)
+            rollouts, results, dropped = ro, res, dropped - len(keep)
+    while num_ranks > 1 and (len(rollouts) % num_ranks) and len(rollouts) > g:  # the batch must split over ranks
+        rollouts, results, dropped = rollouts[:-g], results[:-g], dropped + 1
+    return StepSamples(rollouts, results, timer.pop(), stream.position, version, dropped, rounds)
+
+
+def build_train_batch(rollouts: list[Rollout], advantages, pad_id: int, max_length: int, *,
+                      mask_truncated: bool = False):
+    """The learner's batch; ``mask_truncated`` (``rollout.overlong=mask``) drops completions that hit the length
+    limit from the loss (their group statistics still count them)."""
     from learner.batch import collate_rollouts
+
+    def loss_mask(r: Rollout) -> list[int]:
+        if mask_truncated and r.truncated:
+            return [0] * len(r.completion_ids)
+        return list(r.loss_mask) if r.loss_mask else [1] * len(r.completion_ids)
 
     return collate_rollouts(
         [r.prompt_ids for r in rollouts],
         [r.completion_ids for r in rollouts],
         pad_id=pad_id,
         advantages=[a if isinstance(a, list) else float(a) for a in advantages],
-        loss_masks=[list(r.loss_mask) if r.loss_mask else [1] * len(r.completion_ids) for r in rollouts],
+        loss_masks=[loss_mask(r) for r in rollouts],
         max_length=max_length,
     )
+
+
+def generator_logprobs(rollouts: list[Rollout], batch):
+    """``[N, T]``: each sampled token's log-prob under the generator that sampled it, at the batch's positions."""
+    import torch
+
+    out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)  # [N, T]
+    for i, r in enumerate(rollouts):
+        p = len(r.prompt_ids)
+        k = min(len(r.logprobs), batch.input_ids.shape[1] - p)
+        if k > 0:
+            out[i, p - 1:p - 1 + k] = torch.tensor(r.logprobs[:k], dtype=torch.float32)
+    return out
 
 
 def logprob_gap(rollouts: list[Rollout], batch, learner_logprobs) -> float:
@@ -434,6 +528,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     setup_s = timer.pop().get("time/setup", 0.0)
 
     summary_path = run_dir / "summary.json"
+    producer = None
     try:
         # --- eval before RL -------------------------------------------------------------------------
         before = state.history[0] if (resume and state.history) else None
@@ -458,53 +553,100 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, desc="grpo", unit="step",
                    dynamic_ncols=True)
         last_ckpt, last_eval = None, None
+        # Async mode: step k+1's rollout runs in a thread (generators busy) while the learner trains step k;
+        # generators are synced at the top of each step, so every sample is exactly one version behind.
+        async_mode = cfg.async_.enabled and offline_pool is None
+        producer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsmath-rollout") if async_mode else None
+        prefetched = None  # async: Future[StepSamples] of the next step
+        gen_version = state.weight_version  # what the generators hold
+        sync = None
+
+        def produce(step_: int) -> StepSamples:
+            hook = (lambda event: fault_hook(event, step_, gen_pool, reward_pool)) if fault_hook else None
+            if offline_pool is not None:  # offline: the pool holds this step's samples, drawn at the start
+                ro, res = offline_pool.take(step_)
+                return StepSamples(ro, res, {}, stream.position, gen_version)
+            return sample_step(cfg, gen_pool, reward_pool, stream, task.prompt_mode, step=step_, version=gen_version,
+                               chunk=chunk, num_ranks=cfg.learner.num_ranks, on_event=hook)
+
+        def sync_generators() -> Any:
+            nonlocal gen_version
+            with timer.stage("weight_sync"):
+                stats = broadcast_weights(learner.actors[0], {f"generator-{i}": a for i, a in enumerate(gen_pool.actors)},
+                                          state.weight_version, cfg.weight_sync)
+            gen_version = state.weight_version
+            return stats
+
+        health = None
         while state.step < cfg.steps:
             step = state.step + 1
-            problems = stream.take(q) if offline_pool is None else []  # offline: the pool holds this step's samples
-            requests = make_requests(problems, step=step, prompt_mode=task.prompt_mode, n=g,
-                                     temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                     max_new_tokens=cfg.rollout.max_new_tokens, stop=cfg.rollout.stop, tag="s")
-            rollouts, results = generate_and_score(
-                gen_pool, reward_pool, requests, state.weight_version, timer, chunk_size=chunk,
-                seed=cfg.seed * 1_000_003 + step * 1_000,
-                on_event=(lambda event: fault_hook(event, step, gen_pool, reward_pool)) if fault_hook else None)
-            if offline_pool is not None:
-                rollouts, results = offline_pool.take(step)
+            if prefetched is not None:
+                with timer.stage("rollout_wait"):  # the part of the prefetch the update did not hide
+                    samples = prefetched.result()
+                prefetched = None
+            else:
+                samples = produce(step)
+            rollouts, results = samples.rollouts, samples.results
+            staleness = [state.weight_version - r.weight_version for r in rollouts]  # learner version − sampler's
+            bound = cfg.async_.max_staleness if async_mode else 0
+            if offline_pool is None and max(staleness) > bound:
+                raise RuntimeError(f"step {step}: a sample is {max(staleness)} weight versions behind the learner "
+                                   f"(bound {bound}); refusing to train on it")
+            if async_mode:  # the generators are idle: bring them up to date, then let them sample step+1
+                sync = sync_generators() if gen_version < state.weight_version else None
+                health = _generator_health(gen_pool)
+                if step < cfg.steps:
+                    prefetched = producer.submit(produce, step + 1)
             with timer.stage("advantages"):
                 adv = sample_advantages(cfg.grpo, rollouts, results, g)  # B*G floats or per-token lists
-                batch = build_train_batch(rollouts, adv, tokenizer.pad_token_id, max_len)
+                batch = build_train_batch(rollouts, adv, tokenizer.pad_token_id, max_len,
+                                          mask_truncated=cfg.rollout.overlong == "mask")
             with timer.stage("old_logprobs"):
                 old_lp = learner.logprobs(batch)  # [N, T]
             gap = logprob_gap(rollouts, batch, old_lp)
+            if async_mode:  # off-policy correction: w = min(π_learner / π_generator, clip) per sampled token
+                from dsmath.shaping import truncated_is_weights
+
+                batch = dataclasses_replace(batch, is_weights=truncated_is_weights(
+                    old_lp, generator_logprobs(rollouts, batch), batch.loss_mask, cfg.async_.is_correction_clip))
             if cfg.grpo.beta > 0:
                 with timer.stage("ref_logprobs"):
                     batch = dataclasses_replace(batch, ref_logprobs=learner.ref_logprobs(batch))
             with timer.stage("update"):
                 train_metrics = learner.grpo_step(dataclasses_replace(batch, old_logprobs=old_lp))
-            with timer.stage("weight_sync"):
-                sync = broadcast_weights(learner.actors[0], {f"generator-{i}": a for i, a in enumerate(gen_pool.actors)},
-                                         state.weight_version + 1, cfg.weight_sync)
             state.weight_version += 1
+            if not async_mode:  # synchronous: exactly on-policy, every generator at the learner's version
+                sync = sync_generators()
             state.step = step
-            state.data_position = stream.position
+            state.data_position = samples.data_position  # async: not the prefetched batch, it is regenerated on resume
             state.samples_trained += len(rollouts)
 
             row = rollout_metrics(rollouts, results, g)
             row.update({k if "/" in k else f"train/{k}": v for k, v in train_metrics.items()})
+            row.update(samples.timings)  # rollout/reward (in async mode: overlapped with the previous update)
             row.update(timer.pop())
             completion_tokens = sum(len(r.completion_ids) for r in rollouts)
             row["tokens_per_s"] = completion_tokens / max(1e-9, row.get("time/rollout", 0.0))
             row["rollout/logprob_abs_diff_max"] = gap
             row["weight_version"] = state.weight_version
             row["samples_trained"] = state.samples_trained
-            row["weight_sync/bytes"] = float(sync.bytes)
-            row["weight_sync/pause_s"] = float(sync.pause_s)
-            row["weight_sync/transfer_s"] = float(sync.transfer_s)
+            row["staleness/mean"] = sum(staleness) / len(staleness)
+            row["staleness/max"] = max(staleness)
+            row["dynamic_sampling/dropped_groups"] = samples.dropped_groups
+            row["dynamic_sampling/rounds"] = samples.rounds
+            row["weight_sync/bytes"] = float(sync.bytes) if sync else 0.0
+            row["weight_sync/pause_s"] = float(sync.pause_s) if sync else 0.0
+            row["weight_sync/transfer_s"] = float(sync.transfer_s) if sync else 0.0
             row["faults/generator_restarts"] = gen_pool.restarts
             row["faults/reward_worker_restarts"] = reward_pool.restarts
             row["faults/reissued_samples"] = gen_pool.reissued
 
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                if async_mode:  # let the prefetch finish (result kept), then evaluate the current weights
+                    if prefetched is not None:
+                        prefetched.result()
+                    sync_generators()
+                    timer.pop()  # this sync belongs to the eval, not to the next step's figures
                 with timer.stage("eval"):
                     ev = evaluate(gen_pool, reward_pool, task.heldout, cfg, state.weight_version, task.prompt_mode)
                 row["eval/accuracy"] = ev["accuracy"]
@@ -516,7 +658,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
                     path = learner.save_checkpoint(ckpt_root / f"step-{step:06d}", extra=dataclasses_asdict(state))
                 row.update(timer.pop())
                 last_ckpt = {"step": step, "path": str(path)}
-            health = _generator_health(gen_pool)
+            if not async_mode:  # (async: probed at the top of the step, while the generators were idle)
+                health = _generator_health(gen_pool)
             versions = [h.get("weight_version", -1) for h in health]
             row["generators/version_min"], row["generators/version_max"] = min(versions), max(versions)
             row["generators/alive"] = sum(bool(h.get("alive")) for h in health)
@@ -532,6 +675,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
                 _log(f"step {step}/{cfg.steps} reward {row['reward/mean']:.3f} acc {row['accuracy']:.3f} "
                      f"step time {sum(v for k, v in row.items() if k.startswith('time/')):.1f} s")
         bar.close()
+        if async_mode and gen_version < state.weight_version:
+            sync_generators()  # the final weights, for the evaluation below
+            timer.pop()
 
         # --- eval after RL ----------------------------------------------------------------------------
         ev = evaluate(gen_pool, reward_pool, task.heldout, cfg, state.weight_version, task.prompt_mode,
@@ -562,6 +708,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
             pass
         raise
     finally:
+        if producer is not None:
+            producer.shutdown(wait=False, cancel_futures=True)
         metrics_out.close()
         status.stop()
         release_actors(gen_pool.actors + reward_pool.actors, learner, placement)
