@@ -298,15 +298,17 @@ def test_dsmath_pretrain_user_mistakes_are_one_line(tmp_path):
 def test_corpus_evaluate_math_beats_news_on_heldout_math(tmp_path):
     out = tmp_path / "cmp"
     r = _dsmath("corpus", "evaluate", "--corpus", f"math={MATH}", "--corpus", f"news={NEWS}",
-                "--heldout", f"math_overflow={MATH_HELDOUT}", "--out-dir", str(out), "--steps", "60",
-                "--no-progress", "eval.heldout_max_docs=40", "data.tokenizer_sample_chars=100000", timeout=600)
+                "--heldout", f"math_overflow={MATH_HELDOUT}", "--out-dir", str(out), "--steps", "40",
+                "--no-progress", "eval.heldout_max_docs=20", "data.tokenizer_sample_chars=60000", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((out / "report.json").read_text())
     res = rep["results"]
     # The same budget: equal rows of equal length; trained labels differ only by the document starts.
-    assert rep["steps"] == 60 and abs(res["math"]["label_tokens"] - res["news"]["label_tokens"]) < 0.01 * res["math"]["label_tokens"]
+    assert rep["steps"] == 40
+    assert abs(res["math"]["label_tokens"] - res["news"]["label_tokens"]) < 0.01 * res["math"]["label_tokens"]
     math_loss = res["math"]["heldout"]["math_overflow"]["loss"]
     news_loss = res["news"]["heldout"]["math_overflow"]["loss"]
+    print(f"held-out math loss: math corpus {math_loss:.3f}, news corpus {news_loss:.3f}")
     assert math_loss < news_loss - 0.1, (math_loss, news_loss)
     assert "| math |" in r.stdout and "| news |" in r.stdout
 
