@@ -113,6 +113,13 @@ class PPOLearner(_Wrapper):
         })
         return metrics
 
+    def load_checkpoint(self, path) -> dict:
+        """Refused: checkpoints hold the policy only, and a fresh value model would change the run."""
+        from dsmath.errors import UserError
+
+        raise UserError("--resume with grpo.algorithm=ppo: the value model is not checkpointed in this version; "
+                        "start the run again")
+
     def shutdown(self) -> None:
         self.value.shutdown()
         self.group.shutdown()
