@@ -122,6 +122,12 @@ class LearnerConfig:
     gpus_per_rank: float = 0.0
     cpus_per_rank: float = 1.0
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # Token-budget micro-batches: at most this many (padded) tokens per micro-batch, sequences sorted by
+    # length, so short completions are not padded to the longest one in the batch. 0 = micro_batch_size only.
+    max_tokens_per_micro_batch: int = 0
+    # The frozen reference: "copy" = a second model on the device; "host" = its weights in host memory,
+    # swapped into the policy module for the reference pass (no second copy on the accelerator; ZeRO <= 2).
+    reference: Literal["copy", "host"] = "copy"
 
 
 @dataclass(frozen=True)
@@ -413,6 +419,9 @@ def validate(cfg: TrainConfig) -> None:
     need(lr.zero_stage in (0, 1, 2, 3), f"learner.zero_stage: {lr.zero_stage} is not one of 0, 1, 2, 3")
     need(lr.num_ranks >= 1, "learner.num_ranks: must be >= 1")
     need(lr.micro_batch_size >= 1, "learner.micro_batch_size: must be >= 1")
+    need(lr.max_tokens_per_micro_batch >= 0, "learner.max_tokens_per_micro_batch: must be >= 0 (0 = off)")
+    need(lr.reference != "host" or lr.zero_stage <= 2,
+         "learner.reference: 'host' swaps full weights into the module, which ZeRO-3 partitions; use zero_stage <= 2")
     samples = r.questions_per_step * r.group_size
     need(
         samples % lr.num_ranks == 0,

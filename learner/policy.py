@@ -123,7 +123,8 @@ class PolicyLearner:
         self.grpo_cfg = grpo_cfg or GRPOConfig()
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.max_tokens = max_tokens
-        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch or (
+            getattr(learner_cfg, "max_tokens_per_micro_batch", 0) or None)
         if self.grpo_cfg.loss_agg == "seq_mean_token_sum_norm" and not max_tokens:
             raise UserError("grpo.loss_agg=seq_mean_token_sum_norm (Dr. GRPO) needs the learner's max_tokens "
                             "(pass rollout.max_new_tokens)")
@@ -136,7 +137,11 @@ class PolicyLearner:
         self.tokenizer = _load_tokenizer(self.model_dir)
         self.reference = None
         self._reference_reset = False
-        if with_reference:
+        if with_reference and getattr(learner_cfg, "reference", "copy") == "host":
+            from learner.reference import HostReference
+
+            self.reference = HostReference(model)  # no second model on the device: swapped in per reference pass
+        elif with_reference:
             self.reference = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch.float32)
             self.reference.to(self.device).eval().requires_grad_(False)
 
@@ -202,6 +207,11 @@ class PolicyLearner:
 
     @torch.no_grad()
     def _batched_logprobs(self, model, batch: TrainBatch) -> torch.Tensor:
+        from learner.reference import HostReference
+
+        if isinstance(model, HostReference):  # swap the reference in once for the whole batch
+            with model.swapped_in() as module:
+                return self._batched_logprobs(module, batch)
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)  # [N, T]
         for rows, mb in micro_batches(batch, self.cfg.micro_batch_size, self.max_tokens_per_micro_batch):
             lp, _ = self._logprobs(model, mb)
@@ -281,6 +291,11 @@ class PolicyLearner:
         need_ref = beta > 0
         if need_ref and batch.ref_logprobs is None and self.reference is None:
             raise ValueError("beta > 0 needs batch.ref_logprobs or a learner with a reference model")
+        from learner.reference import HostReference
+
+        if need_ref and batch.ref_logprobs is None and isinstance(self.reference, HostReference):
+            # Swapping weights inside the step would invalidate the autograd graph: do the reference pass first.
+            batch = dataclasses.replace(batch, ref_logprobs=self.ref_logprobs(batch))
         (normalizer,) = self._all_reduce([grpo.loss_normalizer(batch.loss_mask, g.loss_agg, self.max_tokens)])
 
         def loss_fn(mb: TrainBatch):

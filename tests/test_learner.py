@@ -254,3 +254,38 @@ def test_world_size_mismatch_is_a_user_error(model_dir, tmp_path):
         learner.load_checkpoint(tmp_path / "empty")
     with pytest.raises(UserError, match="Dr. GRPO"):
         make_learner(model_dir, grpo_cfg=GRPOConfig(loss_agg="seq_mean_token_sum_norm"))
+
+
+# ---------------------------------------------------------------- memory-light options (issue: learner efficiency)
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_host_reference_gives_the_same_steps_as_a_reference_copy(model_dir, zero_stage):
+    """learner.reference=host (reference weights in host memory, swapped into the policy module) trains exactly
+    like a second model copy: same reference log-probs after the policy moved, same losses, policy untouched by
+    the swap."""
+    from learner.reference import HostReference
+
+    copy = make_learner(model_dir, zero_stage=zero_stage)
+    host = make_learner(model_dir, zero_stage=zero_stage, reference="host")
+    assert isinstance(host.reference, HostReference) and not isinstance(copy.reference, HostReference)
+    for seed in (1, 2, 3):
+        a, b = rl_batch(copy, seed), rl_batch(host, seed)
+        ma, mb = copy.grpo_step(a), host.grpo_step(b)  # host computes ref log-probs before the step
+        assert ma["loss"] == pytest.approx(mb["loss"], abs=1e-6)
+        assert ma["kl"] == pytest.approx(mb["kl"], abs=1e-7)
+        assert seed == 1 or ma["kl"] > 0  # after the first update the policy has moved off the reference
+    batch = rl_batch(host, 9)
+    before = host.logprobs(batch)
+    ref_host, ref_copy = host.ref_logprobs(batch), copy.ref_logprobs(batch)
+    assert torch.equal(host.logprobs(batch), before)  # the swap restored the policy exactly
+    assert torch.allclose(ref_host, ref_copy, atol=1e-6)
+    assert not torch.allclose(ref_host, before, atol=1e-4)
+
+
+def test_token_budget_micro_batches_change_nothing_but_the_padding(model_dir):
+    plain = make_learner(model_dir, zero_stage=1)
+    budget = make_learner(model_dir, zero_stage=1, max_tokens_per_micro_batch=40)
+    assert budget.max_tokens_per_micro_batch == 40
+    for seed in (1, 2):
+        ma, mb = plain.grpo_step(rl_batch(plain, seed)), budget.grpo_step(rl_batch(budget, seed))
+        assert ma["loss"] == pytest.approx(mb["loss"], abs=1e-5)
