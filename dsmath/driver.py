@@ -238,16 +238,16 @@ def evaluate(gen_pool, reward_pool, problems: list[Problem], cfg: TrainConfig, v
                              max_new_tokens=cfg.rollout.max_new_tokens, stop=cfg.rollout.stop, tag=tag)
     per_gen = max(1, len(requests) // (4 * len(gen_pool.actors)))
     rollouts, results = generate_and_score(gen_pool, reward_pool, requests, version, timer, chunk_size=per_gen)
-    correct = sum(r.correct for r in results)
-    by_level: dict[str, list[int]] = {}
-    for ro, res in zip(rollouts, results):
-        level = str(ro.problem.meta.get("level", "all"))
-        by_level.setdefault(level, []).append(int(res.correct))
+    # The `dsmath eval` harness's aggregation (dsmath.evaluation), so in-training and offline figures agree.
+    from dsmath.evaluation.aggregate import group_by_problem, summarize
+
+    summary = summarize(*group_by_problem(rollouts, results), greedy_first=True)
     return {
-        "accuracy": correct / max(1, len(results)),
-        "size": len(results),
-        "by_level": {k: sum(v) / len(v) for k, v in sorted(by_level.items())},
-        "timeouts": sum(r.timed_out for r in results),
+        "accuracy": summary["pass@1"],
+        "size": summary["problems"],
+        "by_level": {k: v["pass@1"] for k, v in summary.get("by_level", {}).items()},
+        "timeouts": summary["timeouts"],
+        "no_answer": summary["no_answer"],
         "seconds": sum(timer.pop().values()),
     }
 
