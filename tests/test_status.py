@@ -120,6 +120,15 @@ def test_render_shows_the_figures() -> None:
     assert "checkpoint step 10  runs/demo/ckpt/step_10" in text
     assert "eval       step 10  accuracy 0.420" in text
     assert "generate 57%" in text
+    assert "restarts" not in text and "off-policy" not in text  # nothing to report: no line
+
+
+def test_render_shows_restarts_and_staleness_when_there_are_any() -> None:
+    metrics = {"faults/generator_restarts": 1, "faults/reward_worker_restarts": 2, "faults/reissued_samples": 16,
+               "staleness/mean": 0.75, "staleness/max": 1, "dynamic_sampling/dropped_groups": 3}
+    text = render(RunSnapshot.from_dict(example(metrics=metrics)), now=1_700_000_130.0)
+    assert "restarts   generators 1, reward workers 2; samples reissued 16" in text
+    assert "off-policy staleness mean 0.75 max 1; dynamic sampling dropped 3 groups" in text
 
 
 # ---------------------------------------------------------------------------------------------- gRPC

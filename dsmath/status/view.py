@@ -129,6 +129,15 @@ def render(snapshot: RunSnapshot, *, source: str = "", now: float | None = None)
             "queues    "
             + "   ".join(f"{q.name}: depth {q.depth}, timeouts {100 * q.timeout_rate:.1f}%" for q in s.queues)
         )
+    m = dict(s.metrics)
+    if any(k.startswith("faults/") for k in m):
+        lines.append(f"{'restarts':<10} generators {int(m.get('faults/generator_restarts', 0))}, reward workers "
+                     f"{int(m.get('faults/reward_worker_restarts', 0))}; samples reissued "
+                     f"{int(m.get('faults/reissued_samples', 0))}")
+    if m.get("staleness/max", 0) > 0 or m.get("dynamic_sampling/dropped_groups", 0) > 0:
+        lines.append(f"{'off-policy':<10} staleness mean {m.get('staleness/mean', 0.0):.2f} max "
+                     f"{int(m.get('staleness/max', 0))}; dynamic sampling dropped "
+                     f"{int(m.get('dynamic_sampling/dropped_groups', 0))} groups")
     ck = f"step {s.last_checkpoint.step}  {s.last_checkpoint.path}" if s.last_checkpoint else "-"
     ev = f"step {s.last_eval.step}  accuracy {s.last_eval.accuracy:.3f}" if s.last_eval else "-"
     lines.append(f"{'checkpoint':<10} {ck}")
