@@ -64,6 +64,33 @@ class _LeastLoaded:
     def _submit(self, *payload) -> Any:
         raise NotImplementedError
 
+    def replace_dead(self, probe: str = "ping", timeout_s: float = 30.0) -> list[int]:
+        """Call ``probe`` on every actor; replace those that died (or do not answer within ``timeout_s``).
+        Returns the replaced indices. For failures outside a submitted task (e.g. during a weight sync)."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        replaced = []
+        for index, actor in enumerate(list(self.actors)):
+            try:
+                ray.get(getattr(actor, probe).remote(), timeout=timeout_s)
+                continue
+            except (RayActorError, GetTimeoutError) as exc:
+                error = exc
+            if self.factory is None:
+                raise error
+            if self.restarts >= self.max_restarts:
+                raise ActorRestartLimit(f"{self.role} {index} died and the pool already restarted {self.restarts} "
+                                        f"actors (max_restarts={self.max_restarts}): {error}") from error
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+            self.actors[index] = self.factory(index)
+            self.restarts += 1
+            replaced.append(index)
+        return replaced
+
     def reissue(self, future: Any, error: BaseException) -> Any:
         """``future`` failed with ``error`` because its actor died: replace that actor (if not done already for
         this death) and submit the same payload again. Returns the new future. Raises ``error`` when the pool

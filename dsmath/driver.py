@@ -572,8 +572,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         def sync_generators() -> Any:
             nonlocal gen_version
             with timer.stage("weight_sync"):
-                stats = broadcast_weights(learner.actors[0], {f"generator-{i}": a for i, a in enumerate(gen_pool.actors)},
-                                          state.weight_version, cfg.weight_sync)
+                if fault_hook:
+                    fault_hook("weight_sync", state.weight_version, gen_pool, reward_pool)
+                stats = sync_with_recovery(learner.actors[0], gen_pool, state.weight_version, cfg.weight_sync)
             gen_version = state.weight_version
             return stats
 
@@ -713,6 +714,31 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         metrics_out.close()
         status.stop()
         release_actors(gen_pool.actors + reward_pool.actors, learner, placement)
+
+
+def sync_with_recovery(sender, gen_pool, version: int, sync_cfg) -> Any:
+    """Broadcast ``version`` to every generator; if one died on the way, replace it (the replacement is brought
+    to ``version`` by the pool's factory) and resend to the generators still behind. Survivors of the failed
+    attempt refused nothing: an aborted update leaves them at their old version, so the resend is valid."""
+    import ray
+
+    from learner.weight_sync import SyncStats, WeightSyncError, broadcast_weights
+
+    def named(actors: dict[int, Any]) -> dict[str, Any]:
+        return {f"generator-{i}": a for i, a in actors.items()}
+
+    try:
+        return broadcast_weights(sender, named(dict(enumerate(gen_pool.actors))), version, sync_cfg)
+    except (WeightSyncError, ray.exceptions.RayError) as exc:
+        replaced = gen_pool.replace_dead(probe="get_weight_version")
+        if not replaced:
+            raise
+        _log(f"weight sync to version {version} failed ({type(exc).__name__}); replaced generators {replaced}")
+    behind = {i: a for i, a in enumerate(gen_pool.actors)
+              if ray.get(a.get_weight_version.remote(), timeout=sync_cfg.timeout_s) != version}
+    if not behind:
+        return SyncStats(version=version, transport=sync_cfg.transport, num_receivers=0, buckets=0, tensors=0)
+    return broadcast_weights(sender, named(behind), version, sync_cfg)
 
 
 def release_actors(actors: list, learner, placement: Placement) -> None:

@@ -83,8 +83,9 @@ def test_three_steps_two_generators(three_steps):
 
 def test_killed_generator_and_reward_worker_are_replaced_and_nothing_is_lost(tmp_path, three_steps, cache_dir):
     """ray.kill a generator while its chunks are being generated and the only reward worker before it scores, at
-    step 2: both are replaced (the generator brought to the current weight version), their chunks reissued, the
-    learner untouched — and the run equals the uninterrupted one sample for sample."""
+    step 2, and the other generator just before a weight broadcast: all are replaced (generators brought to the
+    current weight version), their chunks reissued, the broadcast resent to those still behind, the learner
+    untouched — and the run equals the uninterrupted one sample for sample."""
     import ray
 
     from dsmath.driver import train
@@ -94,17 +95,21 @@ def test_killed_generator_and_reward_worker_are_replaced_and_nothing_is_lost(tmp
     def kill_at_step_2(event, step, gen_pool, reward_pool):
         if step == 2 and event == "rollout_submitted":
             victims = [gen_pool.actors[0], reward_pool.actors[0]]
-            for actor in victims:
-                ray.kill(actor, no_restart=True)
-            killed.extend(victims)
+        elif step == 3 and event == "weight_sync":  # the other generator, just before version 3 is broadcast
+            victims = [gen_pool.actors[1]]
+        else:
+            return
+        for actor in victims:
+            ray.kill(actor, no_restart=True)
+        killed.extend(victims)
 
     # gloo weight sync: the collective group must re-form with the replacement at the next broadcast.
     cfg = load_config("tiny_cpu", TINY + [f"run_dir={tmp_path / 'run'}", f"bootstrap.data_dir={cache_dir}", "steps=3",
                                           "weight_sync.transport=gloo"])
     summary = train(cfg, progress=False, fault_hook=kill_at_step_2)
-    assert len(killed) == 2
+    assert len(killed) == 3
     rows = read_metrics(tmp_path / "run")
-    assert [r["faults/generator_restarts"] for r in rows] == [0, 1, 1]
+    assert [r["faults/generator_restarts"] for r in rows] == [0, 1, 2]
     assert [r["faults/reward_worker_restarts"] for r in rows] == [0, 1, 1]
     assert rows[1]["faults/reissued_samples"] > 0  # generator 0 owed samples when it died
     for r in rows:  # after the restart, every generator (the replacement too) holds the learner's version
