@@ -242,7 +242,9 @@ def test_config_mistakes_are_one_line_errors():
 
 
 def _dsmath(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
+    # An in-process learner (another test) leaves its rendezvous in os.environ; a child must pick its own.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     return subprocess.run([sys.executable, "-m", "dsmath.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
