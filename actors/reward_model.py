@@ -32,7 +32,8 @@ from dsmath.reward_models import combine_rewards, completion_step_ends, gather_s
 
 
 def load_reward_model(model_dir: str | Path):
-    """(model, tokenizer) from an RM folder, in eval mode on CPU/GPU as available, float32."""
+    """(model, tokenizer) from an RM folder, in eval mode, float32, on CPU (the actor asks Ray for no GPU; a tiny
+    or mid-size RM scores a chunk in well under the generation time, and the GPUs stay with vLLM and the learner)."""
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
     path = Path(model_dir)
