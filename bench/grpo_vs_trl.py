@@ -77,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="smoke test: 1 round, 3 steps, 8 questions per step, 40 held-out questions")
     ap.add_argument("--work-dir", default="", help="where arms write runs, logs and results (default: a new temporary folder, kept and named in the JSON)")
     ap.add_argument("--gate-tol", type=float, default=1e-6, help="loss-gate tolerance (absolute)")
+    ap.add_argument("--report", default="", metavar="WORK_DIR",
+                    help="print the card again from a finished run's work dir (runs nothing)")
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.steps, args.questions, args.eval_size = 1, 3, 8, 40
@@ -223,6 +225,7 @@ def summarise(runs: list[dict], samples_per_step: int) -> dict:
         split["generate_overlapped_s"] = statistics.median(overlapped)
     out.update(
         step_s_median=med, step_s_min=min(walls), timed_steps=len(walls),
+        step_s_median_rounds=[round(statistics.median(row["wall_s"] for row in r["rows"]), 3) for r in ok],
         samples_per_s=samples_per_step / med, completion_tokens_per_s=statistics.median(per_round_tps),
         split=split, peak_mem_mb=max(r["peak_mem_mb"] for r in ok),
         load=[(round(r["load_before"], 2), round(r["load_after"], 2)) for r in runs],
@@ -291,6 +294,9 @@ def print_card(spec: dict, gate: dict, arms: dict, skipped: dict, args: argparse
               f"{s['completion_tokens_per_s']:>8.0f}{ratio:>8}  {split:<28}{s['peak_mem_mb']:>8.0f}{acc:>14}  {loads}")
     for name, why in skipped.items():
         print(f"{name:<7} skipped: {why}")
+    print("median s/step by round: " + "   ".join(
+        f"{name} " + "/".join(f"{x:.2f}" for x in s["step_s_median_rounds"]) for name, s in arms.items()
+        if s.get("rounds_ok")))
     print("-" * 100)
     verdicts = {}
     if trl.get("rounds_ok"):
@@ -321,8 +327,39 @@ def print_card(spec: dict, gate: dict, arms: dict, skipped: dict, args: argparse
     return verdicts
 
 
+def load_finished(work: Path) -> tuple[dict, dict, dict[str, list[dict]], dict[str, str]]:
+    """(spec, gate, runs by arm, skipped) from a finished run's work dir."""
+    if not (work / "spec.json").exists() or not (work / "runs.jsonl").exists():
+        raise FileNotFoundError(f"{work} is not a finished bench work dir (no spec.json/runs.jsonl)")
+    spec = json.loads((work / "spec.json").read_text())
+    gate = json.loads((work / "gate.json").read_text())
+    runs: dict[str, list[dict]] = {}
+    skipped: dict[str, str] = {}
+    for line in (work / "runs.jsonl").read_text().splitlines():
+        run = json.loads(line)
+        out = work / f"{run['arm']}-{run['round']}.json"
+        if out.exists():
+            run.update(json.loads(out.read_text()))
+        if "skipped" in run or "not_async" in run:
+            skipped[run["arm"]] = run.get("skipped") or run["not_async"]
+        else:
+            runs.setdefault(run["arm"], []).append(run)
+    return spec, gate, runs, skipped
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report:
+        try:
+            spec, gate, runs, skipped = load_finished(Path(args.report))
+        except FileNotFoundError as exc:
+            print(f"grpo_vs_trl.py: error: {exc}", file=sys.stderr)
+            return 2
+        args.rounds = max(len(rs) for rs in runs.values()) if runs else 0
+        samples = spec["match"]["questions_per_step"] * spec["match"]["group_size"]
+        arms = {name: summarise(rs, samples) for name, rs in runs.items()}
+        print_card(spec, gate, arms, skipped, args)
+        return 0
     from tqdm import tqdm
 
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench_grpo_"))
