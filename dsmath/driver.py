@@ -627,7 +627,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
             row.update(samples.timings)  # rollout/reward (in async mode: overlapped with the previous update)
             row.update(timer.pop())
             completion_tokens = sum(len(r.completion_ids) for r in rollouts)
-            row["tokens_per_s"] = completion_tokens / max(1e-9, row.get("time/rollout", 0.0))
+            if row.get("time/rollout", 0.0) > 0:  # (offline sampling generates nothing during the step)
+                row["tokens_per_s"] = completion_tokens / row["time/rollout"]
             row["rollout/logprob_abs_diff_max"] = gap
             row["weight_version"] = state.weight_version
             row["samples_trained"] = state.samples_trained
