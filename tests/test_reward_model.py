@@ -208,3 +208,24 @@ def test_reward_model_learns_and_scorer_reads_the_checkpoint(policy_dir, tmp_pat
 
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def test_cli_mistakes_are_one_line_errors(tmp_path, capsys):
+    from dsmath.cli import main
+
+    good = '{"prompt_ids": [1], "completion_ids": [2, 3], "positions": [1], "labels": [1]}'
+    bad = tmp_path / "rm.jsonl"
+    bad.write_text(good + "\n" + '{"prompt_ids": [1]}' + "\n")
+    assert main(["rm", "train", "--kind", "process", "--out", str(tmp_path / "o"), "--data", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dsmath rm: error: ") and f"{bad}:2" in err and "\n" not in err
+    assert main(["rm", "train", "--kind", "outcome", "--out", str(tmp_path / "o"), "--history", str(tmp_path / "no")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["rm"]) == 2
+    assert "dsmath rm train" in capsys.readouterr().err
+    assert main(["rm", "train", "--kind", "process", "--out", "x", "rm.replay_fraction=1.5"]) == 2
+    assert "rm.replay_fraction" in capsys.readouterr().err
+    assert main(["iterate", "--iterations", "0"]) == 2
+    assert "--iterations" in capsys.readouterr().err
+    assert main(["train", "grpo.advantage=process"]) == 2  # process supervision without a PRM is refused up front
+    assert "reward.model_kind=process" in capsys.readouterr().err

@@ -55,8 +55,12 @@ def run(args: argparse.Namespace) -> int:
     if args.rm_command != "train":
         raise UserError("say what to do: dsmath rm train --kind outcome|process --out DIR (see dsmath rm train --help)")
     cfg = load_config(args.config, list(args.overrides))
-    from dsmath.driver import load_task
     from dsmath.rm_pipeline import read_examples, rm_round, sample_problems
+
+    # Read the user's files first: a bad line is reported before any model is built or loaded.
+    history = read_examples(args.history)
+    fresh = read_examples(args.data) if args.data else None
+    from dsmath.driver import load_task
 
     task = load_task(cfg)
     policy = Path(args.policy) if args.policy else task.model_dir
@@ -66,8 +70,6 @@ def run(args: argparse.Namespace) -> int:
     if not (init / "config.json").exists():
         raise UserError(f"--init {init}: not a model folder (no config.json)")
     seed = cfg.rm.seed if args.seed is None else args.seed
-    history = read_examples(args.history)
-    fresh = read_examples(args.data) if args.data else None
     problems = sample_problems(task.train, cfg.rm.questions, seed)
     s = rm_round(cfg, policy_dir=policy, init_dir=init, out_dir=args.out, problems=problems,
                  prompt_mode=task.prompt_mode, kind=args.kind, history=history, fresh=fresh, seed=seed,
