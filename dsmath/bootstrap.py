@@ -180,8 +180,6 @@ def warm_up(model_dir: Path, examples: list[dict], boot: BootstrapConfig, *, log
         log(f"bootstrap: SFT loss {curve[0][1]} -> {curve[-1][1]}")
         return {"loss_curve": curve, "steps": boot.sft_steps, "lr": boot.sft_lr, "batch_size": boot.sft_batch_size}
     finally:
+        # The one-rank process group stays: a later learner in this process (another bootstrap, a compare run)
+        # reuses it. Destroying it leaves DeepSpeed's cached world group dangling ("Group ... is not registered").
         torch.set_num_threads(threads)
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()

@@ -128,11 +128,7 @@ def rm_round(cfg: TrainConfig, *, policy_dir: str | Path, init_dir: str | Path, 
                                             tokenizer=tok)
     finally:
         torch.set_num_threads(threads)
-        del learner
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        del learner  # the one-rank process group stays for the next learner in this process (see bootstrap.warm_up)
     summary = {
         "kind": kind, "policy": str(policy_dir), "init": str(init_dir), "checkpoint": str(ckpt_path),
         "fresh_examples": len(fresh), "replayed_examples": len(mixed) - len(fresh), "history_examples": len(history),

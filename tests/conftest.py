@@ -13,3 +13,23 @@ for key, value in {
     "RAY_USAGE_STATS_ENABLED": "0",
 }.items():
     os.environ.setdefault(key, value)
+
+
+import pytest  # noqa: E402 - the environment above must be set before anything imports torch or ray
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A real local Ray cluster for one test module: 4 logical CPUs (actors share the 2 cores), no GPUs.
+    Modules that need another shape define their own ``ray_cluster``."""
+    import ray
+
+    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """Bootstrap cache shared by the loop tests: same settings, built once per session."""
+    return tmp_path_factory.mktemp("bootstrap-cache")

@@ -5,45 +5,15 @@ import json
 import pytest
 
 from dsmath.config import load_config
+from tiny_loop import TINY_LOOP
 from dsmath.utils.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "bootstrap.num_train_problems=800",
-    "bootstrap.num_sft_problems=400",
-    "bootstrap.num_heldout_problems=24",
-    "bootstrap.sft_steps=30",
-    "bootstrap.sft_batch_size=16",
-    "model.hidden_size=64",
-    "model.num_heads=2",
-    "model.num_kv_heads=1",
-    "model.num_layers=2",
-    "model.intermediate_size=128",
-    "model.vocab_size=320",
-    "eval_size=24",
-    "rollout.questions_per_step=4",
-    "rollout.group_size=4",
-    "rollout.max_new_tokens=24",
+TINY = TINY_LOOP + [
     "rollout.num_generators=2",
-    "learner.lr=1e-3",
-    "learner.micro_batch_size=8",
     "checkpoint_every=2",
 ]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("bootstrap-cache")
 
 
 @pytest.fixture(scope="module")
