@@ -172,6 +172,14 @@ class TreeMemory(threading.Thread):
         return self.peak
 
 
+def _arm_env() -> dict[str, str]:
+    """This process's environment without the rendezvous variables a bootstrap built here left behind (its
+    TCPStore may still hold that port: an arm's learner would fail with EADDRINUSE)."""
+    drop = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+            "CROSS_RANK", "CROSS_SIZE"}
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
 def run_arm(arm: str, spec_path: Path, out_path: Path, log_path: Path, timeout_s: float) -> dict:
     """One arm in a fresh process; returns its result plus load, memory and process wall time."""
     spec = json.loads(spec_path.read_text())
@@ -184,7 +192,7 @@ def run_arm(arm: str, spec_path: Path, out_path: Path, log_path: Path, timeout_s
     start = time.perf_counter()
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("grpo_arms.py")), arm, str(arm_spec),
-                                 str(out_path)], stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO))
+                                 str(out_path)], stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO), env=_arm_env())
         mem = TreeMemory(proc.pid, until=marker)
         mem.start()
         try:
