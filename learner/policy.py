@@ -63,9 +63,11 @@ def init_distributed(rank: int, world_size: int, backend: str = "auto") -> str:
     os.environ["RANK"] = str(rank)
     os.environ["WORLD_SIZE"] = str(world_size)
     os.environ.setdefault("LOCAL_RANK", "0" if torch.cuda.is_available() else str(rank))
-    if world_size == 1:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if world_size == 1 and not dist.is_initialized() and "TORCHELASTIC_RUN_ID" not in os.environ:
+        # A one-rank group of our own: a fresh port, never one inherited from a parent process that may be
+        # listening on it (a test or driver process running its own in-process learner).
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(free_port())
     elif "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
         raise UserError("a multi-rank learner needs MASTER_ADDR and MASTER_PORT (torchrun or LearnerGroup sets them)")
     if not dist.is_initialized():
