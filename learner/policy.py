@@ -75,7 +75,27 @@ def init_distributed(rank: int, world_size: int, backend: str = "auto") -> str:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank, world_size=world_size)
     elif dist.get_world_size() != world_size:
         raise RuntimeError(f"a process group of size {dist.get_world_size()} exists; asked for {world_size}")
+    _drop_stale_deepspeed_groups()
     return backend
+
+
+def _drop_stale_deepspeed_groups() -> None:
+    """Forget DeepSpeed's cached sub-groups whose process group was destroyed since they were made.
+
+    DeepSpeed caches a clone of the world group (``deepspeed.utils.groups``) the first time an engine is built.
+    If the default group is then destroyed — an in-process vLLM engine tears its own down on exit, and it is the
+    same default group — the next engine in this process would use the dead clone ("Group ... is not
+    registered"). Clearing the cache makes DeepSpeed clone the live group again.
+    """
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    for name, value in list(vars(groups).items()):
+        if isinstance(value, dist.ProcessGroup):
+            try:
+                dist.get_global_rank(value, 0)
+            except (ValueError, RuntimeError):
+                setattr(groups, name, None)
 
 
 def _load_tokenizer(model_dir: Path):
