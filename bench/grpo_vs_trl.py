@@ -325,6 +325,14 @@ def print_card(spec: dict, gate: dict, arms: dict, skipped: dict, args: argparse
                       f"({'at least as good' if acc_ok else 'lower'}; difference "
                       f"{(s['heldout_after'] - trl['heldout_after']) * 100:+.1f} +- {half * 100:.1f} points, 95 %, "
                       f"n={n})")
+    # The arms raise the load themselves (Ray runs several processes, and the 1-minute average lags), so only a
+    # median load before the arms far above the core count signals other jobs.
+    before = [pair[0] for s in arms.values() if s.get("rounds_ok") for pair in s["load"]]
+    cores = os.cpu_count() or 1
+    if before and statistics.median(before) > 4 * cores:
+        print(f"WARNING: median 1-minute load before the arms was {statistics.median(before):.0f} on {cores} cores. "
+              "On an oversubscribed machine dsmath's several busy processes get more CPU time than TRL's one, so the "
+              "ratios overstate dsmath; rerun on a quiet machine")
     print("time split: median seconds per timed step; TRL's 'train' = step wall - generate - reward (ref logprobs, "
           "forward/backward, optimizer); TRL has no weight sync (HF generate uses the training model)")
     for name, s in arms.items():
