@@ -578,6 +578,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
             gen_version = state.weight_version
             return stats
 
+        # A separate old-logprobs pass is needed off-policy (async: the IS weights), for PPO (its KL reward) and
+        # for several updates per batch; one on-policy update uses the learner's own detached log-probs.
+        recompute_old = (async_mode or cfg.grpo.updates_per_step > 1
+                         or cfg.grpo.algorithm not in ("grpo", "online_rft", "rft"))
         health = None
         while state.step < cfg.steps:
             step = state.step + 1
@@ -602,9 +606,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
                 adv = sample_advantages(cfg.grpo, rollouts, results, g)  # B*G floats or per-token lists
                 batch = build_train_batch(rollouts, adv, tokenizer.pad_token_id, max_len,
                                           mask_truncated=cfg.rollout.overlong == "mask")
-            with timer.stage("old_logprobs"):
-                old_lp = learner.logprobs(batch)  # [N, T]
-            gap = logprob_gap(rollouts, batch, old_lp)
+            old_lp = None  # None: the learner's own detached log-probs, ratio exactly 1 (paper: μ = 1, π_old = π_θ)
+            if recompute_old:
+                with timer.stage("old_logprobs"):
+                    old_lp = learner.logprobs(batch)  # [N, T]
+                gap = logprob_gap(rollouts, batch, old_lp)
+            else:  # the update's forward pass checks the generator's log-probs: no extra pass over the batch
+                batch = dataclasses_replace(batch, behaviour_logprobs=generator_logprobs(rollouts, batch))
             if async_mode:  # off-policy correction: w = min(π_learner / π_generator, clip) per sampled token
                 from dsmath.shaping import truncated_is_weights
 
@@ -615,6 +623,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
                     batch = dataclasses_replace(batch, ref_logprobs=learner.ref_logprobs(batch))
             with timer.stage("update"):
                 train_metrics = learner.grpo_step(dataclasses_replace(batch, old_logprobs=old_lp))
+            if not recompute_old:
+                gap = train_metrics.pop("logprob_gap")
             state.weight_version += 1
             if not async_mode:  # synchronous: exactly on-policy, every generator at the learner's version
                 sync = sync_generators()

@@ -34,6 +34,8 @@ class TrainBatch:
     old_logprobs: Tensor | None = None  # [N, T] float
     ref_logprobs: Tensor | None = None  # [N, T] float
     is_weights: Tensor | None = None  # [N, T] float
+    # The generator's log-probs of the sampled tokens (only for the logprob-gap check, never in the loss).
+    behaviour_logprobs: Tensor | None = None  # [N, T] float
 
     def __post_init__(self) -> None:
         n, t = self.input_ids.shape

@@ -328,11 +328,16 @@ class PolicyLearner:
             if need_ref and ref is None:
                 with torch.no_grad():
                     ref, _ = self._logprobs(self.reference, mb)
-            return grpo.grpo_loss(
+            loss, metrics = grpo.grpo_loss(
                 logp, old, ref if need_ref else None, mb.advantages, mb.loss_mask,
                 clip_eps_low=g.clip_eps_low, clip_eps_high=g.clip_eps_high, beta=beta, loss_agg=g.loss_agg,
                 max_tokens=self.max_tokens, is_weights=mb.is_weights, entropy=ent, normalizer=normalizer,
             )
+            if mb.behaviour_logprobs is not None:  # sampler vs learner on the sampled tokens: a sync-bug detector
+                sel = mb.loss_mask.bool()  # [n, w]
+                gap = (logp.detach() - mb.behaviour_logprobs).abs()[sel]
+                metrics["logprob_gap"] = float(gap.max()) if gap.numel() else 0.0
+            return loss, metrics
 
         loss, parts = self._run_step(batch, loss_fn)
         # Token-weighted means and global extremes over micro-batches and ranks.
@@ -351,6 +356,9 @@ class PolicyLearner:
         )
         tokens = sums[0]
         metrics = {"loss": loss, "tokens": tokens, **self._common_metrics()}
+        if batch.behaviour_logprobs is not None:
+            (metrics["logprob_gap"],) = self._all_reduce([max([m.get("logprob_gap", 0.0) for m in parts] or [0.0])],
+                                                         op="max")
         if tokens:
             present = {k for m in parts for k in m}
             for key, total in zip(_TOKEN_MEAN_KEYS, sums[1:]):

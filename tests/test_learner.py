@@ -289,3 +289,19 @@ def test_token_budget_micro_batches_change_nothing_but_the_padding(model_dir):
     for seed in (1, 2):
         ma, mb = plain.grpo_step(rl_batch(plain, seed)), budget.grpo_step(rl_batch(budget, seed))
         assert ma["loss"] == pytest.approx(mb["loss"], abs=1e-5)
+
+
+def test_update_reports_the_gap_to_the_samplers_logprobs_without_an_extra_pass(model_dir):
+    """With behaviour_logprobs in the batch, grpo_step's own forward pass measures max |learner − sampler| on the
+    loss tokens (the driver's weight-sync check in synchronous mode) and the loss does not change."""
+    learner = make_learner(model_dir, zero_stage=1)
+    twin = make_learner(model_dir, zero_stage=1)
+    batch = rl_batch(learner, 4)
+    behaviour = learner.logprobs(batch).clone()
+    rows, cols = batch.loss_mask.nonzero(as_tuple=True)
+    behaviour[rows[3], cols[3]] -= 0.5  # one sampled token the "generator" scored differently
+    with_gap = learner.grpo_step(TrainBatch(**{**batch.__dict__, "behaviour_logprobs": behaviour}))
+    plain = twin.grpo_step(batch)
+    assert with_gap["logprob_gap"] == pytest.approx(0.5, abs=1e-5)
+    assert "logprob_gap" not in plain
+    assert with_gap["loss"] == pytest.approx(plain["loss"], abs=1e-7)
