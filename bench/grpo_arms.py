@@ -24,12 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dsmath.env import apply_cpu_env_defaults  # noqa: E402 - before torch/ray/vllm are imported
 
-for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
-                     "DS_ACCELERATOR": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-                     "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"
-                     }.items():
-    os.environ.setdefault(_key, _value)
+apply_cpu_env_defaults()
 
 from grpo_loss_gate import MatchedSettings, loss_gate, trl_config  # noqa: E402
 

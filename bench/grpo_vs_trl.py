@@ -36,12 +36,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dsmath.env import apply_cpu_env_defaults  # noqa: E402 - before torch/ray/vllm are imported
 
-for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
-                     "DS_ACCELERATOR": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-                     "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"
-                     }.items():
-    os.environ.setdefault(_key, _value)
+apply_cpu_env_defaults()
 
 ARMS = ("trl", "sync", "async")
 # The 3 M-parameter variant: head size 64 (vLLM's CPU attention kernels take 32/64/...), a shorter SFT.

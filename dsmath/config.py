@@ -353,18 +353,24 @@ def resolve_preset(name_or_path: str, preset_dir: Path = PRESET_DIR) -> Path:
     return preset
 
 
+def read_yaml_mapping(path: Path) -> dict:
+    """A config YAML file's top-level mapping; a one-line :class:`ConfigError` if it is not valid YAML or not a
+    mapping."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
 def load_tree(cls: type, name_or_path: str | None, overrides: list[str] | None, *, preset_dir: Path,
               check: Callable[[Any], None]) -> Any:
     """Any frozen config tree ``cls``: a preset in ``preset_dir`` or a YAML path, dotted overrides, ``check``."""
     data: dict = {}
     if name_or_path:
-        path = resolve_preset(name_or_path, preset_dir)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = read_yaml_mapping(resolve_preset(name_or_path, preset_dir))
     for key, value in parse_overrides(overrides or []):
         _set_dotted(data, key, value)
     cfg = _build(cls, data)

@@ -53,17 +53,9 @@ def _deep_merge(base: dict, extra: dict) -> dict:
 
 
 def _read_yaml(path: Path) -> dict:
-    import yaml
+    from dsmath.config import read_yaml_mapping
 
-    from dsmath.config import ConfigError
-
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return data
+    return read_yaml_mapping(path)
 
 
 def resolve_configs(args: argparse.Namespace, out: Path) -> list[tuple[str, object]]:

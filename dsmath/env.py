@@ -1,0 +1,28 @@
+"""The environment the CPU stack needs (DESIGN §7), in one place.
+
+Offline hub, no Ray token auth, DeepSpeed's CPU accelerator, a small vLLM KV cache, the in-process vLLM engine,
+one OpenMP thread per process (two busy processes at two threads each run 20-30× slower on 2 cores). The Makefile
+exports the same values; tests, benches and the CLI set them as defaults (a value already set wins).
+"""
+
+from __future__ import annotations
+
+import os
+
+CPU_STACK_ENV: dict[str, str] = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "RAY_AUTH_MODE": "disabled",
+    "DS_ACCELERATOR": "cpu",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def apply_cpu_env_defaults() -> None:
+    """Set every :data:`CPU_STACK_ENV` variable that is not set already (imports nothing heavy)."""
+    for key, value in CPU_STACK_ENV.items():
+        os.environ.setdefault(key, value)
