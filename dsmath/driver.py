@@ -362,19 +362,10 @@ def generator_logprobs(rollouts: list[Rollout], batch):
 
 
 def logprob_gap(rollouts: list[Rollout], batch, learner_logprobs) -> float:
-    """Max |generator logprob − learner logprob| over sampled tokens: a weight-sync bug shows up here."""
-    import torch
-
-    gap = 0.0
-    for i, r in enumerate(rollouts):
-        p = len(r.prompt_ids)
-        k = min(len(r.logprobs), batch.input_ids.shape[1] - p)
-        if k <= 0:
-            continue
-        gen = torch.tensor(r.logprobs[:k], dtype=torch.float32)
-        lrn = learner_logprobs[i, p - 1:p - 1 + k].float()
-        gap = max(gap, float((gen - lrn).abs().max()))
-    return gap
+    """Max |generator logprob − learner logprob| over the trained tokens: a weight-sync bug shows up here."""
+    sel = batch.loss_mask.bool()  # [N, T]
+    gap = (generator_logprobs(rollouts, batch) - learner_logprobs.float()).abs()[sel]
+    return float(gap.max()) if gap.numel() else 0.0
 
 
 def rollout_metrics(rollouts: list[Rollout], results: list[RewardResult], group_size: int) -> dict:
