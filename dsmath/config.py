@@ -179,6 +179,17 @@ class AsyncConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """Question/answer JSONL (GSM8K, MATH or {question, answer}) for RL; empty = the built-in arithmetic task.
+
+    ``heldout`` empty: the first ``eval_size`` training questions are held out (and not trained on).
+    """
+
+    train: str = ""
+    heldout: str = ""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The root of the tree."""
 
@@ -192,6 +203,7 @@ class TrainConfig:
     status_port: int = 0
     max_actor_restarts: int = 3  # per pool (generators, reward workers) per run; a learner failure ends the run
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
@@ -393,6 +405,9 @@ def validate(cfg: TrainConfig) -> None:
 
     need(cfg.steps >= 0, "steps: must be >= 0")
     need(cfg.max_actor_restarts >= 0, "max_actor_restarts: must be >= 0")
+    need(not cfg.data.train or bool(cfg.model.path),
+         "data.train: questions from files need the model that answers them: set model.path too")
+    need(not cfg.data.heldout or bool(cfg.data.train), "data.heldout: set data.train too")
     need(r.group_size >= 1, "rollout.group_size: must be >= 1")
     need(
         g.algorithm not in ("grpo", "ppo") or r.group_size >= 2 or g.algorithm == "ppo",

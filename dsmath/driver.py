@@ -148,6 +148,8 @@ class TaskData:
 
 def load_task(cfg: TrainConfig) -> TaskData:
     """The model to start from and the questions: the tiny bootstrap, or a user model + JSONL files."""
+    if cfg.data.train:
+        return load_user_task(cfg)
     from dsmath.bootstrap import PROMPT_MODE, ensure_bootstrap
 
     # model.path (an HF folder or a dsmath checkpoint, e.g. iterative GRPO's previous iteration) replaces the
@@ -167,6 +169,30 @@ def load_task(cfg: TrainConfig) -> TaskData:
     rl_train = train_all[cfg.bootstrap.num_sft_problems:]
     heldout = arts.heldout_problems(limit=cfg.eval_size)
     return TaskData(model_dir=arts.model_dir, train=rl_train, heldout=heldout, prompt_mode=PROMPT_MODE)
+
+
+def load_user_task(cfg: TrainConfig) -> TaskData:
+    """``model.path`` + ``data.train`` (+ ``data.heldout``) JSONL, prompted with ``rollout.mode``'s template."""
+    from dsmath.datasets import load_problems
+    from learner.checkpoint import resolve
+
+    start = resolve(Path(cfg.model.path).expanduser())
+    if not (start / "config.json").exists():
+        raise UserError(f"model.path={cfg.model.path}: not a model folder or checkpoint (no config.json)")
+    for key, path in (("data.train", cfg.data.train), ("data.heldout", cfg.data.heldout)):
+        if path and not Path(path).expanduser().is_file():
+            raise UserError(f"{key}={path}: no such file")
+    train, report = load_problems(Path(cfg.data.train).expanduser())
+    _log(f"questions: {report.summary()}")
+    if cfg.data.heldout:
+        heldout, held_report = load_problems(Path(cfg.data.heldout).expanduser(), limit=cfg.eval_size)
+        _log(f"held-out: {held_report.summary()}")
+    else:  # hold out the first eval_size questions; RL never sees them
+        heldout, train = train[:cfg.eval_size], train[cfg.eval_size:]
+        _log(f"held-out: the first {len(heldout)} questions of {cfg.data.train} (not trained on)")
+    if not train:
+        raise UserError(f"data.train={cfg.data.train}: no questions left to train on (eval_size={cfg.eval_size})")
+    return TaskData(model_dir=start, train=train, heldout=heldout, prompt_mode=cfg.rollout.mode)
 
 
 def make_requests(problems: list[Problem], *, step: int, prompt_mode: str, n: int, temperature: float,

@@ -13,7 +13,7 @@ existing cluster when RAY_ADDRESS or --address is given, and starts a local one 
 
 examples:
   dsmath train
-  dsmath train --config deepseekmath_7b model.path=/models/deepseek-math-7b-instruct
+  dsmath train --config deepseekmath_7b model.path=/models/deepseek-math-7b-instruct data.train=q.jsonl
   dsmath train grpo.beta=0.0 rollout.group_size=16 steps=100
   dsmath train --resume --run-dir runs/tiny_cpu
   ray job submit --address http://HEAD:8265 --working-dir . -- dsmath train --config deepseekmath_7b
