@@ -128,6 +128,15 @@ class LearnerConfig:
     # The frozen reference: "copy" = a second model on the device; "host" = its weights in host memory,
     # swapped into the policy module for the reference pass (no second copy on the accelerator; ZeRO <= 2).
     reference: Literal["copy", "host"] = "copy"
+    # Compute precision. "fp32": everything in float32. "bf16": DeepSpeed's bf16 mode (bf16 weights and
+    # compute, fp32 master weights and Adam state), the reference model in bf16; log-prob, ratio and KL
+    # arithmetic stays in float32 either way.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # Activation checkpointing (recompute each layer's activations in backward): less memory, same gradients.
+    gradient_checkpointing: bool = False
+    # Log-probs and entropy from the final hidden states through the LM head this many tokens at a time
+    # (recomputed in backward), so no [N, T, V] logits are kept. 0 = the full logits at once.
+    logprob_chunk_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -441,6 +450,7 @@ def validate(cfg: TrainConfig) -> None:
     need(lr.num_ranks >= 1, "learner.num_ranks: must be >= 1")
     need(lr.micro_batch_size >= 1, "learner.micro_batch_size: must be >= 1")
     need(lr.max_tokens_per_micro_batch >= 0, "learner.max_tokens_per_micro_batch: must be >= 0 (0 = off)")
+    need(lr.logprob_chunk_tokens >= 0, "learner.logprob_chunk_tokens: must be >= 0 (0 = full logits)")
     need(lr.reference != "host" or lr.zero_stage <= 2,
          "learner.reference: 'host' swaps full weights into the module, which ZeRO-3 partitions; use zero_stage <= 2")
     samples = r.questions_per_step * r.group_size
