@@ -40,6 +40,8 @@ class ModelConfig:
     max_position_embeddings: int = 512
     vocab_size: int = 512
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # The memory plan's shape when model.path has no config.json on this machine (dsmath.memory_plan.KNOWN_SHAPES).
+    shape: str = ""
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ class RolloutConfig:
     overlong: Literal["none", "mask", "penalty"] = "none"
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
+    # Memory of one generator GPU, in GB (1e9 bytes), for the memory plan (dsmath train --dry-run).
+    gpu_memory_gb: float = 80.0
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,8 @@ class LearnerConfig:
     # Log-probs and entropy from the final hidden states through the LM head this many tokens at a time
     # (recomputed in backward), so no [N, T, V] logits are kept. 0 = the full logits at once.
     logprob_chunk_tokens: int = 0
+    # Memory of one learner GPU, in GB (1e9 bytes), for the memory plan (dsmath train --dry-run).
+    gpu_memory_gb: float = 80.0
 
 
 @dataclass(frozen=True)
@@ -451,6 +457,8 @@ def validate(cfg: TrainConfig) -> None:
     need(lr.micro_batch_size >= 1, "learner.micro_batch_size: must be >= 1")
     need(lr.max_tokens_per_micro_batch >= 0, "learner.max_tokens_per_micro_batch: must be >= 0 (0 = off)")
     need(lr.logprob_chunk_tokens >= 0, "learner.logprob_chunk_tokens: must be >= 0 (0 = full logits)")
+    need(lr.gpu_memory_gb > 0, "learner.gpu_memory_gb: must be > 0")
+    need(r.gpu_memory_gb > 0, "rollout.gpu_memory_gb: must be > 0")
     need(lr.reference != "host" or lr.zero_stage <= 2,
          "learner.reference: 'host' swaps full weights into the module, which ZeRO-3 partitions; use zero_stage <= 2")
     samples = r.questions_per_step * r.group_size
