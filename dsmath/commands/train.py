@@ -15,8 +15,14 @@ examples:
   dsmath train
   dsmath train --config deepseekmath_7b model.path=/models/deepseek-math-7b-instruct data.train=q.jsonl
   dsmath train grpo.beta=0.0 rollout.group_size=16 steps=100
+  dsmath train --config deepseekmath_7b --dry-run        # the memory plan per GPU; starts nothing
   dsmath train --resume --run-dir runs/tiny_cpu
   ray job submit --address http://HEAD:8265 --working-dir . -- dsmath train --config deepseekmath_7b
+
+On GPU configs (learner.gpus_per_rank > 0 or rollout.gpus_per_generator > 0) the memory plan
+(dsmath.memory_plan: weights, gradients, optimizer state, reference, activations, logits, vLLM KV cache per
+GPU) is checked before anything starts; a config whose estimate exceeds learner.gpu_memory_gb /
+rollout.gpu_memory_gb is refused in one line naming the biggest term and the setting that would fix it.
 
 writes RUN_DIR/{config.yaml, metrics.jsonl, tensorboard/, checkpoints/, summary.json, status.json}
 """
@@ -30,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="number of GRPO steps (same as steps=N)")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's last checkpoint, exactly")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the memory plan per learner and generator GPU and exit (0 if it fits, 2 if not); "
+                        "starts nothing")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,6 +52,12 @@ def run(args: argparse.Namespace) -> int:
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
     cfg = load_config(args.config, overrides)
+    if args.dry_run:
+        return dry_run(cfg)
+    if cfg.learner.gpus_per_rank > 0 or cfg.rollout.gpus_per_generator > 0:
+        from dsmath.memory_plan import check
+
+        check(cfg)  # a one-line ConfigError before Ray, vLLM or DeepSpeed start
     from dsmath.driver import train
 
     summary = train(cfg, resume=args.resume, progress=not args.no_progress)
@@ -52,4 +67,14 @@ def run(args: argparse.Namespace) -> int:
         f"{before:.1%} before RL -> {after:.1%} after {summary['steps']} GRPO steps "
         f"({after - before:+.1%}); {summary['wall_seconds']:.0f} s; summary: {summary['summary_path']}"
     )
+    return 0
+
+
+def dry_run(cfg) -> int:
+    """Print the memory plan; refuse (ConfigError, exit 2) after the table when a GPU's estimate does not fit."""
+    from dsmath.memory_plan import check, format_plan, plan
+
+    memory = plan(cfg)
+    print(format_plan(memory), flush=True)
+    check(cfg, memory)
     return 0
