@@ -15,7 +15,7 @@ Conventions used throughout:
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -169,6 +169,60 @@ def entropy(logits: Tensor, chunk_size: int = 4096) -> Tensor:
     if not out:
         return logits.new_zeros(n, t)
     return torch.cat(out).reshape(n, t).to(logits.dtype if logits.is_floating_point() else torch.float32)
+
+
+def _head_chunk(head: Callable[[Tensor], Tensor], hidden: Tensor, labels: Tensor,
+                with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    """One chunk of :func:`head_token_logprobs`: ``[C, H]`` hidden, ``[C]`` labels → ``[C]`` log-probs, ``[C]``
+    entropy (None without ``with_entropy``)."""
+    logits = head(hidden).float()  # [C, V] float32 even from a bf16 head
+    logz = torch.logsumexp(logits, dim=-1)  # [C]
+    lp = logits.gather(1, labels[:, None]).squeeze(1) - logz  # [C]
+    if not with_entropy:
+        return lp, None
+    logp = logits - logz[:, None]  # [C, V]
+    ent = -(logp.exp() * logp).sum(dim=-1)  # [C]
+    return lp, ent
+
+
+def head_token_logprobs(hidden: Tensor, head: Callable[[Tensor], Tensor], labels: Tensor, chunk_tokens: int,
+                        *, with_entropy: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Token log-probs (and entropy) of ``softmax(head(hidden))`` computed ``chunk_tokens`` tokens at a time.
+
+    ``hidden`` ``[N, T, H]`` (a causal LM's final hidden states, after its last norm), ``head`` the LM head (an
+    ``nn.Module`` — called as a module, so hooks on it, e.g. ZeRO-3's parameter gathering, run for every chunk),
+    ``labels`` ``[N, T]`` → ``(logprobs [N, T], entropy [N, T] or None)``, both float32 (a half-precision head's
+    logits are upcast before the log-softmax). No temperature is applied (the learner scores at temperature 1,
+    like :func:`token_logprobs`).
+
+    Memory: when autograd is on, each chunk runs under ``torch.utils.checkpoint`` (non-reentrant) and is recomputed
+    in backward, so only the hidden states and ``[N, T]`` outputs are kept for backward — never ``[N, T, V]``
+    logits; the transient peak is a few ``[chunk_tokens, V]`` float32 buffers. Guaranteed: values and gradients
+    (w.r.t. ``hidden`` and the head's parameters, through log-probs and entropy alike) equal the full computation
+    up to float summation order. Not guaranteed: bitwise equality with it (different matmul shapes).
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    from torch.utils.checkpoint import checkpoint
+
+    n, t, h = hidden.shape
+    flat = hidden.reshape(-1, h)  # [N*T, H]
+    flat_labels = labels.reshape(-1)  # [N*T]
+    lps, ents = [], []
+    recompute = torch.is_grad_enabled()
+    for start in range(0, flat.shape[0], chunk_tokens):
+        rows, lab = flat[start : start + chunk_tokens], flat_labels[start : start + chunk_tokens]  # [C, H], [C]
+        if recompute:
+            lp, ent = checkpoint(_head_chunk, head, rows, lab, with_entropy, use_reentrant=False)  # [C], [C]
+        else:
+            lp, ent = _head_chunk(head, rows, lab, with_entropy)  # [C], [C]
+        lps.append(lp)
+        ents.append(ent)
+    if not lps:
+        empty = hidden.new_zeros(n, t, dtype=torch.float32)  # [N, T]
+        return empty, (empty.clone() if with_entropy else None)
+    lp = torch.cat(lps).reshape(n, t)  # [N, T]
+    return lp, (torch.cat(ents).reshape(n, t) if with_entropy else None)  # [N, T]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,6 +391,7 @@ __all__ = [
     "aggregate",
     "entropy",
     "group_advantages",
+    "head_token_logprobs",
     "grpo_loss",
     "kl_k3",
     "loss_normalizer",

@@ -138,3 +138,19 @@ def entropy_ref(logits: Tensor) -> list[list[float]]:
             row.append(-sum(p * math.log(p) for p in probs if p > 0))
         out.append(row)
     return out
+
+
+def head_token_logprobs_ref(hidden: Tensor, head, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Twin of :func:`dsmath.grpo.head_token_logprobs`: the LM head on one token's hidden state at a time.
+
+    Returns ``(logprobs [N, T], entropy [N, T])`` as float32 tensors built token by token, so autograd gives the
+    reference gradient (w.r.t. ``hidden`` and the head's parameters)."""
+    n, t, _ = hidden.shape
+    lps, ents = [], []
+    for i in range(n):
+        for j in range(t):
+            logits = head(hidden[i, j][None])[0].float()  # [V] one token's logits
+            logp = logits - torch.logsumexp(logits, dim=0)  # [V]
+            lps.append(logp[int(labels[i, j])])
+            ents.append(-(logp.exp() * logp).sum())
+    return torch.stack(lps).reshape(n, t), torch.stack(ents).reshape(n, t)

@@ -118,6 +118,89 @@ def test_token_logprobs_and_entropy_match_loop_with_chunking():
         assert torch.allclose(grpo.entropy(logits, chunk_size=chunk), torch.tensor(ref.entropy_ref(logits)), atol=1e-10)
 
 
+def _head_case(seed: int = 0, n: int = 3, t: int = 7, h: int = 8, v: int = 50, dtype=torch.float32):
+    """Hidden states, an LM head (with a bias, so every parameter path is checked), labels, and the weights
+    [N, T] used to fold log-probs and entropy into one scalar for gradient checks."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, t, h, generator=g).to(dtype).requires_grad_(True)  # [N, T, H]
+    head = torch.nn.Linear(h, v, bias=True).to(dtype)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(v, h, generator=g) * 0.7)
+        head.bias.copy_(torch.randn(v, generator=g))
+    labels = torch.randint(0, v, (n, t), generator=g)  # [N, T]
+    w_lp, w_ent = torch.randn(n, t, generator=g), torch.randn(n, t, generator=g)  # [N, T] each
+    return hidden, head, labels, w_lp, w_ent
+
+
+def _values_and_grads(fn, hidden, head, w_lp, w_ent):
+    hidden.grad = None
+    head.zero_grad(set_to_none=True)
+    lp, ent = fn()
+    ((lp * w_lp).sum() + (ent * w_ent).sum()).backward()
+    return lp.detach(), ent.detach(), [hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()]
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 7, 21, 4096])  # 21 = N*T exactly; 5 leaves a short last chunk
+def test_head_token_logprobs_equal_the_full_logits_and_the_loop_fp32(chunk):
+    """Chunked log-probs and entropy through the LM head: values and gradients (hidden states, head weight and
+    bias) equal the full-logits computation and the token-by-token twin to 1e-6 in float32."""
+    hidden, head, labels, w_lp, w_ent = _head_case()
+
+    def full():
+        logits = head(hidden)  # [N, T, V]
+        return grpo.token_logprobs(logits, labels), grpo.entropy(logits)
+
+    lp_f, ent_f, g_f = _values_and_grads(full, hidden, head, w_lp, w_ent)
+    lp_c, ent_c, g_c = _values_and_grads(lambda: grpo.head_token_logprobs(hidden, head, labels, chunk),
+                                         hidden, head, w_lp, w_ent)
+    lp_r, ent_r, g_r = _values_and_grads(lambda: ref.head_token_logprobs_ref(hidden, head, labels),
+                                         hidden, head, w_lp, w_ent)
+    assert lp_c.dtype == ent_c.dtype == torch.float32
+    assert float(lp_f.abs().max()) > 1.0 and float(ent_f.mean()) > 0.5  # a non-degenerate case
+    for other_lp, other_ent, other_g in ((lp_f, ent_f, g_f), (lp_r, ent_r, g_r)):
+        assert torch.allclose(lp_c, other_lp, rtol=0, atol=1e-6), (lp_c - other_lp).abs().max()
+        assert torch.allclose(ent_c, other_ent, rtol=0, atol=1e-6), (ent_c - other_ent).abs().max()
+        for a, b in zip(g_c, other_g):
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), (a - b).abs().max()
+
+
+def test_head_token_logprobs_keep_no_full_logits_for_backward():
+    """What autograd saves outside the recomputed chunks: far less than the [N, T, V] logits the full path keeps."""
+    hidden, head, labels, _, _ = _head_case(n=4, t=16, h=8, v=512)
+    saved = []
+
+    def count(x):
+        saved.append(x.numel())
+        return x
+
+    def saved_numel(fn):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda x: x):
+            lp, ent = fn()
+        return sum(saved)
+
+    full_logits = 4 * 16 * 512
+    full = saved_numel(lambda: (grpo.token_logprobs(head(hidden), labels), grpo.entropy(head(hidden))))
+    chunked = saved_numel(lambda: grpo.head_token_logprobs(hidden, head, labels, 8))
+    assert full >= full_logits
+    assert chunked < full_logits / 4, (chunked, full_logits)
+    with torch.no_grad():  # no graph: the same values without checkpointing
+        lp, ent = grpo.head_token_logprobs(hidden, head, labels, 8)
+        lp2, none = grpo.head_token_logprobs(hidden, head, labels, 8, with_entropy=False)
+    assert none is None and torch.equal(lp, lp2)
+    assert torch.allclose(lp, grpo.token_logprobs(head(hidden), labels), atol=1e-6)
+
+
+def test_head_token_logprobs_upcast_a_bf16_head_and_reject_a_bad_chunk():
+    hidden, head, labels, _, _ = _head_case(dtype=torch.bfloat16)
+    lp, ent = grpo.head_token_logprobs(hidden, head, labels, 4)
+    assert lp.dtype == ent.dtype == torch.float32
+    logits = head(hidden).float()  # [N, T, V] the same bf16 matmul, then float32 arithmetic
+    assert torch.allclose(lp, grpo.token_logprobs(logits, labels), atol=1e-5)
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        grpo.head_token_logprobs(hidden, head, labels, 0)
+
+
 # ---------------------------------------------------------------- the loss, by hand
 
 def _hand_batch():
