@@ -7,19 +7,24 @@ the template's memory is what every untrusted child inherits.
 
 Process tree for one run (namespace mode, the default where ``unshare`` works, e.g. as root)::
 
-    pool (caller)  ── control socket ──  T  template, never runs user code. Private mount namespace with
-                                         │  every mount read-only, a private network namespace (only a
-                                         │  down loopback), private IPC/UTS. Owns the wall-clock deadline.
+    pool (caller)  ── control socket ──  T  template, never runs user code. Private mount, network (only a
+                                         │  down loopback), IPC and UTS (host name "sandbox") namespaces; its
+                                         │  root is the minimal filesystem view (``filesystem_view``: a tmpfs
+                                         │  with read-only binds of the interpreter, its packages and shared
+                                         │  libraries, three devices and a synthetic /etc; nothing else of the
+                                         │  host), built once at start-up. Owns the wall-clock deadline and
+                                         │  listens for the pool's cancel (or its death) during a run.
                                          └─ B  PID 1 of a fresh PID namespace, own mount namespace: a fresh
-                                              │  tmpfs scratch dir (gone with the namespace), its own /proc;
-                                              │  reaps, reports C's wait status on a private pipe
+                                              │  tmpfs /tmp and /dev/shm, its own /proc; dies with T
+                                              │  (PR_SET_PDEATHSIG); reaps, reports C's status on a private pipe
                                               └─ C  the program: own session, rlimits, scrubbed env, an
                                                    unprivileged uid, stdin /dev/null, stdout/stderr = the
-                                                   pool's own pipes; every other descriptor closed
+                                                   pool's own pipes; every other descriptor closed; ends like
+                                                   an interpreter (waits for non-daemon threads, runs atexit)
 
-When B exits (C finished, or T SIGKILLed B at the deadline) the kernel SIGKILLs every process left in the
-PID namespace, so daemons (double fork + setsid) cannot outlive the run, and T's waitpid(B) returns only
-once they are gone. C's status travels C -> wait4 in B -> private pipe -> T -> control socket; the
+When B exits (C finished, or T SIGKILLed B at the deadline, or T died) the kernel SIGKILLs every process left
+in the PID namespace, so daemons (double fork + setsid) cannot outlive the run, and T's waitpid(B) returns
+only once they are gone. C's status travels C -> wait4 in B -> private pipe -> T -> control socket; the
 program holds none of those descriptors, so it cannot forge a result. Fallback mode (no namespaces) is
 described in ``dsmath/sandbox/README.md``.
 """
@@ -51,6 +56,9 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_DUMPABLE = 4
+PR_SET_PDEATHSIG = 1
+_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}  # syscall numbers (glibc has no wrapper)
+SANDBOX_HOSTNAME = b"sandbox"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _HEADER = struct.Struct("!I")
@@ -225,6 +233,7 @@ def _child_main(req: dict, out_w: int, err_w: int, workdir: str, uid: int | None
             tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
             traceback.print_exception(type(exc), exc, tb)
             code = 1
+        code = _interpreter_exit(code)
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
@@ -238,6 +247,23 @@ def _child_main(req: dict, out_w: int, err_w: int, workdir: str, uid: int | None
     os._exit(code)
 
 
+def _interpreter_exit(code: int) -> int:
+    """What ``python prog.py`` does once the main module is done: wait for every non-daemon thread (a thread
+    that never ends keeps the run going until its deadline, a timeout), then run atexit handlers."""
+    import atexit
+    import threading
+
+    try:
+        threading._shutdown()  # type: ignore[attr-defined] - the interpreter's own exit step
+    except BaseException:  # noqa: BLE001 - e.g. KeyboardInterrupt while joining: like the interpreter, go on
+        code = code or 1
+    try:
+        atexit._run_exitfuncs()
+    except BaseException:  # noqa: BLE001
+        pass
+    return code
+
+
 def _vm_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
@@ -245,79 +271,288 @@ def _vm_bytes() -> int:
 
 # ------------------------------------------------------------------------------- supervisors ----
 
-def _readonly_mounts(skip: tuple[str, ...] = ()) -> None:
-    """Make every mount of the calling process's (private) mount namespace read-only."""
-    _mount(None, "/", None, MS_REC | MS_PRIVATE, None)
-    with open("/proc/self/mountinfo") as f:
-        rows = [line.split() for line in f]
-    points = sorted({r[4].encode().decode("unicode_escape") for r in rows}, key=len)
-    for point in points:
-        if point in skip:
+# ------------------------------------------------------------------------ the program's filesystem ----
+#
+# THE ONE PLACE that decides what a sandboxed program can see (namespace mode). The template builds this view
+# once, at start-up, as a fresh tmpfs root and pivots into it; every run then adds only its own /tmp, /dev/shm
+# and /proc. Nothing of the host appears unless an entry below puts it there.
+
+VIEW_WHY = {
+    "stdlib": "the standard library the interpreter imports from (incl. lib-dynload extension modules): read-only bind",
+    "site-packages": "installed third-party packages (sympy, numpy, ...): the site-packages directories only, never "
+                     "the virtual environment, repository or home directory around them: read-only bind",
+    "interpreter": "the interpreter binary, its libpython, and the venv's bin/python link + pyvenv.cfg, so a program "
+                   "can start a sub-interpreter (subprocess, multiprocessing spawn): read-only bind",
+    "shared-library": "a file the preloaded interpreter has mapped (shared libraries, locale data) or one that an "
+                      "extension module of the stdlib / preloaded packages needs (DT_NEEDED closure): read-only "
+                      "bind of that one file, plus the symlinks on its path",
+    "device": "/dev/null, /dev/zero, /dev/urandom: read-only bind of the host's device nodes (writes to /dev/null "
+              "still work)",
+    "dev-link": "/dev/fd, /dev/stdin, /dev/stdout, /dev/stderr: symlinks into the run's own /proc/self",
+    "etc": "synthetic /etc: passwd and group with the sandbox user only, nsswitch.conf saying 'files'; no host "
+           "name, no hosts, no resolver, no ld.so.cache",
+    "tmp": "per run: a fresh tmpfs of scratch_mb (cwd, HOME, TMPDIR), gone with the run",
+    "shm": "per run: a fresh tmpfs at /dev/shm (POSIX semaphores, multiprocessing), gone with the run",
+    "proc": "per run: procfs of the run's own PID namespace (only its own processes)",
+}
+PER_RUN = ("/tmp", "/dev/shm", "/proc")  # mount points in the view; mounted fresh by each run's init
+DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom")
+DEV_LINKS = {"/dev/fd": "/proc/self/fd", "/dev/stdin": "/proc/self/fd/0", "/dev/stdout": "/proc/self/fd/1",
+             "/dev/stderr": "/proc/self/fd/2"}
+_LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu",
+             "/lib/aarch64-linux-gnu", "/usr/lib64", "/lib64", "/usr/lib", "/lib", "/usr/local/lib")
+
+
+def _python_dirs() -> list[tuple[str, str]]:
+    """(path, kind) of the directories of the interpreter's own import path: the stdlib and site-packages."""
+    import sysconfig
+
+    stdlib = os.path.realpath(sysconfig.get_paths()["stdlib"])
+    out = [(stdlib, "stdlib")]
+    for entry in sys.path:
+        if not entry or not os.path.isdir(entry):
             continue
-        try:
-            _mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID, None)
-        except OSError:
-            if point == "/":
-                raise  # without a read-only root the isolation promise does not hold
+        real = os.path.realpath(entry)
+        if real == stdlib or real.startswith(stdlib + "/"):
+            continue
+        if os.path.basename(real) in ("site-packages", "dist-packages"):
+            out.append((real, "site-packages"))
+    return out
 
 
-def _blocking_ancestor(path: str) -> str | None:
-    """The outermost directory on ``path`` that others may not traverse (e.g. /root, 0700), or None."""
-    parts = os.path.abspath(path).split("/")
-    for i in range(2, len(parts) + 1):
-        prefix = "/".join(parts[:i])
-        try:
-            if not os.stat(prefix).st_mode & 0o001:
-                return prefix
-        except OSError:
-            return None
+def _elf_needs(path: str) -> tuple[list[str], list[str]]:
+    """(DT_NEEDED names, RPATH/RUNPATH entries) of a 64-bit ELF file; ([], []) for anything else."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2:
+                return [], []
+            e = "<" if head[5] == 1 else ">"
+            shoff = struct.unpack(e + "Q", head[0x28:0x30])[0]
+            shentsize, shnum = struct.unpack(e + "HH", head[0x3A:0x3E])
+            f.seek(shoff)
+            table = f.read(shentsize * shnum)
+            sections = [struct.unpack(e + "IIQQQQIIQQ", table[i * shentsize:i * shentsize + 64]) for i in range(shnum)]
+            dyn = next((s for s in sections if s[1] == 6), None)  # SHT_DYNAMIC
+            if dyn is None:
+                return [], []
+            f.seek(dyn[4])
+            raw = f.read(dyn[5])
+            strtab = sections[dyn[6]]
+            f.seek(strtab[4])
+            strings = f.read(strtab[5])
+    except (OSError, struct.error, IndexError):
+        return [], []
+    needed, paths = [], []
+    for i in range(0, len(raw) - 15, 16):
+        tag, val = struct.unpack(e + "qQ", raw[i:i + 16])
+        if tag == 0:
+            break
+        if tag in (1, 15, 29):  # DT_NEEDED, DT_RPATH, DT_RUNPATH
+            text = strings[val:strings.index(b"\0", val)].decode(errors="replace")
+            (needed if tag == 1 else paths).append(text)
+    return needed, paths
+
+
+def _elf_interp(path: str) -> str | None:
+    """The program interpreter (PT_INTERP, e.g. /lib64/ld-linux-x86-64.so.2) of a 64-bit ELF executable."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2:
+                return None
+            e = "<" if head[5] == 1 else ">"
+            phoff = struct.unpack(e + "Q", head[0x20:0x28])[0]
+            phentsize, phnum = struct.unpack(e + "HH", head[0x36:0x3A])
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+            for i in range(phnum):
+                p_type, _flags, p_offset, _va, _pa, p_filesz = struct.unpack(e + "IIQQQQ", table[i * phentsize:i * phentsize + 40])
+                if p_type == 3:  # PT_INTERP
+                    f.seek(p_offset)
+                    return f.read(p_filesz).rstrip(b"\0").decode()
+    except (OSError, struct.error):
+        return None
     return None
 
 
-def _expose_private_paths(paths: list[str]) -> list[str]:
-    """Let the unprivileged uid read ``paths`` (e.g. a Python under /root) without opening their parent:
-    the blocking parent is covered with an empty read-only tmpfs and only ``paths`` are bind-mounted back.
-    Everything else under that parent (keys, tokens) becomes invisible. Returns the parents covered."""
-    plan: dict[str, list[tuple[str, int]]] = {}
-    for path in sorted(set(paths), key=len):
-        if not os.path.isdir(path):
+def _library_closure(roots: list[str]) -> set[str]:
+    """Every file the dynamic loader would open for ``roots`` (lexical paths, symlinks kept), roots included."""
+    found: set[str] = set()
+    todo = list(roots)
+    while todo:
+        path = todo.pop()
+        if path in found:
             continue
-        parent = _blocking_ancestor(path)
-        if parent is None or any(path.startswith(p + "/") for p, _ in plan.get(parent, [])):
+        found.add(path)
+        needed, runpaths = _elf_needs(path)
+        origin = os.path.dirname(os.path.realpath(path))
+        dirs = [d.replace("$ORIGIN", origin).replace("${ORIGIN}", origin) for rp in runpaths for d in rp.split(":")]
+        for name in needed:
+            for d in ([""] if "/" in name else dirs + list(_LIB_DIRS)):
+                candidate = os.path.join(d, name) if d else name
+                if os.path.isfile(candidate):
+                    todo.append(candidate)
+                    break
+    return found
+
+
+def _mapped_files() -> list[str]:
+    """Regular files mapped into this process (shared libraries, locale data)."""
+    out = set()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(None, 5)
+            if len(parts) == 6 and parts[5].startswith("/") and not parts[5].rstrip().endswith("(deleted)"):
+                path = parts[5].rstrip("\n")
+                if os.path.isfile(path):
+                    out.add(path)
+    return sorted(out)
+
+
+def filesystem_view(uid: int, preloaded: list[str]) -> list[tuple[str, str, str]]:
+    """What the program will see, as (path, kind, source); see VIEW_WHY[kind] for why each is there.
+
+    kind "stdlib" / "site-packages" / "interpreter" / "shared-library" / "device": ``source`` is the host path,
+    bound read-only at ``path``; "dev-link": a symlink to ``source``; "etc": a synthetic file whose text is
+    ``source``; "tmp" / "shm" / "proc": mounted fresh per run."""
+    dirs = _python_dirs()
+    under = lambda p: any(p == d or p.startswith(d + "/") for d, _ in dirs)  # noqa: E731
+    view = [(d, kind, d) for d, kind in dirs]
+    exe = sys.executable
+    interp = [exe, os.path.realpath(exe)]
+    venv_cfg = os.path.join(sys.prefix, "pyvenv.cfg")
+    if sys.prefix != sys.base_prefix and os.path.isfile(venv_cfg):
+        interp.append(venv_cfg)
+    roots = _mapped_files()
+    ext_dirs = [os.path.join(d, "lib-dynload") for d, kind in dirs if kind == "stdlib"]
+    for name in preloaded:
+        mod = sys.modules.get(name)
+        path = getattr(mod, "__file__", None)
+        if path:
+            pkg = os.path.dirname(os.path.realpath(path))
+            ext_dirs += [pkg, pkg + ".libs", os.path.join(os.path.dirname(pkg), name + ".libs")]
+    for d in ext_dirs:
+        for base, _, names in os.walk(d) if os.path.isdir(d) else ():
+            roots += [os.path.join(base, n) for n in names if ".so" in n]
+    loader = _elf_interp(os.path.realpath(exe))
+    roots += [loader] if loader and os.path.exists(loader) else []
+    libs = sorted(p for p in _library_closure(roots + interp) if not under(os.path.realpath(p)))
+    view += [(p, "interpreter", p) for p in interp if not under(os.path.realpath(p))]
+    view += [(p, "shared-library", p) for p in libs if p not in interp]
+    view += [(d, "device", d) for d in DEVICES]
+    view += [(link, "dev-link", target) for link, target in DEV_LINKS.items()]
+    view += [("/etc/passwd", "etc", f"sandbox:x:{uid}:{uid}:sandbox:/tmp:/nonexistent\n"),
+             ("/etc/group", "etc", f"sandbox:x:{uid}:\n"),
+             ("/etc/nsswitch.conf", "etc", "passwd: files\ngroup: files\nhosts: files\n"),
+             ("/tmp", "tmp", ""), ("/dev/shm", "shm", ""), ("/proc", "proc", "")]
+    return view
+
+
+def _path_plan(path: str) -> tuple[list[tuple[str, str]], str]:
+    """(the symlinks met while resolving ``path``, as (link path, target text); the resolved real path)."""
+    links: list[tuple[str, str]] = []
+    pending = [p for p in path.split("/") if p]
+    cur = "/"
+    for _ in range(256):
+        if not pending:
+            return links, cur
+        name = pending.pop(0)
+        if name in (".", ""):
             continue
-        plan.setdefault(parent, []).append((path, os.open(path, os.O_PATH | os.O_DIRECTORY)))
-    for parent, entries in plan.items():
-        _mount("tmpfs", parent, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=0755")
-        for path, fd in entries:
-            os.makedirs(path, mode=0o755, exist_ok=True)
-            _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC, None)
-            _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID, None)
-            os.close(fd)
-        _mount(None, parent, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
-    return sorted(plan)
+        if name == "..":
+            cur = os.path.dirname(cur)
+            continue
+        nxt = os.path.join(cur, name)
+        if os.path.islink(nxt):
+            target = os.readlink(nxt)
+            links.append((nxt, target))
+            pending = [p for p in target.split("/") if p] + pending
+            if target.startswith("/"):
+                cur = "/"
+        else:
+            cur = nxt
+    raise OSError(f"too many symlinks resolving {path}")
 
 
-SCRATCH = "/tmp/scratch"  # inside the template's own mount namespace; the host never sees it
+NEW_ROOT = "/tmp"  # where the view is assembled, in the template's private mount namespace, before pivot_root
+_BIND_KINDS = ("stdlib", "site-packages", "interpreter", "shared-library", "device")
 
 
-def _init_main(req: dict, out_w: int, err_w: int, uid: int | None, status_w: int) -> None:
-    """B: PID 1 of the run's PID namespace; gives the run its own mount namespace. Never returns."""
+def build_root(view: list[tuple[str, str, str]]) -> None:
+    """Assemble ``view`` on a fresh tmpfs and pivot into it (this process's private mount namespace only).
+
+    Every host source is opened (O_PATH) before the tmpfs covers anything, so a source under NEW_ROOT (a CI
+    checkout in /tmp) still binds. Afterwards the old root is detached: nothing outside the view is reachable
+    by any path, from the template or from anything it forks."""
+    _mount(None, "/", None, MS_REC | MS_PRIVATE, None)
+    binds = []
+    for path, kind, src in view:
+        if kind in _BIND_KINDS:
+            links, real = _path_plan(path)
+            binds.append((links, real, kind, os.open(src, os.O_PATH | os.O_CLOEXEC)))
+    _mount("tmpfs", NEW_ROOT, "tmpfs", MS_NOSUID | MS_NODEV, "size=4m,mode=0755")
+    new = lambda p: NEW_ROOT + p  # noqa: E731
+    binds.sort(key=lambda b: (b[2] not in ("stdlib", "site-packages"), b[1]))  # directories before files
+    for links, real, kind, fd in binds:
+        for link, target in links:
+            os.makedirs(os.path.dirname(new(link)), exist_ok=True)
+            if not os.path.lexists(new(link)):
+                os.symlink(target, new(link))
+        os.makedirs(os.path.dirname(new(real)), exist_ok=True)
+        is_dir = kind in ("stdlib", "site-packages")
+        if is_dir:
+            os.makedirs(new(real), exist_ok=True)
+        elif not os.path.lexists(new(real)):
+            open(new(real), "w").close()
+        _mount(f"/proc/self/fd/{fd}", new(real), None, MS_BIND, None)
+        flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | (0 if kind == "device" else MS_NODEV)
+        _mount(None, new(real), None, flags, None)
+        os.close(fd)
+    for path, kind, src in view:
+        if kind == "dev-link":
+            os.makedirs(os.path.dirname(new(path)), exist_ok=True)
+            os.symlink(src, new(path))
+        elif kind == "etc":
+            os.makedirs(os.path.dirname(new(path)), mode=0o755, exist_ok=True)
+            with open(new(path), "w") as f:
+                f.write(src)
+            os.chmod(new(path), 0o644)
+        elif kind in ("tmp", "shm", "proc"):
+            os.makedirs(new(path), mode=0o755, exist_ok=True)
+    _mount(None, NEW_ROOT, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+    os.chdir(NEW_ROOT)
+    _check(_libc.syscall(ctypes.c_long(_PIVOT_ROOT[os.uname().machine]), b".", b"."), "pivot_root")
+    _check(_libc.umount2(b".", ctypes.c_int(2)), "detach the old root")  # MNT_DETACH
+    os.chdir("/")
+
+
+
+
+def _init_main(req: dict, out_w: int, err_w: int, uid: int | None, status_w: int, lifeline: int) -> None:
+    """B: PID 1 of the run's PID namespace; gives the run its own mount namespace. Never returns.
+
+    B dies with its template (PR_SET_PDEATHSIG=SIGKILL; ``lifeline`` is a pidfd of the template, checked once
+    after arming, for a template that died before that), and when B dies the kernel kills the whole PID
+    namespace: no run outlives its template, whatever killed it."""
     try:
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if select.select([lifeline], [], [], 0)[0]:
+            os._exit(0)  # the template is already gone
+        os.close(lifeline)
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # PID 1 ignores handler-less signals from inside
         _unshare(CLONE_NEWNS)
         _mount(None, "/", None, MS_REC | MS_PRIVATE, None)
-        opts = f"size={int(req['limits']['scratch_mb'])}m,mode=0700,uid={uid or 0},gid={uid or 0}"
-        _mount("tmpfs", SCRATCH, "tmpfs", MS_NOSUID | MS_NODEV, opts)
-        _mount(None, "/tmp", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
-        try:  # POSIX semaphores / shared memory (multiprocessing) need a writable /dev/shm: a private one
-            _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, opts.replace("mode=0700", "mode=1777"))
-        except OSError:
-            pass
+        owner = f"uid={uid or 0},gid={uid or 0}"
+        size = f"size={int(req['limits']['scratch_mb'])}m"
+        _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"{size},mode=0700,{owner}")
+        # POSIX semaphores / shared memory (multiprocessing) need a writable /dev/shm: a private one
+        _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, f"{size},mode=1777,{owner}")
         _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)  # this namespace's pids only
         child = os.fork()
         if child == 0:
             os.close(status_w)
-            _child_main(req, out_w, err_w, SCRATCH, uid)
+            _child_main(req, out_w, err_w, "/tmp", uid)
         os.close(out_w)
         os.close(err_w)
         while True:
@@ -355,29 +590,16 @@ def _kill_uid(uid: int) -> int:
     return killed
 
 
-def _wait_deadline(pid: int, deadline: float) -> bool:
-    """Wait for ``pid`` to exit until ``deadline`` (monotonic); True if it did."""
-    pidfd = os.pidfd_open(pid)
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return bool(select.select([pidfd], [], [], 0)[0])
-            if select.select([pidfd], [], [], left)[0]:
-                return True
-    finally:
-        os.close(pidfd)
-
-
 class Template:
     """T: the template's state and request loop. Never runs user code."""
 
-    def __init__(self, sock: socket.socket, isolation: str) -> None:
+    def __init__(self, sock: socket.socket, isolation: str, preloaded: list[str] | None = None) -> None:
         self.sock = sock
         self.uid: int | None = None
         self.namespaces = False
         self.net_isolated = False
         self.note = ""
+        self.view: list[tuple[str, str, str]] = []
         if os.geteuid() == 0:
             # A uid no other live template uses (pids are unique), so RLIMIT_NPROC counts this run only.
             self.uid = 100000 + os.getpid()
@@ -385,37 +607,27 @@ class Template:
             self.note = probe_namespaces()
             if not self.note:
                 try:
-                    self._enter_namespaces()
+                    self._enter_namespaces(preloaded or [])
                     self.namespaces = True
                 except OSError as exc:
-                    self.note = f"namespace set-up failed: {exc}"
+                    # Half-built namespaces are unusable (the root may already be covered): refuse to serve
+                    # rather than run programs with less isolation than reported.
+                    raise SystemExit(f"sandbox namespace set-up failed: {exc}") from exc
         if not self.namespaces:
             self.root = tempfile.mkdtemp(prefix=f"dsmath-sandbox-{os.getpid()}-")
             os.chmod(self.root, 0o711)
 
-    def _enter_namespaces(self) -> None:
-        """Give the template private mount/net/IPC/UTS namespaces: all mounts read-only, a root-only tmpfs
-        on /tmp holding the scratch mount point, a network with only a down loopback. Per run, the child
-        then only needs a new PID + mount namespace and one tmpfs (fast)."""
-        self.pidns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY)
+    def _enter_namespaces(self, preloaded: list[str]) -> None:
+        """Private mount/net/IPC/UTS namespaces for the template, then the minimal filesystem view (built
+        once here, per slot: see ``filesystem_view``). Per run, the child only needs a new PID + mount
+        namespace and its three per-run mounts (fast)."""
+        self.pidns_fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        self.lifeline = os.pidfd_open(os.getpid())  # inherited by each run's init: "is my template alive?"
+        self.view = filesystem_view(self.uid if self.uid is not None else os.getuid(), preloaded)
         _unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
         self.net_isolated = True
-        _readonly_mounts()
-        needed = [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))]
-        needed += [p for p in sys.path if p and os.path.isdir(p)]
-        self.covered = _expose_private_paths(needed)
-        # The empty tmpfs over /tmp hides the host's temp files; an interpreter or venv that itself lives under
-        # /tmp (a CI checkout, say) is bind-mounted back, read-only, through a directory fd opened beforehand.
-        under_tmp = sorted({os.path.realpath(p) for p in needed if os.path.realpath(p).startswith("/tmp/")})
-        roots = [p for p in under_tmp if not any(p != q and p.startswith(q + "/") for q in under_tmp)]
-        held = [(p, os.open(p, os.O_RDONLY | os.O_DIRECTORY)) for p in roots]
-        _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
-        for path, fd in held:
-            os.makedirs(path, exist_ok=True)
-            _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC, None)
-            _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
-            os.close(fd)
-        os.mkdir(SCRATCH, 0o755)
+        _check(_libc.sethostname(SANDBOX_HOSTNAME, ctypes.c_size_t(len(SANDBOX_HOSTNAME))), "sethostname")
+        build_root(self.view)
 
     def serve(self) -> None:
         try:
@@ -425,6 +637,8 @@ class Template:
                     for fd in fds:
                         os.close(fd)
                     return
+                if req.get("cancel"):
+                    continue  # a cancel that crossed the end of its run: nothing left to cancel
                 if len(fds) != 2:
                     for fd in fds:
                         os.close(fd)
@@ -435,9 +649,38 @@ class Template:
                 except Exception:  # noqa: BLE001 - report, keep serving
                     result = {"error": traceback.format_exc()[-2000:]}
                 send_msg(self.sock, result)
+                if result.get("pool_gone"):
+                    return
         finally:
             if not self.namespaces:
                 shutil.rmtree(self.root, ignore_errors=True)
+
+    def _watch(self, pid: int, deadline: float) -> str:
+        """Wait for ``pid`` until ``deadline``, listening to the pool meanwhile: "exited", "timeout",
+        "cancelled" (the pool asked) or "pool_gone" (the control socket closed: nobody wants the result)."""
+        pidfd = os.pidfd_open(pid)
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                ready = select.select([pidfd, self.sock], [], [], max(0.0, left))[0]
+                if pidfd in ready:
+                    return "exited"
+                if self.sock in ready:
+                    try:
+                        msg, fds = recv_msg(self.sock, max_fds=2)
+                    except (OSError, ValueError):
+                        msg, fds = None, []
+                    for fd in fds:
+                        os.close(fd)
+                    if msg is None:
+                        return "pool_gone"
+                    if msg.get("cancel"):
+                        return "cancelled"
+                    continue
+                if left <= 0:
+                    return "timeout"
+        finally:
+            os.close(pidfd)
 
     def run_ns(self, req: dict, out_w: int, err_w: int) -> dict:
         status_r, status_w = os.pipe()
@@ -448,14 +691,14 @@ class Template:
             if pid == 0:
                 os.close(status_r)
                 self.sock.close()
-                _init_main(req, out_w, err_w, self.uid, status_w)
+                _init_main(req, out_w, err_w, self.uid, status_w, self.lifeline)
         finally:
             _check(_libc.setns(self.pidns_fd, CLONE_NEWPID), "setns")  # back, so the next unshare works
             os.close(status_w)
             os.close(out_w)
             os.close(err_w)
-        timed_out = not _wait_deadline(pid, start + float(req["timeout_s"]))
-        if timed_out:
+        how = self._watch(pid, start + float(req["timeout_s"]))
+        if how != "exited":
             os.kill(pid, signal.SIGKILL)  # PID 1 dies -> the kernel kills the whole namespace
         os.waitpid(pid, 0)  # returns only once every process of the namespace is gone
         wall = time.monotonic() - start
@@ -463,10 +706,11 @@ class Template:
         while chunk := os.read(status_r, 65536):
             raw += chunk
         os.close(status_r)
-        result = {"timed_out": timed_out, "wall_s": wall, "status": None}
-        if raw:
+        result = {"timed_out": how == "timeout", "cancelled": how == "cancelled", "pool_gone": how == "pool_gone",
+                  "wall_s": wall, "status": None}
+        if raw and how == "exited":
             result.update(json.loads(raw))
-        elif not timed_out:
+        elif how == "exited":
             result["error"] = "sandbox init exited without a report"
         return result
 
@@ -485,7 +729,8 @@ class Template:
         finally:
             os.close(out_w)
             os.close(err_w)
-        timed_out = not _wait_deadline(pid, start + float(req["timeout_s"]))
+        how = self._watch(pid, start + float(req["timeout_s"]))
+        timed_out = how == "timeout"
         for target in ("group", "uid"):
             if target == "group":
                 try:
@@ -498,7 +743,8 @@ class Template:
         _, status, usage = os.wait4(pid, 0)
         wall = time.monotonic() - start
         shutil.rmtree(workdir, ignore_errors=True)
-        return {"timed_out": timed_out, "wall_s": wall, "status": None if timed_out else status,
+        return {"timed_out": timed_out, "cancelled": how == "cancelled", "pool_gone": how == "pool_gone",
+                "wall_s": wall, "status": status if how == "exited" else None,
                 "cpu_s": usage.ru_utime + usage.ru_stime, "maxrss_kb": usage.ru_maxrss}
 
 
@@ -518,7 +764,7 @@ def main() -> None:
         import sympy
 
         sympy.sympify("x + 1")  # warm the parser caches a short program will hit
-    template = Template(sock, isolation)
+    template = Template(sock, isolation, loaded)
     # Move every object made so far out of the collector's reach: a child's GC pass would otherwise touch
     # (and so copy-on-write duplicate) the whole preloaded heap.
     gc.collect()

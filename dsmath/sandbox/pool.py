@@ -32,7 +32,13 @@ _TEMPLATE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OMP
 
 
 class SandboxError(RuntimeError):
-    """The sandbox machinery itself failed (not the program): a template died or broke its protocol."""
+    """The sandbox machinery itself failed (not the program): a template died or broke its protocol.
+
+    An infrastructure failure, never a verdict on the program: reward code must not score it as wrong."""
+
+
+class SandboxCancelled(SandboxError):
+    """The caller cancelled the run (``cancel`` was set): the program was killed, there is no result."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,14 @@ class _Worker:
         self.info = msg
         return msg
 
+    def alive(self) -> bool:
+        """False once the template has exited (its control socket then reads EOF)."""
+        try:
+            self.proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            return True
+        return False
+
     def close(self) -> None:
         try:
             self.sock.close()  # EOF: the template finishes its current run (if any) and exits
@@ -131,7 +145,7 @@ class SandboxPool:
         self._waiting = 0
         self._busy = 0
         self._stats = {"runs": 0, "timeouts": 0, "memory_exceeded": 0, "truncated": 0, "respawns": 0,
-                       "errors": 0}
+                       "errors": 0, "worker_deaths": 0, "cancelled": 0}
         workers = [_Worker(isolation, self._preload) for _ in range(size)]
         try:
             for w in workers:
@@ -166,18 +180,23 @@ class SandboxPool:
             return [w.proc.pid for w in self._all]
 
     def stats(self) -> dict:
-        """Counters since start: runs, timeouts, memory_exceeded, truncated, respawns, errors; plus the
+        """Counters since start: runs, timeouts, memory_exceeded, truncated, respawns, errors,
+        worker_deaths (templates found dead: each death once), cancelled; plus the
         current queue depth (callers waiting for a free slot) and busy slots."""
         with self._lock:
             return dict(self._stats, queue_depth=self._waiting, busy=self._busy, size=self.size)
 
     def run(self, code: str, *, timeout_s: float | None = None, memory_mb: int | None = None,
-            max_output_bytes: int | None = None, acquire_timeout_s: float | None = None) -> ExecResult:
+            max_output_bytes: int | None = None, acquire_timeout_s: float | None = None,
+            cancel: threading.Event | None = None) -> ExecResult:
         """Run ``code`` in a fresh sandboxed process and return what it did.
 
         Blocks while all slots are busy (at most ``acquire_timeout_s`` when given: then raises
-        TimeoutError). Raises SandboxError only when the sandbox machinery fails; every program
-        behaviour, hostile or not, is reported in the ExecResult.
+        TimeoutError). When ``cancel`` is set during the run, the program is killed within ~50 ms and
+        SandboxCancelled is raised. A template that dies under a run (killed from outside, OOM) is counted
+        in ``stats()["worker_deaths"]`` and the run is retried once on a fresh template (the program has no
+        effects outside its run, so a retry is safe). Raises SandboxError only when the sandbox machinery
+        fails twice; every program behaviour, hostile or not, is reported in the ExecResult.
         """
         if not isinstance(code, str):
             raise UserError(f"sandbox code must be a str, got {type(code).__name__}")
@@ -188,19 +207,34 @@ class SandboxPool:
             max_procs=self.limits.max_procs, max_open_files=self.limits.max_open_files,
             max_file_mb=self.limits.max_file_mb, scratch_mb=self.limits.scratch_mb,
         ).validated()
-        worker = self._acquire(acquire_timeout_s)
-        if worker.proc.poll() is not None:  # died while idle (killed from outside): replace before use
-            self._replace(worker)
+        for attempt in range(2):
             worker = self._acquire(acquire_timeout_s)
-        try:
-            result = self._run_on(worker, code, limits)
-        except BaseException:
-            self._replace(worker)
-            with self._lock:
-                self._stats["errors"] += 1
-            raise
-        else:
-            self._release(worker)
+            if worker.proc.poll() is not None:  # died while idle (killed from outside): replace before use
+                self._replace(worker, died=True)
+                worker = self._acquire(acquire_timeout_s)
+            try:
+                result = self._run_on(worker, code, limits, cancel)
+            except SandboxCancelled:
+                self._release(worker)
+                with self._lock:
+                    self._stats["cancelled"] += 1
+                raise
+            except SandboxError:
+                died = worker.proc.poll() is not None or not worker.alive()
+                self._replace(worker, died=died)
+                with self._lock:
+                    self._stats["errors"] += 1
+                if attempt == 0 and not (cancel is not None and cancel.is_set()):
+                    continue
+                raise
+            except BaseException:
+                self._replace(worker)
+                with self._lock:
+                    self._stats["errors"] += 1
+                raise
+            else:
+                self._release(worker)
+                break
         with self._lock:
             self._stats["runs"] += 1
             self._stats["timeouts"] += result.timed_out
@@ -260,7 +294,10 @@ class SandboxPool:
             self._free.append(worker)
             self._cond.notify()
 
-    def _replace(self, worker: _Worker) -> None:
+    def _replace(self, worker: _Worker, *, died: bool = False) -> None:
+        if died:
+            with self._lock:
+                self._stats["worker_deaths"] += 1
         worker.proc.kill()
         worker.close()
         fresh = None
@@ -281,7 +318,7 @@ class SandboxPool:
                     self._free.append(fresh)
                     self._cond.notify()
 
-    def _run_on(self, worker: _Worker, code: str, limits: Limits) -> ExecResult:
+    def _run_on(self, worker: _Worker, code: str, limits: Limits, cancel: threading.Event | None = None) -> ExecResult:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
@@ -297,54 +334,95 @@ class SandboxPool:
         finally:
             os.close(out_w)
             os.close(err_w)
-        cap = limits.max_output_bytes
-        bufs = {out_r: bytearray(), err_r: bytearray()}
-        truncated = False
+        out = _Output(limits.max_output_bytes, out_r, err_r)
         report: dict | None = None
         header_and_body = bytearray()
         sel = selectors.DefaultSelector()
-        sel.register(out_r, selectors.EVENT_READ)
-        sel.register(err_r, selectors.EVENT_READ)
+        for fd in (out_r, err_r):
+            sel.register(fd, selectors.EVENT_READ)
         sel.register(worker.sock, selectors.EVENT_READ)
         guard = time.monotonic() + limits.timeout_s + 60.0
+        cancel_sent = False
         try:
-            while report is None or len(sel.get_map()) > 1:
+            while report is None:
                 left = guard - time.monotonic()
                 if left <= 0:
                     raise SandboxError("sandbox template did not answer in time")
-                for key, _ in sel.select(left):
-                    fd = key.fd if key.fileobj is not worker.sock else None
-                    if fd is None:
+                if cancel is not None and cancel.is_set() and not cancel_sent:
+                    try:
+                        _template.send_msg(worker.sock, {"cancel": True})
+                    except OSError as exc:
+                        raise SandboxError(f"sandbox template is gone: {exc}") from exc
+                    cancel_sent = True
+                for key, _ in sel.select(left if cancel is None else min(left, 0.05)):
+                    if key.fileobj is worker.sock:
                         chunk = worker.sock.recv(65536)
                         if not chunk:
                             raise SandboxError("sandbox template died during a run")
                         header_and_body += chunk
                         report = _parse_report(header_and_body)
-                        if report is not None:
-                            sel.unregister(worker.sock)
-                        continue
-                    chunk = os.read(fd, 65536)
-                    buf = bufs[fd]
-                    if chunk:
-                        buf += chunk
-                    if len(buf) > cap:
-                        # Over the cap: keep the first ``cap`` bytes and close our end, so a program
-                        # that prints forever gets EPIPE at once instead of running to its deadline.
-                        del buf[cap:]
-                        truncated = True
-                        chunk = b""
-                    if not chunk:
-                        sel.unregister(fd)
-                        os.close(fd)
-                        bufs[fd] = buf
-        finally:
+                    elif not out.read(key.fd):
+                        sel.unregister(key.fd)
+            # The report comes after the run's whole process tree is gone (namespace mode): what is in the
+            # pipes now is all there will be. Take it without waiting for EOF, so a writer that somehow
+            # survived (fallback mode) can neither add late output nor hold the call open.
             for key in list(sel.get_map().values()):
                 if key.fileobj is not worker.sock:
-                    os.close(key.fd)
+                    out.drain(key.fd)
+        finally:
+            out.close()
             sel.close()
         if "error" in report:
             raise SandboxError(f"sandbox supervisor failed: {report['error'].strip().splitlines()[-1]}")
-        return _to_result(report, bytes(bufs[out_r]), bytes(bufs[err_r]), truncated)
+        if report.get("cancelled"):
+            raise SandboxCancelled("the run was cancelled; its program was killed")
+        return _to_result(report, out.bytes(out_r), out.bytes(err_r), out.truncated)
+
+
+class _Output:
+    """The run's stdout/stderr pipes as the pool reads them: at most ``cap`` bytes kept per stream; past it
+    the pool closes its end, so a program that prints forever gets EPIPE at once."""
+
+    def __init__(self, cap: int, *fds: int) -> None:
+        self.cap = cap
+        self.bufs = {fd: bytearray() for fd in fds}
+        self.open = set(fds)
+        self.truncated = False
+
+    def read(self, fd: int) -> bool:
+        """Read what is there; False once the stream is finished (EOF or over the cap, then closed)."""
+        chunk = os.read(fd, 65536)
+        buf = self.bufs[fd]
+        buf += chunk
+        if len(buf) > self.cap:
+            del buf[self.cap:]
+            self.truncated = True
+            chunk = b""
+        if not chunk:
+            self.open.discard(fd)
+            os.close(fd)
+            return False
+        return True
+
+    def drain(self, fd: int) -> None:
+        """Take what is buffered in ``fd`` now, without waiting for more, and close it."""
+        if fd not in self.open:
+            return
+        os.set_blocking(fd, False)
+        try:
+            while self.read(fd):
+                pass
+        except BlockingIOError:
+            self.open.discard(fd)
+            os.close(fd)
+
+    def bytes(self, fd: int) -> bytes:
+        return bytes(self.bufs[fd])
+
+    def close(self) -> None:
+        for fd in list(self.open):
+            self.open.discard(fd)
+            os.close(fd)
 
 
 def _parse_report(buf: bytearray) -> dict | None:
