@@ -14,7 +14,7 @@ from typing import Callable, Optional
 from dsmath.grading.normalize import (
     Node,
     inequality_to_interval,
-    is_symbol,
+    is_label,
     is_text,
     parse_base_n,
     parse_number,
@@ -48,6 +48,10 @@ def numbers_equal(a, b) -> bool:
     for x, y in candidates:
         if x == y:
             return True
+        # a long decimal rounded to the precision the gold (b) states: 0.3333 = 0.33, 3.14159 = 3.14 (not 0.34 = 0.3)
+        if a.decimals is not None and b.decimals is not None and b.sig_digits >= 2 and a.decimals >= b.decimals + 2:
+            if abs(x - y) <= Fraction(1, 2) * Fraction(1, 10 ** min(b.decimals, 50)):
+                return True
         # a written decimal is approximate: a 1e-9 relative tolerance (two exact integers compare exactly)
         if a.decimals is not None or b.decimals is not None:
             if abs(x - y) <= Fraction(REL_TOL) * max(abs(x), abs(y)):
@@ -75,7 +79,9 @@ def fast_scalar(a: str, b: str) -> Tri:
         if ba is not None and bb is not None:
             return ba[2] == bb[2]
         based, plain = (ba, b) if ba is not None else (bb, a)
-        return plain.replace(" ", "").upper() == based[0]
+        digits = plain.replace(" ", "")
+        # the same digits ("1011" for 1011_2), or its value in base ten ("11")
+        return digits.upper() == based[0] or (digits.isdigit() and len(digits) < 80 and int(digits) == based[2])
     if is_text(a) and is_text(b):
         return False
     if (is_text(a) and nb is not None) or (is_text(b) and na is not None):
@@ -114,9 +120,42 @@ def _match_unordered(ps: tuple, gs: tuple, scalar: Scalar, equation: Callable) -
 
 
 def _strip_var(node: Node) -> Node | None:
-    """``x = 3`` -> the node of ``3`` when the left side is one variable."""
-    if node.kind == "equation" and is_symbol(node.items[0].text):
+    """``x = 3`` / ``(p,q) = (3,2)`` / ``AB = 4`` -> the node of the value when the left side is a label."""
+    if node.kind == "equation" and is_label(node.items[0].text):
         return node.items[1]
+    return None
+
+
+def _labels(node: Node) -> list[str] | None:
+    """The distinct labels of ``AB = 4, CD = 5`` (every item labelled, no label twice), else None."""
+    if node.kind != "set" or len(node.items) < 2:
+        return None
+    labels = [i.items[0].text for i in node.items if i.kind == "equation" and is_label(i.items[0].text)]
+    return labels if len(labels) == len(node.items) and len(set(labels)) == len(labels) else None
+
+
+def _compare_sets(pred: Node, gold: Node, scalar: Scalar, equation) -> Tri:
+    """Solutions match in any order; distinct labelled values (``AB=4, CD=5``) match by label, or in order
+    against a bare list (``4, 5``: the question's quantities in its order)."""
+    lp, lg = _labels(pred), _labels(gold)
+    if lp is None and lg is None:
+        return _match_unordered(pred.items, gold.items, scalar, equation)
+    if len(pred.items) != len(gold.items):
+        return False
+    if lp is not None and lg is not None:
+        if set(lp) != set(lg):
+            return _match_unordered(pred.items, gold.items, scalar, equation)
+        by_label = {i.items[0].text: i for i in gold.items}
+        return _all(compare(i, by_label[i.items[0].text], scalar, equation) for i in pred.items)
+    return _all(compare(a, b, scalar, equation) for a, b in zip(pred.items, gold.items))
+
+
+_RELATIONAL = ("inequality", "interval", "union")
+
+
+def _ratio_value(node: Node) -> Node | None:
+    if node.kind == "ratio" and len(node.items) == 2:
+        return Node("scalar", "\\frac{" + node.items[0].text + "}{" + node.items[1].text + "}")
     return None
 
 
@@ -128,7 +167,7 @@ def compare(pred: Node, gold: Node, scalar: Scalar, equation: Callable | None = 
     if pk == "equation" or gk == "equation":
         if pk == gk:
             lp, lg = pred.items[0].text, gold.items[0].text
-            if is_symbol(lp) and lp == lg:
+            if is_label(lp) and lp == lg:
                 return compare(pred.items[1], gold.items[1], scalar, equation)
             if equation is None:
                 return None
@@ -138,6 +177,8 @@ def compare(pred: Node, gold: Node, scalar: Scalar, equation: Callable | None = 
         if sp is None or sg is None:
             return False
         return compare(sp, sg, scalar, equation)
+    # an inequality not of the form "x < b" (``-x > -1``) is solved by sympy: None on the fast path
+    symbolic_relation = ("inequality" in (pk, gk) and pk in _RELATIONAL + ("tuple",) and gk in _RELATIONAL + ("tuple",))
     if pk == "inequality" and gk == "inequality":
         ip, ig = inequality_to_interval(pred), inequality_to_interval(gold)
         if ip is None or ig is None:
@@ -150,10 +191,14 @@ def compare(pred: Node, gold: Node, scalar: Scalar, equation: Callable | None = 
             ps = tuple(_as_interval(p) for p in ps)
             gs = tuple(_as_interval(g) for g in gs)
             if any(x is None for x in ps + gs):
+                if symbolic_relation:
+                    return None if equation is None else equation(pred, gold)
                 return False
             return _match_unordered(ps, gs, scalar, equation)
         ip, ig = _as_interval(pred), _as_interval(gold)
         if ip is None or ig is None:
+            if symbolic_relation:
+                return None if equation is None else equation(pred, gold)
             return False
         if (ip.left_closed, ip.right_closed) != (ig.left_closed, ig.right_closed):
             return False
@@ -173,8 +218,17 @@ def compare(pred: Node, gold: Node, scalar: Scalar, equation: Callable | None = 
         if fp is None or fg is None or len(fp) != len(fg):
             return False
         return _all(compare(a, b, scalar, equation) for a, b in zip(fp, fg))
+    if pk == "ratio" or gk == "ratio":
+        if pk == gk and len(pred.items) == len(gold.items):
+            same = _all(compare(a, b, scalar, equation) for a, b in zip(pred.items, gold.items))
+            if same is not False or len(pred.items) != 2:
+                return same
+        vp, vg = _ratio_value(pred) or pred, _ratio_value(gold) or gold  # 14:7 = 2:1; S:T = 7:32 vs 7/32
+        if vp.kind != "scalar" or vg.kind != "scalar":
+            return False
+        return scalar(vp.text, vg.text)
     if pk == "set" and gk == "set":
-        return _match_unordered(pred.items, gold.items, scalar, equation)
+        return _compare_sets(pred, gold, scalar, equation)
     if pk in ("tuple", "set") and gk in ("tuple", "set"):  # a tuple against a bare list: in order
         if len(pred.items) != len(gold.items):
             return False

@@ -54,10 +54,10 @@ def prepare(s: str) -> str:
     s = re.sub(r"\\left|\\right|\\displaystyle|\\!|\\bigl|\\bigr|\\Bigl|\\Bigr|\\big|\\Big", "", s)
     s = re.sub(r"(?<!\\)\\[,;:> ]|~|\\q?quad", " ", s)  # not the row break "\\\\ "
     s = s.replace("{,}", ",").replace("\\le ", "\\le").replace("\\ge ", "\\ge")
-    s = s.replace("\\leq", "\\le").replace("\\geq", "\\ge").replace("\\lt", "<").replace("\\gt", ">")
-    s = s.replace("\\leqslant", "\\le").replace("\\geqslant", "\\ge").replace("≤", "\\le").replace("≥", "\\ge")
+    s = _relations(s)
     s = s.replace("\\dots", "").replace("\\ldots", "").replace("\\cdots", "")
     s = _DEGREES.sub("", s)
+    s = _PERCENT_WORDS.sub("%", s)
     s = _UNIT_TEXT.sub(" ", s) if not re.fullmatch(r"\s*\\(?:text|mbox|mathrm|textbf)\s*\{[^{}]*\}\s*", s) else s
     s = _TEXT_CMD.sub(lambda m: f" {m.group(1).strip()} ", s)
     s = s.replace("\\%", "%").replace("\\tfrac", "\\frac")
@@ -70,6 +70,26 @@ def prepare(s: str) -> str:
     s = re.sub(r",\s*(?:and|or)\s+", ", ", s)  # "7, -2, and -5"
     if _THOUSANDS.match(s.replace(" ", "")):
         s = s.replace(",", "").replace(" ", "")
+    return s
+
+
+_PERCENT_WORDS = re.compile(r"(?<=[\d}])\s*(?:\\(?:text|mbox|mathrm|textrm)\s*\{\s*)?(?:percent(?:age)?s?|per\s?cent|pct)\b\.?"
+                            r"(?:\s*\})?", re.IGNORECASE)
+_RELATIONS = (
+    (re.compile(r"\\leqslant|\\leq(?![a-zA-Z])|≤|<="), "\\le "), (re.compile(r"\\geqslant|\\geq(?![a-zA-Z])|≥|>="), "\\ge "),
+    (re.compile(r"\\lt(?![a-zA-Z])"), "<"), (re.compile(r"\\gt(?![a-zA-Z])"), ">"),
+    (re.compile(r"\\neq(?![a-zA-Z])|\\ne(?![a-zA-Z])|≠|!="), "\\neq "),
+    (re.compile(r"\\approx(?![a-zA-Z])|≈|\\simeq(?![a-zA-Z])"), "="),
+)
+
+
+def _relations(s: str) -> str:
+    """One spelling per relation: ``\\le`` ``\\ge`` ``<`` ``>`` ``\\neq``; ``\\approx`` states a value (``=``)."""
+    if not any(c in s for c in "<>=≤≥≠≈\\"):
+        return s
+    for pattern, repl in _RELATIONS:
+        s = pattern.sub(lambda _m, r=repl: r, s)
+    s = re.sub(r"^\s*=\s*", "", s)  # "\\approx 11" alone
     return s
 
 
@@ -252,11 +272,30 @@ def is_symbol(s: str) -> bool:
     return bool(_SYMBOL.match(s.replace(" ", "")))
 
 
+_LABEL = re.compile(r"^(?:m?\\angle ?)?(?:\\overline\{[A-Za-z]{1,4}\}|[A-Za-z]{1,3}|[A-Za-z][a-z]{2,15}(?: [a-z]{2,15}){0,2})"
+                    r"(?:_\{?\w+\}?)?$")
+
+
+def is_label(s: str) -> bool:
+    """The left side of a labelled answer: ``x``, ``a_1``, ``(p,q)``, ``AB``, ``S:T``, ``\\angle ABC``, ``Area``.
+    Not a label: anything with digits or operators (``2x``, ``x+y``, ``x^2``) or a function value (``f(x)``)."""
+    s = s.strip()
+    if is_symbol(s) or _LABEL.match(s):
+        return True
+    if len(s) > 2 and s[0] == "(" and s[-1] == ")":
+        parts = split_top(s[1:-1], (",",))
+        return len(parts) > 1 and all(is_symbol(p) for p in parts)
+    parts = split_top(s, (":",))
+    return len(parts) > 1 and all(is_symbol(p) or re.fullmatch(r"[A-Z]{1,3}", p.strip()) for p in parts)
+
+
 def parse_structure(answer: str, *, _depth: int = 0) -> Node:
     """The structure of a prepared answer; leaves are fully normalised."""
     s = answer.strip()
     if _depth > 8 or len(s) > MAX_ANSWER_CHARS:
         return Node("scalar", finish(s))
+    if len(s) > 2 and s[0] in "([" and s[-1] in ")]" and _MATRIX.match(s[1:-1].strip()):
+        s = s[1:-1].strip()  # \left( \begin{array}...\end{array} \right)
     m = _MATRIX.match(s)
     if m:
         rows = [r for r in re.split(r"\\\\", m.group(2)) if r.strip()]
@@ -272,8 +311,14 @@ def parse_structure(answer: str, *, _depth: int = 0) -> Node:
     if s.startswith("\\{") and s.endswith("\\}"):
         inner = s[2:-2]
         return Node("set", finish(s), tuple(parse_structure(p, _depth=_depth + 1) for p in split_top(inner, (",",)) if p.strip()))
+    if len(s) > 2 and s[0] == "{" and s[-1] == "}" and _outer_wrap(s, "{", "}"):
+        inner = split_top(s[1:-1], (",",))
+        if len(inner) > 1 and all(p.strip() for p in inner):  # {-2021, 2021}: a set written with plain braces
+            return Node("set", finish(s), tuple(parse_structure(p, _depth=_depth + 1) for p in inner))
     if _wrapped(s):
         inner = split_top(s[1:-1], (",",))
+        if len(inner) == 1:
+            inner = split_top(s[1:-1], (";",))  # (3; 2): a tuple written with semicolons
         if len(inner) > 1:
             children = tuple(parse_structure(p, _depth=_depth + 1) for p in inner)
             is_interval = len(inner) == 2 and (s[0] != "(" or s[-1] != ")" or "\\infty" in s)
@@ -287,11 +332,22 @@ def parse_structure(answer: str, *, _depth: int = 0) -> Node:
     sides = [p for p in sides]
     if len(sides) == 2 and not _REL.search(s) and sides[0].strip() and sides[1].strip():
         return Node("equation", finish(s), (Node("scalar", finish(sides[0])), parse_structure(sides[1], _depth=_depth + 1)))
-    if _REL.search(s) and "\\neq" not in s and "\\ne" not in s:
+    if "\\neq" in s:
+        sides = s.split("\\neq")
+        if len(sides) == 2 and is_symbol(sides[0]) and sides[1].strip() and not _REL.search(sides[1].replace("\\neq", "")):
+            a = Node("scalar", finish(sides[1]))  # x \neq 3: (-oo, 3) U (3, oo)
+            return Node("union", finish(s), (
+                Node("interval", f"(-\\infty,{a.text})", (Node("scalar", "-\\infty"), a)),
+                Node("interval", f"({a.text},\\infty)", (a, Node("scalar", "\\infty")))))
+        return Node("scalar", finish(s))
+    if _REL.search(s):
         pieces = _REL.split(s)
         exprs, ops = pieces[0::2], pieces[1::2]
         if all(e.strip() for e in exprs):
             return Node("inequality", finish(s), tuple(Node("scalar", finish(e)) for e in exprs), ops=tuple(ops))
+    ratio = split_top(s, (":",))
+    if len(ratio) > 1 and all(r.strip() for r in ratio):  # 7:32
+        return Node("ratio", finish(s), tuple(Node("scalar", finish(r)) for r in ratio))
     if "\\pm" in s and s.count("\\pm") == 1:
         a, b = s.split("\\pm")
         a = a.strip() or "0"

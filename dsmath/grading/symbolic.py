@@ -92,9 +92,61 @@ def symbolic_scalar(a: str, b: str) -> bool:
     return exprs_equal(ea, eb, a, b)
 
 
+_RELATION_OPS = {"<": sympy.Lt, ">": sympy.Gt, "\\le": sympy.Le, "\\ge": sympy.Ge, "<=": sympy.Le, ">=": sympy.Ge}
+
+
+def _relation_set(node: Node) -> tuple[sympy.Set, str | None]:
+    """(the real solution set, its variable's name) of an inequality, interval, union or open pair."""
+    if node.kind == "union":
+        parts = [_relation_set(i) for i in node.items]
+        names = {n for _, n in parts if n is not None}
+        if len(names) > 1:
+            raise ValueError("a union over two variables")
+        return sympy.Union(*[s for s, _ in parts]), (names.pop() if names else None)
+    if node.kind in ("interval", "tuple") and len(node.items) == 2:
+        lo, hi = parse_latex(node.items[0].text), parse_latex(node.items[1].text)
+        if lo.free_symbols or hi.free_symbols:
+            raise ValueError("an interval with a symbolic end")
+        return sympy.Interval(lo, hi, not node.left_closed, not node.right_closed), None
+    if node.kind != "inequality":
+        raise ValueError(f"not a relation: {node.kind}")
+    exprs = [parse_latex(e.text) for e in node.items]
+    symbols = set().union(*(e.free_symbols for e in exprs))
+    if len(symbols) != 1:
+        raise ValueError("an inequality in more or less than one variable")
+    x = symbols.pop()
+    xr = sympy.Symbol(x.name, real=True)
+    exprs = [e.subs(x, xr) for e in exprs]
+    solution = sympy.S.Reals
+    for lhs, op, rhs in zip(exprs, node.ops, exprs[1:]):
+        rel = _RELATION_OPS[op](lhs, rhs)
+        solution = solution.intersect(sympy.solve_univariate_inequality(rel, xr, relational=False))
+    return solution, x.name
+
+
+def symbolic_relation(pred: Node, gold: Node) -> bool:
+    """Inequalities, intervals and unions as real solution sets: ``-x > -1`` = ``x < 1`` = ``(-\\infty, 1)``;
+    ``x < 1`` is not ``x \\le 1``. Two inequalities in different variables differ."""
+    try:
+        sp, vp = _relation_set(pred)
+        sg, vg = _relation_set(gold)
+    except (LatexParseError, TypeError, ValueError, ZeroDivisionError, NotImplementedError, KeyError):
+        return pred.text == gold.text
+    if vp is not None and vg is not None and vp != vg:
+        return False
+    if sp == sg:
+        return True
+    return sympy.Complement(sp, sg) == sympy.S.EmptySet and sympy.Complement(sg, sp) == sympy.S.EmptySet
+
+
+_RELATIONAL = ("inequality", "interval", "union")
+
+
 def symbolic_equation(pred: Node, gold: Node) -> bool:
     """Equivalent equations (``y = 2x + 1`` vs ``2x - y + 1 = 0``): lhs−rhs agree up to a nonzero constant;
-    inequalities not reducible to one interval compare as normalised strings."""
+    inequalities, intervals and unions: equal real solution sets (``symbolic_relation``)."""
+    if pred.kind in _RELATIONAL or gold.kind in _RELATIONAL:
+        return symbolic_relation(pred, gold)
     if pred.kind != "equation" or gold.kind != "equation":
         return pred.text == gold.text
     if pred.items[1].kind != "scalar" or gold.items[1].kind != "scalar":
