@@ -17,6 +17,15 @@ for the same sequence of calls, not per request.
 Versioning: ``generate(requests, expected_version)`` refuses (``StaleWeightVersion``) when the caller expects a
 version other than the one loaded, and refuses any sampling while a weight update is in flight.
 
+Weight updates (:mod:`dsmath.weight_wire` receiver): floating weights arrive in the engine's dtype
+(``weight_dtype()``). Over ``object_store``/``gloo`` the buckets are staged in host memory and loaded in one
+``reload_weights`` at the end. Over ``cuda_ipc``/``nccl`` with one GPU per engine they stream: each bucket is
+loaded from device memory as it arrives (``cuda_ipc``: straight from the learner's buffer) between vLLM's public
+``start_weight_update`` / ``finish_weight_update`` (the engine is built with a ``weight_transfer_config``), and
+this process holds at most one bucket; an update that fails half-way leaves the engine refusing to sample until
+a complete one. With tensor parallelism > 1 device buckets are staged in host memory (the engine's workers are
+other processes).
+
 Tool mode (``RolloutConfig.mode == "tool"``): generation stops at "```output"; the last ```python block runs in
 ``dsmath.sandbox``; its ```output block is appended (``loss_mask`` 0, ``logprobs`` 0.0 for those tokens) and
 generation continues from the token ids so far, at most ``max_tool_rounds`` times, within ``max_new_tokens``
@@ -32,7 +41,7 @@ from typing import Any, Sequence
 from dsmath.config import RolloutConfig
 from dsmath.records import GenerationRequest, GeneratorHealth, Rollout, check_schema
 from dsmath.records import WeightBucket
-from learner.weight_sync import BucketLayout, BucketReceiver, StaleWeightVersion, WeightSyncError
+from dsmath.weight_wire import BucketLayout, BucketReceiver, StaleWeightVersion, WeightSyncError
 
 TOOL_STOP = "```output"
 
@@ -79,6 +88,9 @@ class Generator:
             kwargs.update(
                 gpu_memory_utilization=self.rollout.gpu_memory_utilization,
                 tensor_parallel_size=self.rollout.tensor_parallel_size,
+                # vLLM's RL weight-transfer session (start/finish_weight_update: layer-wise reload around the
+                # streamed buckets); "ipc" needs no rendezvous.
+                weight_transfer_config={"backend": "ipc"},
             )
             if self.rollout.tensor_parallel_size == 1:
                 kwargs["distributed_executor_backend"] = "uni"
@@ -88,8 +100,14 @@ class Generator:
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.sandbox_timeout_s = sandbox_timeout_s
-        self._receiver = BucketReceiver(generator_id, device=("cuda" if self.on_gpu else "cpu"))
+        # Device buckets stream into the engine only where it runs in this process (one GPU, the "uni" executor).
+        in_process = not self.on_gpu or self.rollout.tensor_parallel_size == 1
+        self._receiver = BucketReceiver(generator_id, device=("cuda" if self.on_gpu else "cpu"),
+                                        dtype=self.llm.llm_engine.model_config.dtype,
+                                        stream=None if in_process else False)
         self._receiver.version = weight_version
+        self._engine_session = False  # a vLLM weight-update session is open (streamed updates)
+        self._partial = False  # the engine holds part of an update that did not complete
         self.requests_served = 0
         self.tokens_generated = 0
         self.last_error = ""
@@ -106,6 +124,9 @@ class Generator:
     def _check_can_sample(self, expected_version: int | None) -> None:
         if self._receiver.updating:
             raise WeightSyncError(f"{self.generator_id}: a weight update is in flight; sampling refused")
+        if self._partial:
+            raise WeightSyncError(f"{self.generator_id}: holds part of a weight update that failed; sampling refused "
+                                  f"until a complete update")
         if expected_version is not None and expected_version != self.weight_version:
             raise StaleWeightVersion(
                 f"{self.generator_id}: asked to sample with weight version {expected_version}, "
@@ -281,6 +302,10 @@ class Generator:
 
     # ------------------------------------------------------------------------- weight receiving (see learner/weight_sync)
 
+    def weight_dtype(self) -> str | None:
+        """The dtype the engine holds its weights in: senders cast floating weights to it before sending."""
+        return self._receiver.wire_dtype()
+
     def join_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str,
                           timeout_s: float) -> None:
         self._receiver.join_group(host, port, rank, world_size, backend, timeout_s)
@@ -289,27 +314,42 @@ class Generator:
         """Start receiving ``version``; refused unless it is the loaded version + 1. Sampling is refused until
         ``finish_weight_update``."""
         self._receiver.begin(version, num_buckets, transport, timeout_s)
+        if self._receiver.streaming:
+            if self._engine_session:  # an earlier streamed update failed half-way: close its session first
+                self.llm.finish_weight_update()
+            self.llm.start_weight_update()
+            self._engine_session = True
 
     def receive_bucket(self, bucket: WeightBucket, layout: BucketLayout, payload: Any = None) -> float:
         start = time.perf_counter()
         try:
-            self._receiver.receive(bucket, layout, payload)
+            tensors = self._receiver.receive(bucket, layout, payload)
+            if tensors is not None:  # streamed: device tensors, loaded now, released by the next bucket
+                self._partial = True
+                self.llm.collective_rpc(_load_into_model, args=(tensors,))
+                del tensors
         except Exception:
             self._receiver.abort()
             raise
         return time.perf_counter() - start
 
     def finish_weight_update(self, version: int) -> float:
-        """Apply the staged buckets to the engine in place and switch to ``version``. Returns the apply seconds."""
+        """Apply the update to the engine in place and switch to ``version``. Returns the apply seconds (streamed:
+        vLLM's finishing pass only; the loads happened per bucket)."""
         weights = self._receiver.finish(version)
         start = time.perf_counter()
         try:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            if self._receiver.streaming:
+                self.llm.finish_weight_update()
+                self._engine_session = False
+            else:
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         except Exception as exc:
             self._receiver.abort()
-            self.last_error = f"reload_weights: {exc}"
+            self.last_error = f"finish_weight_update: {exc}"
             raise
         self._receiver.commit(version)
+        self._partial = False
         self.llm.update_weight_version(str(version))  # keep vLLM's own notion in step (metrics, logs)
         return time.perf_counter() - start
 
@@ -322,7 +362,17 @@ class Generator:
         start = time.perf_counter()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_weights)})
         self._receiver.commit(version)
+        self._partial = False
         return time.perf_counter() - start
+
+
+def _load_into_model(worker, weights: list) -> None:
+    """Runs in vLLM's worker (``collective_rpc``, in-process executor): load one bucket's device tensors into the
+    model inside the open weight-update session — what vLLM's own IPC weight-transfer engine does per chunk."""
+    from vllm.config import set_current_vllm_config
+
+    with set_current_vllm_config(worker.vllm_config):
+        worker.model_runner.get_model().load_weights(weights)
 
 
 def generator_actor_class(num_cpus: float = 1.0, num_gpus: float = 0.0):

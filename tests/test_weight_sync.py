@@ -1,8 +1,12 @@
-"""Weight sync: bucketing (pure), the receiver state machine, and both CPU transports between real Ray actors
-(tensor receivers without a vLLM engine; the engine path is in test_generator_ray.py), including deadlines."""
+"""Weight sync: bucketing and casting (pure), the receiver state machine (staged and streamed), both CPU transports
+between real Ray actors (tensor receivers without a vLLM engine; the engine path is in test_generator_ray.py and
+test_zero3_sync.py), deadlines, and — on a GPU — the cuda_ipc receive between two processes without Ray."""
 
+import subprocess
+import sys
 import threading
 import time
+import weakref
 
 import pytest
 import torch
@@ -14,6 +18,7 @@ from learner.weight_sync import (
     StaleWeightVersion,
     WeightSyncError,
     WeightSyncTimeout,
+    layout_bytes,
     make_sender,
     pack_bucket,
     plan_buckets,
@@ -34,19 +39,23 @@ def _weights(seed: int = 0) -> list[tuple[str, torch.Tensor]]:
     ]
 
 
-def _plan_reference(named, bucket_bytes):
-    """Plain-loop reference for plan_buckets: per dtype in first-seen order, greedy fill."""
+def _plan_reference(named, bucket_bytes, target=None):
+    """Plain-loop reference for plan_buckets: per wire dtype in first-seen order, greedy fill."""
+
+    def wire(t):
+        return target if target is not None and t.is_floating_point() else t.dtype
+
     dtypes = []
     for _, t in named:
-        if t.dtype not in dtypes:
-            dtypes.append(t.dtype)
+        if wire(t) not in dtypes:
+            dtypes.append(wire(t))
     out = []
     for dtype in dtypes:
         current, size = [], 0
         for name, t in named:
-            if t.dtype != dtype:
+            if wire(t) != dtype:
                 continue
-            nbytes = t.numel() * t.element_size()
+            nbytes = t.numel() * torch.empty((), dtype=dtype).element_size()
             if current and size + nbytes > bucket_bytes:
                 out.append(current)
                 current, size = [], 0
@@ -68,6 +77,34 @@ def test_plan_buckets_matches_reference_and_respects_size(bucket_bytes):
         assert total <= bucket_bytes or len(b.names) == 1  # only a lone oversized tensor may exceed
         assert len({dict(named)[n].dtype for n in b.names}) == 1
     assert sorted(n for b in plan for n in b.names) == sorted(n for n, _ in named)
+
+
+@pytest.mark.parametrize("bucket_bytes", [1, 4096, 8192, 10**9])
+@pytest.mark.parametrize("target", [torch.bfloat16, torch.float16, torch.float32])
+def test_plan_buckets_in_the_receivers_dtype_matches_reference(bucket_bytes, target):
+    named = _weights()
+    plan = plan_buckets(named, bucket_bytes, target)
+    assert [list(b.names) for b in plan] == _plan_reference(named, bucket_bytes, target)
+    lookup = dict(named)
+    for b in plan:
+        dtypes = {lookup[n].dtype for n in b.names}
+        assert b.layout.dtype == ("int64" if dtypes == {torch.int64} else str(target).removeprefix("torch."))
+        assert layout_bytes(b.layout) <= bucket_bytes or len(b.names) == 1
+
+
+def test_pack_casts_per_bucket_to_the_wire_dtype():
+    named = _weights(5)
+    lookup = dict(named)
+    plan = plan_buckets(named, 8192, torch.bfloat16)
+    wire_bytes = 0
+    for b in plan:
+        flat = pack_bucket([lookup[n] for n in b.names], b.layout)
+        wire_bytes += flat.numel() * flat.element_size()
+        for name, got in unpack_bucket(flat, b.names, b.layout):
+            want = lookup[name].to(torch.bfloat16) if lookup[name].is_floating_point() else lookup[name]
+            assert got.dtype == want.dtype and torch.equal(got, want)  # the cast torch's .to() does, bit for bit
+    floats = sum(t.numel() for _, t in named if t.is_floating_point())
+    assert wire_bytes == 2 * floats + 8  # every float in 2 bytes, the int64 counter as it was
 
 
 def test_pack_unpack_round_trip_is_exact():
@@ -102,15 +139,83 @@ def test_receiver_versions_and_order():
         recv.receive(WeightBucket(2, 1, len(plan), plan[1].names), plan[1].layout, flat0)
 
 
+def test_streamed_receiver_holds_at_most_one_bucket_and_never_copies():
+    """Streamed mode (what cuda_ipc / nccl use on a GPU), driven with host buffers: each bucket is handed out as
+    views of the buffer that arrived (same memory, no staging copy) and the receiver lets go of it when the next
+    bucket comes, so at most one bucket is referenced at a time; finish hands out nothing more."""
+    named = _weights(7)
+    lookup = dict(named)
+    plan = plan_buckets(named, 4096)
+    recv = BucketReceiver("gen-s", stream=True)
+    recv.begin(1, len(plan), "object_store")
+    previous, loaded = None, {}
+    for index, b in enumerate(plan):
+        flat = pack_bucket([lookup[n] for n in b.names], b.layout)
+        ptr, flat_ref = flat.data_ptr(), weakref.ref(flat)
+        tensors = recv.receive(WeightBucket(1, index, len(plan), b.names), b.layout, flat)
+        del flat
+        assert recv.held_buckets == 1 and flat_ref() is not None
+        assert [n for n, _ in tensors] == list(b.names)
+        assert tensors[0][1].data_ptr() == ptr  # a view of what arrived: no copy
+        if previous is not None:
+            assert previous() is None  # the previous bucket was released when this one came
+        loaded.update((n, t.clone()) for n, t in tensors)  # the "engine" copies the bucket into its weights
+        del tensors
+        previous = flat_ref
+    assert recv.finish(1) == [] and recv.held_buckets == 0 and previous() is None
+    recv.commit(1)
+    assert recv.version == 1 and recv.max_held_buckets == 1
+    assert all(torch.equal(loaded[n], t) for n, t in named)
+
+
+def test_staged_receiver_keeps_every_bucket_until_finish():
+    named = _weights(8)
+    lookup = dict(named)
+    plan = plan_buckets(named, 4096)
+    recv = BucketReceiver("gen-t")
+    recv.begin(1, len(plan), "object_store")
+    for index, b in enumerate(plan):
+        assert recv.receive(WeightBucket(1, index, len(plan), b.names), b.layout,
+                            pack_bucket([lookup[n] for n in b.names], b.layout)) is None
+    staged = dict(recv.finish(1))
+    assert staged.keys() == lookup.keys() and all(torch.equal(staged[n], t) for n, t in named)
+    assert not recv.streaming and recv.max_held_buckets == 0
+
+
+def test_receiver_announces_its_dtype():
+    assert BucketReceiver("a").wire_dtype() is None
+    assert BucketReceiver("b", dtype="bfloat16").wire_dtype() == "bfloat16"
+    assert BucketReceiver("c", dtype=torch.float16).wire_dtype() == "float16"
+    assert BucketReceiver("d", dtype="torch.float32").wire_dtype() == "float32"
+    assert BucketReceiver("e").streaming is False  # before any update: staged
+    r = BucketReceiver("f")
+    r.begin(1, 1, "object_store")
+    assert not r.streaming
+
+
+def test_wire_and_sender_modules_do_not_import_ray():
+    """A receiver (and the GPU test below) imports these where Ray is not installed."""
+    code = ("import sys, dsmath.weight_wire, learner.weight_sync, actors.generator\n"
+            "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'vllm', 'deepspeed'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+    code = "import sys, actors.generator\nprint(','.join(m for m in sys.modules if m.split('.')[0] == 'learner'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""  # the generator side shares dsmath.weight_wire, not the learner
+
+
 # ------------------------------------------------------------------------------------------ real Ray
 
 
 class TensorReceiver:
     """A receiver actor with the generator's weight-sync methods, holding plain tensors (no engine)."""
 
-    def __init__(self, name: str):
-        self.recv = BucketReceiver(name)
+    def __init__(self, name: str, dtype: str | None = None):
+        self.recv = BucketReceiver(name, dtype=dtype)
         self.weights: dict[str, torch.Tensor] = {}
+
+    def weight_dtype(self):
+        return self.recv.wire_dtype()
 
     def join_weight_group(self, host, port, rank, world_size, backend, timeout_s):
         self.recv.join_group(host, port, rank, world_size, backend, timeout_s)
@@ -174,6 +279,7 @@ def cluster():
     actors = {
         "receivers": {f"r{i}": ray.remote(num_cpus=0.1)(TensorReceiver).remote(f"r{i}") for i in range(2)},
         "silent": ray.remote(num_cpus=0.1)(Silent).remote(),
+        "bf16": ray.remote(num_cpus=0.1)(TensorReceiver).remote("b0", "bfloat16"),
         "sender": ray.remote(num_cpus=0.1)(Sender).remote(),
     }
     ray.get([h.state.remote() for h in actors["receivers"].values()] + [actors["silent"].ready.remote()])
@@ -223,3 +329,110 @@ def test_silent_receiver_times_out_by_name(cluster, transport):
     assert "gen-stuck" in str(cause) and "3s" in str(cause)
     assert 3.0 <= elapsed < 3.0 + 4.0  # the deadline, not a hang
     assert ray.get(good.state.remote())[0] == version + 1  # the good one kept its last complete version
+
+
+@pytest.mark.parametrize("transport", ["object_store", "gloo"])
+def test_fp32_sender_to_bf16_receiver_sends_bf16_and_half_the_bytes(cluster, transport):
+    ray, actors = cluster
+    bf16 = {"gen-bf16": actors["bf16"]}
+    version = ray.get(actors["bf16"].state.remote())[0] + 1
+    stats = ray.get(actors["sender"].sync_weights.remote(version, bf16, transport=transport, bucket_mb=8192 / 2**20,
+                                                         timeout_s=30.0, seed=21))
+    sent = dict(_weights(21))
+    got_version, got = ray.get(actors["bf16"].state.remote())
+    assert got_version == version and got.keys() == sent.keys()
+    for name, t in sent.items():
+        want = t.to(torch.bfloat16) if t.is_floating_point() else t
+        assert got[name].dtype == want.dtype and torch.equal(got[name], want), name
+    floats = sum(t.numel() for t in sent.values() if t.is_floating_point())
+    assert stats.bytes == 2 * floats + 8  # the int64 counter travels as it is
+    assert stats.source_bytes == sum(t.numel() * t.element_size() for t in sent.values())
+    fp32_bytes = sum(t.numel() * 4 for t in sent.values() if t.is_floating_point())
+    assert stats.bytes - 8 == fp32_bytes // 2  # half the bytes of the fp32 tensors
+    assert stats.wire_dtype == "bfloat16+int64"
+    assert stats.buckets == len(plan_buckets(list(sent.items()), 8192, torch.bfloat16))
+
+
+def test_receivers_that_hold_different_dtypes_are_refused_in_one_line(cluster):
+    ray, actors = cluster
+    mixed = {"gen-fp": actors["receivers"]["r0"], "gen-bf16": actors["bf16"]}
+    version = ray.get(actors["bf16"].state.remote())[0] + 1
+    with pytest.raises(ray.exceptions.RayTaskError) as info:
+        ray.get(actors["sender"].sync_weights.remote(version, mixed, transport="object_store", bucket_mb=1.0,
+                                                     timeout_s=30.0))
+    cause = info.value.cause
+    assert isinstance(cause, WeightSyncError) and "different dtypes" in str(cause) and "\n" not in str(cause)
+    assert ray.get(actors["bf16"].state.remote())[0] == version - 1  # nothing started
+
+
+# ------------------------------------------------------------------------------- GPU: cuda_ipc without Ray
+
+
+def _ipc_receiver_process(inbox, outbox, dtype: str) -> None:
+    """The generator's side in a process of its own: a streamed BucketReceiver on the GPU, an "engine" dict it
+    loads each bucket into (a device-to-device copy), and a report of where the buckets lived."""
+    import torch
+
+    from dsmath.weight_wire import BucketReceiver
+
+    torch.cuda.set_device(0)
+    recv = BucketReceiver("ipc-child", device="cuda", dtype=dtype)
+    version, num_buckets = inbox.get()
+    recv.begin(version, num_buckets, "cuda_ipc")
+    engine, devices, max_held = {}, set(), 0
+    for _ in range(num_buckets):
+        record, layout, payload = inbox.get()
+        tensors = recv.receive(record, layout, payload)
+        devices.update(t.device.type for _, t in tensors)
+        max_held = max(max_held, recv.held_buckets)
+        for name, t in tensors:
+            engine[name] = t.clone()  # the engine's load: device to device
+        del tensors
+        outbox.put(("bucket", record.bucket_index))  # the sender may free this bucket now
+    assert recv.finish(version) == []
+    recv.commit(version)
+    outbox.put(("done", {n: t.cpu() for n, t in engine.items()}, sorted(devices), max_held, recv.max_held_buckets,
+                recv.version, recv.wire_dtype()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_ipc_receive_between_two_processes_streams_on_the_device(dtype):
+    """Sender (this process) packs each bucket on the GPU and sends only a CUDA IPC handle through a queue; the
+    receiver process maps it, loads it device-to-device and acknowledges before the sender drops it. The weights
+    arrive bit-exact in the receiver's dtype, every bucket the receiver saw was on the GPU (no host staging), and
+    it never held more than one bucket."""
+    import torch.multiprocessing as mp
+
+    from dsmath.weight_wire import cuda_ipc_payload, wire_dtype
+
+    target = getattr(torch, dtype)
+    named = [(n, t.cuda()) for n, t in _weights(31)] + [
+        ("wide.weight", torch.randn(512, 1024, device="cuda"))]  # 2 MiB of fp32: a bucket of its own
+    lookup = dict(named)
+    plan = plan_buckets(named, 16384, target)
+    assert len(plan) > 3
+    ctx = mp.get_context("spawn")
+    inbox, outbox = ctx.Queue(), ctx.Queue()
+    child = ctx.Process(target=_ipc_receiver_process, args=(inbox, outbox, dtype))
+    child.start()
+    try:
+        inbox.put((1, len(plan)))
+        for index, b in enumerate(plan):
+            flat = pack_bucket([lookup[n] for n in b.names], b.layout, "cuda")
+            torch.cuda.synchronize()
+            inbox.put((WeightBucket(1, index, len(plan), b.names), b.layout, cuda_ipc_payload(flat)))
+            assert outbox.get(timeout=120) == ("bucket", index)
+            del flat
+        _, engine, devices, max_held, receiver_max, version, said = outbox.get(timeout=120)
+    finally:
+        child.join(timeout=60)
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
+    assert devices == ["cuda"] and max_held == 1 and receiver_max == 1
+    assert version == 1 and said == dtype
+    assert engine.keys() == lookup.keys()
+    for name, t in named:
+        want = t.to(wire_dtype(t.dtype, target)).cpu()
+        assert engine[name].dtype == want.dtype and torch.equal(engine[name], want), name
