@@ -13,12 +13,14 @@ mount and network namespaces, an unprivileged uid, read-only filesystem except a
 rlimits, and a wall-clock deadline that kills everything it started.
 
 examples:
-  DSMATH_SANDBOX_TOKEN=secret dsmath sandbox serve --port 50052 --workers 4 --max-queue 32
+  DSMATH_SANDBOX_TOKEN=$(python -c 'import secrets; print(secrets.token_urlsafe(32))') dsmath sandbox serve --port 50052 --workers 4 --max-queue 32
   dsmath sandbox serve --tls-cert server.crt --tls-key server.key
   echo 'import sympy; print(sympy.factor("x**2-1"))' | dsmath sandbox run -
   dsmath sandbox run prog.py --timeout 2
 
-Reward workers use it with reward.sandbox_address=HOST:PORT (token from DSMATH_SANDBOX_TOKEN).
+Reward workers use it with reward.sandbox_address=HOST:PORT (token from DSMATH_SANDBOX_TOKEN, at least
+16 characters, no whitespace). The server's --max-* flags cap what a request may ask for. SIGTERM drains:
+admitted calls finish, new ones are refused, then the server exits.
 """
 
 
@@ -33,6 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--workers", type=int, default=2, help="programs run at once (default 2)")
     s.add_argument("--max-queue", type=int, default=16, help="admitted calls waiting beyond the workers; "
                    "more are answered RESOURCE_EXHAUSTED at once (default 16)")
+    s.add_argument("--max-timeout", type=float, default=30.0,
+                   help="longest run a request may ask for, seconds; larger requests are clamped (default 30)")
+    s.add_argument("--max-memory-mb", type=int, default=1024,
+                   help="most memory a request may ask for; larger requests are clamped (default 1024)")
+    s.add_argument("--max-output-bytes", type=int, default=1024 * 1024,
+                   help="most output per stream a request may ask for; larger requests are clamped (default 1 MiB)")
     r = sub.add_parser("run", help="run one program (file or - for stdin) and print what it did")
     r.add_argument("file", help="Python file, or - for stdin")
     r.add_argument("--timeout", type=float, default=5.0, help="wall-clock seconds (default 5)")
@@ -44,10 +52,21 @@ def run(args: argparse.Namespace) -> int:
     from dsmath.errors import UserError
 
     if args.action == "serve":
-        from dsmath.sandbox.service import serve
+        import signal
+        import threading
 
+        from dsmath.sandbox.service import ServerLimits, serve
+
+        limits = ServerLimits(args.max_timeout, args.max_memory_mb, args.max_output_bytes)
         server = serve(host=args.host, port=args.port, token=args.token, workers=args.workers,
-                       max_queue=args.max_queue, tls_cert=args.tls_cert, tls_key=args.tls_key)
+                       max_queue=args.max_queue, tls_cert=args.tls_cert, tls_key=args.tls_key, limits=limits)
+
+        def drain(signum, _frame) -> None:  # admitted calls finish; new ones are refused; then exit
+            print(f"dsmath sandbox: signal {signum}: draining", file=sys.stderr, flush=True)
+            threading.Thread(target=server.drain, name="sandbox-drain", daemon=True).start()
+
+        signal.signal(signal.SIGTERM, drain)
+        signal.signal(signal.SIGINT, drain)
         mode = "full isolation (namespaces)" if server.pool.namespaces else \
             f"FALLBACK isolation ({server.pool.isolation_note})"
         print(f"dsmath sandbox: serving on {args.host}:{server.port} ({'TLS' if args.tls_cert else 'plaintext'}), "

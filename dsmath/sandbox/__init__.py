@@ -5,9 +5,9 @@
 the gRPC service and client in ``dsmath.sandbox.service`` (imports grpc only there).
 """
 
-from dsmath.sandbox.pool import Limits, SandboxError, SandboxPool, default_pool, run, runner_for
+from dsmath.sandbox.pool import Limits, SandboxCancelled, SandboxError, SandboxPool, default_pool, run, runner_for
 from dsmath.sandbox.pot import PotReward, extract_program, format_tool_output, pot_reward, split_tool_call
 from dsmath.sandbox.result import ExecResult
 
-__all__ = ["ExecResult", "Limits", "PotReward", "SandboxError", "SandboxPool", "default_pool", "extract_program",
-           "format_tool_output", "pot_reward", "run", "runner_for", "split_tool_call"]
+__all__ = ["ExecResult", "Limits", "PotReward", "SandboxCancelled", "SandboxError", "SandboxPool", "default_pool",
+           "extract_program", "format_tool_output", "pot_reward", "run", "runner_for", "split_tool_call"]

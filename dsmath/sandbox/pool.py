@@ -208,10 +208,10 @@ class SandboxPool:
             max_file_mb=self.limits.max_file_mb, scratch_mb=self.limits.scratch_mb,
         ).validated()
         for attempt in range(2):
-            worker = self._acquire(acquire_timeout_s)
+            worker = self._acquire(acquire_timeout_s, cancel)
             if worker.proc.poll() is not None:  # died while idle (killed from outside): replace before use
                 self._replace(worker, died=True)
-                worker = self._acquire(acquire_timeout_s)
+                worker = self._acquire(acquire_timeout_s, cancel)
             try:
                 result = self._run_on(worker, code, limits, cancel)
             except SandboxCancelled:
@@ -268,16 +268,19 @@ class SandboxPool:
 
     # ------------------------------------------------------------------ internals ----
 
-    def _acquire(self, timeout_s: float | None) -> _Worker:
+    def _acquire(self, timeout_s: float | None, cancel: threading.Event | None = None) -> _Worker:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:
             self._waiting += 1
             try:
                 while not self._free and not self._closed:
+                    if cancel is not None and cancel.is_set():
+                        self._stats["cancelled"] += 1
+                        raise SandboxCancelled("cancelled while waiting for a sandbox slot")
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         raise TimeoutError("no free sandbox slot")
-                    self._cond.wait(left)
+                    self._cond.wait(left if cancel is None else min(0.05, left or 0.05))
                 if self._closed:
                     raise SandboxError("sandbox pool is closed")
                 self._busy += 1
