@@ -46,6 +46,13 @@ def resolve_sampling(algorithm: str, sampling: str) -> str:
     return DEFAULT_SAMPLING[algorithm] if sampling == "auto" else sampling
 
 
+def needs_reference(grpo_cfg) -> bool:
+    """Whether training with ``grpo_cfg`` (a :class:`dsmath.config.GRPOConfig`) ever reads the frozen reference
+    model: DPO always (its loss is relative to π_ref); every other algorithm only when ``grpo.beta > 0`` (GRPO's KL
+    term, PPO's per-token KL reward). The one place β is interpreted for this: with False, no reference is built."""
+    return grpo_cfg.algorithm == "dpo" or grpo_cfg.beta > 0
+
+
 # ----------------------------------------------------------------------------------------------
 # RFT / online RFT
 # ----------------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ import socket
 import sys
 import time
 import uuid
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -98,6 +100,61 @@ def _drop_stale_deepspeed_groups() -> None:
                 setattr(groups, name, None)
 
 
+# Config attributes through which HF causal LMs post-process ``lm_head(hidden)`` (Gemma-2/3 softcapping, Cohere's
+# logit_scale, Granite's logits_scaling, Falcon-H1's lm_head_multiplier): chunked log-probs would miss them.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
+_warned_full_logits: set[str] = set()
+
+
+def _head_unsupported(module) -> str | None:
+    """Why log-probs cannot come from ``module``'s final hidden states through its LM head module (None: they can).
+
+    Checked: a separate LM head module and base model, a ``logits_to_keep`` argument (so the forward can skip the
+    full logits), and no known logit post-processing in the config. :meth:`PolicyLearner._probe_head` then checks
+    numerically that ``head(hidden)`` is the model's own logits, which catches post-processing not listed here.
+    """
+    import inspect
+
+    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+    base = getattr(module, "base_model", None)
+    if head is None or base is None or base is module:
+        return "it has no separate LM head module"
+    if "logits_to_keep" not in inspect.signature(module.forward).parameters:
+        return "its forward takes no logits_to_keep"
+    for attr in _LOGIT_POSTPROCESSING:
+        value = getattr(module.config, attr, None)
+        if value not in (None, 0, 0.0, 1, 1.0):
+            return f"config.{attr}={value} post-processes the logits"
+    return None
+
+
+@contextmanager
+def _hidden_state_head(module, labels: torch.Tensor, chunk_tokens: int, with_entropy: bool):
+    """While active, a forward of ``module`` (a causal LM, called directly or through its DeepSpeed engine) also
+    returns ``token_logprobs`` (and ``token_entropy``) ``[n, w-1]``: :func:`dsmath.grpo.head_token_logprobs` on the
+    base model's last hidden state. Computed inside the module's forward, so DeepSpeed's output hooks (which start
+    its backward bookkeeping) see them."""
+    head, holder = module.get_output_embeddings(), {}
+
+    def grab(_m, _args, out):
+        holder["hidden"] = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # [n, w, H]
+
+    def attach(_m, _args, out):
+        hidden = holder.pop("hidden")  # [n, w, H]
+        lp, ent = grpo.head_token_logprobs(hidden[:, :-1], head, labels, chunk_tokens, with_entropy=with_entropy)
+        out["token_logprobs"] = lp  # [n, w-1]
+        if ent is not None:
+            out["token_entropy"] = ent  # [n, w-1]
+        return out
+
+    handles = [module.base_model.register_forward_hook(grab), module.register_forward_hook(attach)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _load_tokenizer(model_dir: Path):
     if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         return None  # AutoTokenizer would invent an empty one from the model config
@@ -127,16 +184,16 @@ class PolicyLearner:
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
-        with_reference: bool = True,
+        with_reference: bool | None = None,
         total_steps: int | None = None,
         max_tokens: int | None = None,
         max_tokens_per_micro_batch: int | None = None,
     ) -> None:
         """``total_steps`` turns on cosine decay (to 10 % of ``lr``) after warm-up; None keeps the
         lr constant after warm-up. ``max_tokens`` is Dr. GRPO's constant for
-        ``loss_agg='seq_mean_token_sum_norm'`` (e.g. ``rollout.max_new_tokens``)."""
+        ``loss_agg='seq_mean_token_sum_norm'`` (e.g. ``rollout.max_new_tokens``). ``with_reference`` None builds
+        the frozen reference only where ``grpo_cfg`` reads it (:func:`dsmath.algorithms.needs_reference`)."""
         import deepspeed
-        from transformers import AutoModelForCausalLM
 
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").exists():
@@ -150,22 +207,27 @@ class PolicyLearner:
         if self.grpo_cfg.loss_agg == "seq_mean_token_sum_norm" and not max_tokens:
             raise UserError("grpo.loss_agg=seq_mean_token_sum_norm (Dr. GRPO) needs the learner's max_tokens "
                             "(pass rollout.max_new_tokens)")
+        precision = getattr(learner_cfg, "precision", "fp32")
+        if precision == "bf16" and learner_cfg.zero_stage == 0:
+            raise UserError("learner.precision=bf16 needs learner.zero_stage >= 1: DeepSpeed's stage-0 bf16 optimizer "
+                            "accumulates bf16 gradients and its updates diverge from fp32 Adam's (ZeRO-1 on one rank "
+                            "costs the same memory)")
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.backend = init_distributed(rank, world_size, learner_cfg.backend)
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}") if self.backend == "nccl" else torch.device("cpu")
         torch.manual_seed(seed)
 
         model = self._load_model()  # a causal LM; the reward-model learner loads a scoring head instead
         model.config.use_cache = False
+        if getattr(learner_cfg, "gradient_checkpointing", False):  # the policy only; the reference never trains
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise UserError(f"learner.gradient_checkpointing: {type(model).__name__} does not support it")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.tokenizer = _load_tokenizer(self.model_dir)
-        self.reference = None
+        if with_reference is None:
+            with_reference = algorithms.needs_reference(self.grpo_cfg)
         self._reference_reset = False
-        if with_reference and getattr(learner_cfg, "reference", "copy") == "host":
-            from learner.reference import HostReference
-
-            self.reference = HostReference(model)  # no second model on the device: swapped in per reference pass
-        elif with_reference:
-            self.reference = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch.float32)
-            self.reference.to(self.device).eval().requires_grad_(False)
+        self.reference = self._build_reference(model) if with_reference else None
 
         optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=learner_cfg.lr, weight_decay=learner_cfg.weight_decay
@@ -181,27 +243,112 @@ class PolicyLearner:
             return 1.0
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self._ds_config()
+        )
+        self.steps = 0
+        self._chunk_tokens = int(getattr(learner_cfg, "logprob_chunk_tokens", 0) or 0)
+        if self._chunk_tokens:
+            reason = _head_unsupported(self.engine.module) or self._probe_head()
+            if reason:
+                name = type(self.engine.module).__name__
+                if name not in _warned_full_logits:
+                    _warned_full_logits.add(name)
+                    warnings.warn(f"learner.logprob_chunk_tokens: {name}: {reason}; using the full logits",
+                                  stacklevel=2)
+                self._chunk_tokens = 0
+
+    def _ds_config(self, *, train: bool = True) -> dict:
+        """The DeepSpeed config: the policy's (``train``) or a frozen ZeRO-3 reference's (no optimizer)."""
+        cfg = self.cfg
         ds_config = {
             # We own micro-batching (variable count per step): one DeepSpeed "step" per optimizer step.
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
-            "train_batch_size": world_size,
+            "train_batch_size": self.world_size,
             "managed_gradient_accumulation": False,
-            "gradient_clipping": learner_cfg.grad_clip if learner_cfg.grad_clip > 0 else 0.0,
-            "zero_optimization": {"stage": learner_cfg.zero_stage, "overlap_comm": False},
+            "gradient_clipping": cfg.grad_clip if cfg.grad_clip > 0 else 0.0,
+            "zero_optimization": {"stage": cfg.zero_stage if train else 3, "overlap_comm": False},
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-        )
-        self.steps = 0
+        if self.dtype == torch.bfloat16:
+            # bf16 weights and compute; DeepSpeed keeps fp32 master weights and Adam state, and we ask it to
+            # accumulate gradients over micro-batches in fp32 too.
+            ds_config["bf16"] = {"enabled": True}
+            ds_config["data_types"] = {"grad_accum_dtype": "fp32"}
+        return ds_config
 
-    def _load_model(self):
-        """The trained module, float32, from ``self.model_dir`` (subclasses train other model types)."""
+    def _build_reference(self, model):
+        """The frozen reference: in host memory (``learner.reference=host``), else a second model in the learner's
+        precision — under ZeRO-3 partitioned over the ranks like the policy (a DeepSpeed engine without optimizer)."""
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch.float32)
+        if getattr(self.cfg, "reference", "copy") == "host":
+            from learner.reference import HostReference
+
+            return HostReference(model)  # no second model on the device: swapped in per reference pass
+        reference = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=self.dtype)
+        reference.config.use_cache = False
+        reference.to(self.device).eval().requires_grad_(False)
+        if self.cfg.zero_stage == 3:  # shard it like the policy: each rank holds 1/world_size of it
+            import deepspeed
+
+            reference, *_ = deepspeed.initialize(model=reference, config=self._ds_config(train=False))
+            reference.eval()
+        return reference
+
+    @property
+    def _reference_sharded(self) -> bool:
+        return self.reference is not None and self.cfg.zero_stage == 3 and hasattr(self.reference, "module")
+
+    def _load_reference(self, state: dict[str, torch.Tensor]) -> None:
+        """Overwrite the reference's weights with ``state`` (all ranks call this under ZeRO-3)."""
+        if not self._reference_sharded:
+            self.reference.load_state_dict(state, strict=False)
+            return
+        import deepspeed
+
+        for name, param in self.reference.module.named_parameters():
+            if name in state:
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    if self.rank == 0:
+                        param.data.copy_(state[name])
+
+    def _reference_state(self) -> dict[str, torch.Tensor]:
+        """The reference's full weights on CPU (gathered under ZeRO-3: all ranks call this)."""
+        if self._reference_sharded:
+            return dict(_gathered_state(self.reference.module))
+        return {k: v.detach().cpu().contiguous() for k, v in self.reference.state_dict().items()}
+
+    def _load_model(self):
+        """The trained module in the learner's precision (``self.dtype``), from ``self.model_dir`` (subclasses
+        train other model types; DeepSpeed casts whatever they load to bf16 under ``learner.precision=bf16``)."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=self.dtype)
+
+    @torch.no_grad()
+    def _probe_head(self) -> str | None:
+        """None when ``lm_head(last hidden state)`` reproduces the model's own logits exactly on a short input."""
+        module, holder = self.engine.module, {}
+        ids = torch.arange(2, 10, device=self.device)[None] % module.config.vocab_size  # [1, 8]
+
+        def grab(_m, _args, out):
+            holder["hidden"] = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # [1, 8, H]
+
+        handle = module.base_model.register_forward_hook(grab)
+        was_training = module.training
+        try:
+            module.eval()
+            logits = module(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits  # [1, 8, V]
+            mine = module.get_output_embeddings()(holder["hidden"])  # [1, 8, V]
+        finally:
+            handle.remove()
+            module.train(was_training)
+        if mine.shape != logits.shape or not torch.equal(mine.float(), logits.float()):
+            return "its logits are not lm_head(last hidden state) (post-processed)"
+        return None
 
     @classmethod
     def from_env(cls, model_dir: str | Path, learner_cfg: LearnerConfig, grpo_cfg: GRPOConfig | None = None,
@@ -217,7 +364,19 @@ class PolicyLearner:
         return self.engine.module
 
     def _logprobs(self, model, mb: TrainBatch, *, with_entropy: bool = False):
+        """Token log-probs ``[n, w]`` (and detached entropy) of ``mb`` under ``model`` (the engine or a frozen
+        module), float32 in either precision. With ``learner.logprob_chunk_tokens`` > 0 they come from the final
+        hidden states through the LM head that many tokens at a time (no ``[n, w, V]`` logits kept)."""
         mb = mb.to(self.device)
+        if self._chunk_tokens:
+            module = getattr(model, "module", model)  # the HF model inside a DeepSpeed engine
+            keep = torch.zeros(0, dtype=torch.long, device=self.device)  # the forward's own logits: none
+            with _hidden_state_head(module, mb.input_ids[:, 1:], self._chunk_tokens, with_entropy):
+                out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False,
+                            logits_to_keep=keep)
+            lp = F.pad(out["token_logprobs"], (0, 1))  # [n, w] position t = log p(token t+1)
+            ent = F.pad(out["token_entropy"].detach(), (0, 1)) if with_entropy else None  # [n, w]
+            return lp, ent
         logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits  # [n, w, V]
         lp = grpo.token_logprobs(logits[:, :-1], mb.input_ids[:, 1:])  # [n, w-1]
         lp = F.pad(lp, (0, 1))  # [n, w] position t = log p(token t+1)
@@ -424,36 +583,29 @@ class PolicyLearner:
 
     # ------------------------------------------------------------------ weights
 
-    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor of the policy's state dict under its HF name (full, CPU, detached).
+    def named_weights(self, on_device: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor of the policy's state dict under its HF name (full, detached; on the CPU, or with
+        ``on_device`` where the learner keeps it — ZeRO ≤ 2 on a GPU: the live GPU tensors, no host copy).
 
-        On CPU (ZeRO ≤ 2) these are views of the live parameters, not copies: consume them
-        (serialise, send) before the next step, or clone.
+        ZeRO ≤ 2: views of the live parameters, not copies: consume them (serialise, send) before the next
+        step, or clone.
 
-        Under ZeRO-3 each parameter is gathered in turn: all ranks must iterate together.
+        Under ZeRO-3 each parameter is gathered in turn (a collective): all ranks must iterate together, to the
+        end. Each yielded tensor is then a host copy (also with ``on_device``: a device copy of every parameter
+        would not fit where ZeRO-3 is needed); ranks ≠ 0 may drop them unread.
         """
         module = self.engine.module
         if self.cfg.zero_stage == 3:
-            import deepspeed
-
-            keys = set(module.state_dict().keys())  # HF names incl. tied ones; no non-persistent buffers
-            for name, param in module.named_parameters(remove_duplicate=False):
-                if name in keys:
-                    with deepspeed.zero.GatheredParameters([param]):
-                        yield name, param.detach().cpu().clone()
-            for name, buf in module.named_buffers():
-                if name in keys:
-                    yield name, buf.detach().cpu()
+            yield from _gathered_state(module)
             return
         for name, tensor in module.state_dict().items():
-            yield name, tensor.detach().cpu()
+            yield name, (tensor.detach() if on_device else tensor.detach().cpu())
 
     def reset_reference(self) -> None:
         """Copy the current policy into the reference model (iterative GRPO, paper §4.1.4)."""
         if self.reference is None:
             raise RuntimeError("this learner was built with_reference=False")
-        state = dict(self.named_weights())
-        self.reference.load_state_dict(state, strict=False)
+        self._load_reference(dict(self.named_weights()))
         self._reference_reset = True
 
     # ------------------------------------------------------------------ checkpoints
@@ -496,13 +648,13 @@ class PolicyLearner:
         self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", client_state={}, save_latest=False)
         torch.save(ckpt.rng_state(), tmp / f"rng_rank{self.rank}.pt")
         full_state = dict(self.named_weights()) if self.cfg.zero_stage == 3 else None
+        ref_state = self._reference_state() if self._reference_reset and self.reference is not None else None
         if self.rank == 0:
             self.engine.module.save_pretrained(str(tmp), state_dict=full_state, safe_serialization=True)
             tok = tokenizer if tokenizer is not None else self.tokenizer
             if tok is not None:
                 tok.save_pretrained(str(tmp))
-            if self._reference_reset and self.reference is not None:
-                ref_state = {k: v.detach().cpu().contiguous() for k, v in self.reference.state_dict().items()}
+            if ref_state is not None:
                 save_file(_untie(ref_state), str(tmp / "reference.safetensors"))
             state = {"extra": extra or {}, "steps": self.steps, "world_size": self.world_size,
                      "zero_stage": self.cfg.zero_stage, "reference_reset": self._reference_reset,
@@ -530,13 +682,27 @@ class PolicyLearner:
         if load_path is None:
             raise UserError(f"{path}: DeepSpeed state is missing or unreadable")
         if state.get("reference_reset") and self.reference is not None:
-            self.reference.load_state_dict(load_file(str(path / "reference.safetensors")), strict=False)
+            self._load_reference(load_file(str(path / "reference.safetensors")))
             self._reference_reset = True
         rng_file = path / f"rng_rank{self.rank}.pt"
         if rng_file.exists():
             ckpt.set_rng_state(torch.load(rng_file, weights_only=False))
         self.steps = int(state["steps"])
         return state["extra"]
+
+
+def _gathered_state(module) -> Iterator[tuple[str, torch.Tensor]]:
+    """A ZeRO-3 module's state dict, one parameter gathered at a time (full, CPU): all ranks must iterate together."""
+    import deepspeed
+
+    keys = set(module.state_dict().keys())  # HF names incl. tied ones; no non-persistent buffers
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if name in keys:
+            with deepspeed.zero.GatheredParameters([param]):
+                yield name, param.detach().cpu().clone()
+    for name, buf in module.named_buffers():
+        if name in keys:
+            yield name, buf.detach().cpu()
 
 
 def _untie(state: dict) -> dict:

@@ -46,7 +46,7 @@ def test_dpo_step_gradient_is_the_dpo_loss_gradient(model_dir):
     # Move the policy away from the reference, so that ρ ≠ 0 and the coefficients differ between pairs.
     with torch.no_grad():
         for p in learner.engine.module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())).to(p.device))
     policy = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     policy.load_state_dict(learner.engine.module.state_dict())
     reference = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
@@ -63,7 +63,7 @@ def test_dpo_step_gradient_is_the_dpo_loss_gradient(model_dir):
     assert metrics["dpo/margin"] == pytest.approx(ref_metrics["dpo/margin"], abs=1e-5)
     worst = 0.0
     for (name, p), q in zip(policy.named_parameters(), learner.engine.module.parameters()):
-        m = learner.optimizer.state[q]["exp_avg"]
+        m = learner.optimizer.state[q]["exp_avg"].cpu()  # the learner's device (CUDA where there is one)
         worst = max(worst, float((m - 0.1 * p.grad).abs().max()))
         scale = float(p.grad.abs().max())
         assert torch.allclose(m, 0.1 * p.grad, atol=1e-6 + 1e-4 * scale), name
