@@ -1,9 +1,13 @@
-"""dsmath.grading vs math-verify on a labelled set built from real benchmark solutions.
+"""dsmath.grading vs math-verify, both graders on the same pairs in one run: agreement with the labels by set
+and by answer kind, and throughput.
 
-Labels: each MATH test solution (its last ``\\boxed{}``) and each GSM8K test answer (``#### N``) graded
-against its own final answer must be CORRECT; against another problem's different answer, WRONG.
-Both graders see the same pairs in the same run; math-verify runs in the main thread (it uses
-signal.alarm). Prints a card, then one line of JSON. Not a test.
+Sets: (1) MATH/GSM8K pairs built from real benchmark solutions — each MATH test solution (its last ``\\boxed{}``)
+and each GSM8K test answer (``#### N``) graded against its own final answer must be CORRECT; against another
+problem's different answer, WRONG (``--variants``: the completion states an equivalent rewrite instead);
+(2) generated answer forms (``tests/grading_forms.py``: paraphrased final-answer sentences, every LaTeX
+delimiter, chat tokens, relations, sets, tuples, labelled answers, matrices, percents, units), each against its
+gold and a wrong gold. dsmath grades in ``--mode`` (default lenient, as ``dsmath eval`` does); math-verify runs
+in the main thread (it uses signal.alarm). Prints a card, then one line of JSON. Not a test.
 
     python bench/grading_vs_math_verify.py --pairs 3000 --workers 1 --show 10
 """
@@ -18,6 +22,7 @@ import time
 from pathlib import Path
 
 DATA = Path("/work/shared/data/decontam_benchmarks")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _key(ans: str) -> str:
@@ -99,16 +104,24 @@ def build_variant_pairs(n: int, seed: int) -> list[dict]:
     return out
 
 
-def run_dsmath(pairs: list[dict], workers: int, timeout_s: float) -> tuple[list[bool], float, dict]:
+def build_generated(seed: int) -> list[dict]:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from grading_forms import TEMPLATES, generated_cases
+
+    return [{"set": "generated", "kind": c["family"], "completion": c["completion"], "gold": c["gold"],
+             "label": c["label"]} for c in generated_cases(seed, per_answer=len(TEMPLATES))]
+
+
+def run_dsmath(pairs: list[dict], workers: int, timeout_s: float, mode: str):
     from dsmath.grading import GradingPool
 
-    with GradingPool(workers, timeout_s=timeout_s) as pool:
+    with GradingPool(workers, timeout_s=timeout_s, mode=mode) as pool:
         pool.symbolic_equal("1", "1")  # start the worker before the clock (math-verify's import is also excluded)
         t0 = time.perf_counter()
         verdicts = pool.grade_many([(p["completion"], p["gold"]) for p in pairs])
         seconds = time.perf_counter() - t0
         stats = pool.stats()
-    return [v.correct for v in verdicts], seconds, stats
+    return verdicts, seconds, stats
 
 
 def run_math_verify(pairs: list[dict]) -> tuple[list[bool], float]:
@@ -127,35 +140,59 @@ def run_math_verify(pairs: list[dict]) -> tuple[list[bool], float]:
     return out, time.perf_counter() - t0
 
 
+def _table(pairs, ours, theirs, key) -> list[tuple[str, int, float, float]]:
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(pairs):
+        groups.setdefault(key(p), []).append(i)
+    rows = []
+    for name, idx in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        a = sum(ours[i] == pairs[i]["label"] for i in idx) / len(idx)
+        b = sum(theirs[i] == pairs[i]["label"] for i in idx) / len(idx)
+        rows.append((name, len(idx), a, b))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pairs", type=int, default=3000, help="labelled pairs (half MATH, half GSM8K; half positive)")
+    ap.add_argument("--pairs", type=int, default=3000, help="MATH/GSM8K labelled pairs (half each; half positive)")
     ap.add_argument("--workers", type=int, default=1, help="dsmath sympy worker processes")
     ap.add_argument("--timeout-s", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mode", choices=("strict", "lenient"), default="lenient", help="dsmath extraction mode")
     ap.add_argument("--show", type=int, default=5, help="print this many dsmath mistakes")
     ap.add_argument("--variants", action="store_true",
-                    help="completions state an equivalent rewrite of the answer (\\dfrac, \\left(, x =, 0.5 for 1/2, "
-                         "1,000, units) instead of the reference's own text")
+                    help="MATH/GSM8K completions state an equivalent rewrite of the answer (\\dfrac, \\left(, x =, 0.5 "
+                         "for 1/2, 1,000, units) instead of the reference's own text")
     args = ap.parse_args(argv)
 
-    pairs = build_variant_pairs(args.pairs, args.seed) if args.variants else build_pairs(args.pairs, args.seed)
-    ours, our_s, stats = run_dsmath(pairs, args.workers, args.timeout_s)
+    bench_pairs = build_variant_pairs(args.pairs, args.seed) if args.variants else build_pairs(args.pairs, args.seed)
+    pairs = bench_pairs + build_generated(args.seed)
+    verdicts, our_s, stats = run_dsmath(pairs, args.workers, args.timeout_s, args.mode)
+    ours = [v.correct for v in verdicts]
+    for p, v in zip(pairs, verdicts):
+        p.setdefault("kind", v.kind)  # MATH/GSM8K: the gold's answer kind as dsmath reads it
     theirs, their_s = run_math_verify(pairs)
 
-    def agreement(pred, subset=None):
-        idx = [i for i, p in enumerate(pairs) if subset is None or subset(p)]
-        return sum(pred[i] == pairs[i]["label"] for i in idx) / max(1, len(idx)), len(idx)
-
-    rows = [("all", None), ("MATH", lambda p: p["set"] == "math"), ("GSM8K", lambda p: p["set"] == "gsm8k"),
-            ("positives", lambda p: p["label"]), ("negatives", lambda p: not p["label"])]
-    print(f"grading vs math-verify — {len(pairs)} labelled pairs (seed {args.seed}{', rewritten answers' if args.variants else ''}), "
-          f"dsmath workers={args.workers}")
-    print(f"{'subset':<10} {'n':>6} {'dsmath':>9} {'math-verify':>12}")
-    for name, sub in rows:
-        a, n = agreement(ours, sub)
-        b, _ = agreement(theirs, sub)
-        print(f"{name:<10} {n:>6} {a:>9.2%} {b:>12.2%}")
+    print(f"grading vs math-verify — {len(bench_pairs)} MATH/GSM8K pairs (seed {args.seed}"
+          f"{', rewritten answers' if args.variants else ''}) + {len(pairs) - len(bench_pairs)} generated forms; "
+          f"dsmath mode={args.mode}, workers={args.workers}")
+    print(f"{'':<22} {'n':>6} {'dsmath':>9} {'math-verify':>12}")
+    report = {}
+    for title, key in (("set", lambda p: p["set"]), ("label", lambda p: "positives" if p["label"] else "negatives"),
+                       ("MATH/GSM8K by kind", lambda p: p["kind"] if p["set"] != "generated" else None),
+                       ("generated by kind", lambda p: p["kind"] if p["set"] == "generated" else None)):
+        print(f"-- {title}")
+        for name, n, a, b in _table(pairs, ours, theirs, key):
+            if name is None:
+                continue
+            print(f"   {name:<19} {n:>6} {a:>9.2%} {b:>12.2%}")
+            report[f"{title}:{name}"] = {"n": n, "dsmath": round(a, 4), "math_verify": round(b, 4)}
+    a_all = sum(o == p["label"] for o, p in zip(ours, pairs)) / len(pairs)
+    b_all = sum(t == p["label"] for t, p in zip(theirs, pairs)) / len(pairs)
+    print(f"   {'all':<19} {len(pairs):>6} {a_all:>9.2%} {b_all:>12.2%}")
+    wrong_yes = sum(o and not p["label"] for o, p in zip(ours, pairs))
+    their_wrong_yes = sum(t and not p["label"] for t, p in zip(theirs, pairs))
+    print(f"wrong 'yes' verdicts: dsmath {wrong_yes}, math-verify {their_wrong_yes}")
     ours_pps, theirs_pps = len(pairs) / our_s, len(pairs) / their_s
     print(f"throughput  dsmath {ours_pps:,.0f} pairs/s ({our_s:.2f} s)   math-verify {theirs_pps:,.0f} pairs/s "
           f"({their_s:.2f} s)   speed-up {ours_pps / theirs_pps:.1f}x")
@@ -164,15 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     for i, p in enumerate(pairs):
         if ours[i] != p["label"] and shown < args.show:
             shown += 1
-            from dsmath.grading import extract_answer
-
-            print(f"  MISS label={p['label']} gold={p['gold']!r} extracted={extract_answer(p['completion'])!r} "
-                  f"math-verify={theirs[i]}")
-    a_all, _ = agreement(ours)
-    b_all, _ = agreement(theirs)
-    print(json.dumps({"pairs": len(pairs), "variants": args.variants, "dsmath_agreement": round(a_all, 4), "math_verify_agreement": round(b_all, 4),
+            print(f"  MISS [{p['set']}/{p['kind']}] label={p['label']} gold={p['gold']!r} "
+                  f"extracted={verdicts[i].extracted!r} math-verify={theirs[i]}")
+    print(json.dumps({"pairs": len(pairs), "mode": args.mode, "variants": args.variants,
+                      "dsmath_agreement": round(a_all, 4), "math_verify_agreement": round(b_all, 4),
+                      "dsmath_wrong_yes": wrong_yes, "math_verify_wrong_yes": their_wrong_yes,
                       "dsmath_pairs_per_s": round(ours_pps, 1), "math_verify_pairs_per_s": round(theirs_pps, 1),
-                      "speedup": round(ours_pps / theirs_pps, 2), "timeouts": stats["timeouts"]}))
+                      "speedup": round(ours_pps / theirs_pps, 2), "timeouts": stats["timeouts"], "by": report}))
     return 0
 
 

@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 HELP = "evaluate a model: greedy pass@1 and maj@k (CoT, PoT, tool-integrated) on GSM8K/MATH-style JSONL"
 DESCRIPTION = """Evaluate a model the DeepSeekMath way: one greedy completion per problem (pass@1) and, with --k,
 k samples at --temperature whose answers vote (maj@k; equivalent answers grouped by dsmath.grading's math_equal).
+Grading is lenient by default (--grading-mode): the answer a human grader reads, so a model that does not box its
+answer is not scored as wrong for its format; --grading-mode strict is the training reward's rule.
 
 Data: JSONL with a question ("question"/"problem") and a gold answer: GSM8K ("answer" ending in '#### N'), MATH
 ("solution" with \\boxed{}; its "level" and "type" give per-level and per-subject breakdowns) or plain
@@ -59,6 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tool-rounds", type=int, default=3, help="tool mode: program runs per completion (default 3)")
     p.add_argument("--timeout-s", type=float, default=5.0, help="limit per symbolic check and per program run (default 5)")
     p.add_argument("--grading-workers", type=int, default=1, help="sympy worker processes (default 1)")
+    p.add_argument("--grading-mode", choices=("lenient", "strict"), default="lenient",
+                   help="answer extraction (default lenient: a model not trained on dsmath's prompts is graded on the "
+                        "answer a human would read — box, stated answer, else its last math span or number; strict: "
+                        "only a stated answer counts, the training rewards' rule)")
     p.add_argument("--chunk-size", type=int, default=16, help="problems per generation call (default 16)")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed JSONL lines (counted and reported)")
     p.add_argument("--out", default=None,
@@ -138,7 +144,7 @@ def evaluate_model(model: str, data: Sequence[str], *, mode: str = "cot", k: int
                    top_p: float = 1.0, max_new_tokens: int = 512, seed: int = 0, limit: int | None = None,
                    shuffle: bool = False, fewshot: int = 0, fewshot_file: str | None = None,
                    max_tool_rounds: int = 3, timeout_s: float = 5.0, grading_workers: int = 1, chunk_size: int = 16,
-                   skip_bad: bool = False, out: str | None = None, progress: bool = True,
+                   grading_mode: str = "lenient", skip_bad: bool = False, out: str | None = None, progress: bool = True,
                    address: str | None = None, log: Callable[[str], None] = print) -> dict:
     """Evaluate the HF model folder ``model`` on ``data`` files; returns the summary dict (see ``run_eval``).
 
@@ -180,7 +186,7 @@ def evaluate_model(model: str, data: Sequence[str], *, mode: str = "cot", k: int
         summary, outputs = _evaluate(engine, problems, prefixes, mode=mode, k=k, temperature=temperature,
                                      top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, fewshot=fewshot,
                                      chunk_size=chunk_size, timeout_s=timeout_s, grading_workers=grading_workers,
-                                     progress=progress)
+                                     grading_mode=grading_mode, progress=progress)
     finally:
         engine.close()
     summary["prompt_too_long"] = sum(o.summary["prompt_too_long"] for o in outputs)
@@ -280,7 +286,7 @@ class _RemoteEngine:
 
 
 def _evaluate(engine, problems, prefixes, *, mode, k, temperature, top_p, max_new_tokens, seed, fewshot, chunk_size,
-              timeout_s, grading_workers, progress):
+              timeout_s, grading_workers, progress, grading_mode="lenient"):
     """(summary over all files, per-file EvalOutputs): one run_eval per file (each has its own few-shot prefix)."""
     from tqdm import tqdm
 
@@ -300,7 +306,8 @@ def _evaluate(engine, problems, prefixes, *, mode, k, temperature, top_p, max_ne
             part = [p for p in problems if p.meta["dataset"] == name]
             settings = EvalSettings(mode=mode, k=k, temperature=temperature, top_p=top_p,
                                     max_new_tokens=max_new_tokens, seed=seed, prefix=prefixes[name],
-                                    stop=fewshot_stop(fewshot), chunk_size=chunk_size, timeout_s=timeout_s)
+                                    stop=fewshot_stop(fewshot), chunk_size=chunk_size, timeout_s=timeout_s,
+                                    grading_mode=grading_mode)
             outputs.append(run_eval(part, engine.generate, settings, grading_pool=pool, count_tokens=count_tokens,
                                     max_model_len=engine.max_model_len, progress=bar.update))
         # one summary over every file (the prefixes differ per file; the counting does not)
@@ -317,6 +324,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, seed=args.seed, limit=args.limit, shuffle=args.shuffle,
         fewshot=args.fewshot, fewshot_file=args.fewshot_file, max_tool_rounds=args.max_tool_rounds,
         timeout_s=args.timeout_s, grading_workers=args.grading_workers, chunk_size=args.chunk_size,
+        grading_mode=args.grading_mode,
         skip_bad=args.skip_bad, out=out, progress=not args.no_progress, address=args.address,
         log=lambda line: print(line, flush=True),
     )

@@ -7,7 +7,7 @@ Per problem the harness asks for one greedy completion (temperature 0 → pass@1
 samples at ``temperature`` (→ maj@k, pass@k), both in the same ``generate`` call per chunk of problems.
 
 Grading is the grading module's: chain-of-thought and tool-integrated completions go through
-``GradingPool.grade_many`` (the stated final answer, strict extraction); program-of-thought completions run
+``GradingPool.grade_many`` (lenient extraction by default: ``EvalSettings.grading_mode``); program-of-thought completions run
 their last ```python block in the sandbox and the last printed line is graded with ``math_equal``
 (``dsmath.sandbox.pot_reward``). maj@k groups answers with the same ``math_equal``.
 
@@ -45,8 +45,13 @@ class EvalSettings:
     stop: tuple[str, ...] = ()
     chunk_size: int = 16  # problems per generate() call
     timeout_s: float = 5.0  # per symbolic check and per sandboxed program
+    # lenient: the answer a human grader reads (box, stated answer, else the last math span or number) — a model
+    # not trained on dsmath's prompts is graded on its answer, not its format; strict: the training reward's rule
+    grading_mode: str = "lenient"
 
     def __post_init__(self) -> None:
+        if self.grading_mode not in ("lenient", "strict"):
+            raise ValueError(f"grading_mode must be 'lenient' or 'strict', got {self.grading_mode!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.k < 0 or self.chunk_size < 1 or self.max_new_tokens < 1:
@@ -70,14 +75,15 @@ class EvalOutput:
 
 
 def score_completions(pairs: Sequence[tuple[str, str]], mode: str, *, grading_pool, sandbox=None,
-                      timeout_s: float = 5.0) -> list[SampleVerdict]:
+                      timeout_s: float = 5.0, grading_mode: str | None = None) -> list[SampleVerdict]:
     """One verdict per (completion, gold) pair, in order, by the grading module (PoT: sandbox + math_equal).
 
     ``grading_pool`` is a ``dsmath.grading.GradingPool``; ``sandbox`` anything with ``run(code, ...)`` (default:
-    the process-wide sandbox pool), used only for ``mode="pot"``.
+    the process-wide sandbox pool), used only for ``mode="pot"``. ``grading_mode``: lenient / strict extraction
+    (None: the pool's own mode).
     """
     if mode != "pot":
-        verdicts = grading_pool.grade_many(list(pairs), timeout_s=timeout_s)
+        verdicts = grading_pool.grade_many(list(pairs), timeout_s=timeout_s, mode=grading_mode)
         return [SampleVerdict(bool(v.correct), v.extracted, str(v.reason), bool(v.timed_out)) for v in verdicts]
     from dsmath.grading import math_equal
     from dsmath.sandbox import pot_reward, runner_for
@@ -174,7 +180,7 @@ def run_eval(problems: Sequence[Problem], generate: GenerateFn, settings: EvalSe
                 finish[i].append(r.finish_reason)
         t0 = time.perf_counter()
         scored = score_completions(pairs, settings.mode, grading_pool=grading_pool, sandbox=sandbox,
-                                   timeout_s=settings.timeout_s)
+                                   timeout_s=settings.timeout_s, grading_mode=settings.grading_mode)
         seconds["grade"] += time.perf_counter() - t0
         for i, v in zip(slots, scored, strict=True):
             verdicts[i].append(v)
@@ -213,7 +219,8 @@ def run_eval(problems: Sequence[Problem], generate: GenerateFn, settings: EvalSe
         summary["datasets"][name] = part
     summary["settings"] = {"mode": settings.mode, "k": settings.k, "temperature": settings.temperature,
                            "top_p": settings.top_p, "max_new_tokens": settings.max_new_tokens, "seed": settings.seed,
-                           "fewshot_prefix_chars": len(settings.prefix), "stop": list(settings.stop)}
+                           "fewshot_prefix_chars": len(settings.prefix), "stop": list(settings.stop),
+                           "grading_mode": settings.grading_mode}
     summary["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     return EvalOutput(problems, completions, verdicts, rows, summary)
 

@@ -79,9 +79,7 @@ def fast_scalar(a: str, b: str) -> Tri:
         if ba is not None and bb is not None:
             return ba[2] == bb[2]
         based, plain = (ba, b) if ba is not None else (bb, a)
-        digits = plain.replace(" ", "")
-        # the same digits ("1011" for 1011_2), or its value in base ten ("11")
-        return digits.upper() == based[0] or (digits.isdigit() and len(digits) < 80 and int(digits) == based[2])
+        return plain.replace(" ", "").upper() == based[0]
     if is_text(a) and is_text(b):
         return False
     if (is_text(a) and nb is not None) or (is_text(b) and na is not None):

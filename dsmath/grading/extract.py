@@ -195,7 +195,7 @@ def reduce_statement(s: str) -> str | None:
     s = _unwrap_math(s).strip().rstrip(".,;:").strip()
     m = _LEADING_NUMBER.match(s)
     if m and not re.search(r"\b(?:and|or)\b", s):
-        s = m.group(1)
+        s = m.group(1).strip()
     return s or None
 
 
