@@ -149,14 +149,14 @@ def test_cli_file_summary_by_kind(tmp_path):
     rows = [{"pred": "0.5", "gold": "\\frac12"}, {"completion": "so it is 3", "gold": "3"},
             {"pred": "[1,2)", "gold": "[1, 2)"}, {"completion": "The answer is $x \\le 3$.", "gold": "(-\\infty,3]"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = _cli("--file", str(path), "--json", "--out", str(tmp_path / "v.jsonl"))
+    out = _cli("--file", str(path), "--mode", "strict", "--json", "--out", str(tmp_path / "v.jsonl"))
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     assert (summary["pairs"], summary["correct"]) == (4, 3)
     assert summary["by_kind"]["number"] == {"pairs": 2, "correct": 1, "timed_out": 0, "no_answer": 1}
     assert summary["by_kind"]["interval"]["correct"] == 2
     assert len((tmp_path / "v.jsonl").read_text().splitlines()) == 4
-    text = _cli("--file", str(path))
+    text = _cli("--file", str(path), "--mode", "strict")
     assert "3/4 correct" in text.stdout and "interval" in text.stdout
 
 
