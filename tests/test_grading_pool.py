@@ -166,3 +166,64 @@ def test_cli_malformed_line_names_file_and_line(tmp_path):
     out = _cli("--file", str(path))
     assert out.returncode == 2
     assert f"{path}:2" in out.stderr and "gold" in out.stderr and "Traceback" not in out.stderr
+
+
+def _flaky_command(monkeypatch, failures: int) -> list[int]:
+    """Make the next ``failures`` worker starts exit at once (a real process that never says ready)."""
+    import dsmath.grading.pool as pool_mod
+
+    real, calls = pool_mod._worker_command, [0]
+
+    def command(memory_mb: int) -> list[str]:
+        calls[0] += 1
+        if calls[0] <= failures:
+            return [sys.executable, "-c", "import sys; sys.exit(3)"]
+        return real(memory_mb)
+
+    monkeypatch.setattr(pool_mod, "_worker_command", command)
+    return calls
+
+
+def test_a_worker_that_fails_to_start_is_retried_and_counted(monkeypatch):
+    calls = _flaky_command(monkeypatch, failures=1)
+    with GradingPool(1, timeout_s=10.0) as p:
+        v = p.grade("\\boxed{\\sqrt{12}}", "2\\sqrt3")
+        assert v.correct is True and not v.failed and v.path == "symbolic", v.explain()
+        s = p.stats()
+        assert (s["start_failures"], s["worker_deaths"], s["failures"]) == (1, 1, 0) and calls[0] == 2
+
+
+def test_a_grader_that_cannot_start_is_a_failure_never_a_cached_false(monkeypatch):
+    from dsmath.grading import math_equal
+    from dsmath.grading.pool import ATTEMPTS, GradingFailure
+
+    _flaky_command(monkeypatch, failures=ATTEMPTS)
+    with GradingPool(1, timeout_s=10.0) as p:
+        v = p.grade("\\boxed{\\sqrt{12}}", "2\\sqrt3")
+        assert v.failed and v.correct is None and v.path == "failed" and "GRADER FAILED" in v.explain()
+        s = p.stats()
+        assert (s["failures"], s["start_failures"], s["worker_deaths"], s["cache_size"]) == (1, ATTEMPTS, ATTEMPTS, 0)
+        again = p.grade("\\boxed{\\sqrt{12}}", "2\\sqrt3")  # not cached: graded afresh, now by a healthy worker
+        assert again.correct is True and again.path == "symbolic"
+    _flaky_command(monkeypatch, failures=ATTEMPTS)
+    with GradingPool(1, timeout_s=10.0) as p, pytest.raises(GradingFailure):
+        math_equal("\\sqrt{12}", "2\\sqrt3", pool=p)
+
+
+def test_every_worker_death_is_counted_idle_or_busy():
+    with GradingPool(1, timeout_s=10.0) as p:
+        assert p.symbolic_equal("\\sqrt{8}", "2\\sqrt{2}")[0]
+        killed = []
+        for _ in range(6):  # killed while idle: noticed and replaced without any job arriving
+            deadline = time.monotonic() + 60
+            while not p.worker_pids() or p.worker_pids()[0] in killed:
+                assert time.monotonic() < deadline, "no replacement worker"
+                time.sleep(0.05)
+            killed.append(p.worker_pids()[0])
+            os.kill(killed[-1], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while p.stats()["worker_deaths"] < 6:
+            assert time.monotonic() < deadline, p.stats()
+            time.sleep(0.05)
+        assert p.symbolic_equal("\\sqrt{18}", "3\\sqrt{2}")[0]
+        assert p.stats()["worker_deaths"] == 6 and p.stats()["failures"] == 0

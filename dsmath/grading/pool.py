@@ -7,7 +7,12 @@
 * undecided pairs go to one of ``workers`` processes, each driven by its own manager thread that waits on the
   pipe with a wall-clock deadline and SIGKILLs the process when it passes (``signal.alarm`` would only work in
   the main thread); the timeout is a verdict of its own (``timed_out=True``), counted in ``stats()``;
-* a dead worker (killed from outside, out of memory) is replaced and its job retried once;
+* a worker that dies (killed from outside, out of memory) or fails to start is replaced and its job retried
+  on a fresh worker, up to ``ATTEMPTS`` workers per job; every death and failed start is counted
+  (``worker_deaths``, ``start_failures``), idle deaths included;
+* infrastructure failures are never verdicts: a job no worker could answer comes back as a *failed*
+  verdict (``Verdict.failed``, ``correct=None``, ``path="failed"``, counted in ``failures``) that is never
+  cached, so the same pair is graded afresh next time; ``math_equal`` raises ``GradingFailure`` instead;
 * symbolic results are cached by (normalised pred, normalised gold), LRU-bounded; identical in-flight pairs
   share one job.
 
@@ -42,9 +47,12 @@ DEFAULT_TIMEOUT_S = 5.0
 
 @dataclass(frozen=True)
 class Verdict:
-    """One grading, explained. ``path`` says who decided: fast | symbolic | cache | none."""
+    """One grading, explained. ``path`` says who decided: fast | symbolic | cache | none | failed.
 
-    correct: bool
+    ``failed``: the grader itself failed (no worker could answer); then ``correct`` is None, not False: the
+    answer was not judged, and callers must re-grade or drop the sample, never score it as wrong."""
+
+    correct: bool | None
     extracted: str | None  # the answer as the completion states it
     pred: str | None  # normalised prediction
     gold: str  # normalised gold
@@ -53,9 +61,11 @@ class Verdict:
     timed_out: bool = False
     seconds: float = 0.0
     path: str = "fast"
+    failed: bool = False
 
     def explain(self) -> str:
-        mark = "CORRECT" if self.correct else ("TIMEOUT" if self.timed_out else "WRONG")
+        mark = "GRADER FAILED" if self.failed else (
+            "CORRECT" if self.correct else ("TIMEOUT" if self.timed_out else "WRONG"))
         return (f"{mark}: {self.reason}\n  extracted: {self.extracted!r}\n  pred (normalised): {self.pred!r}\n"
                 f"  gold (normalised): {self.gold!r}\n  kind: {self.kind}  path: {self.path}  time: {self.seconds * 1e3:.2f} ms")
 
@@ -66,10 +76,20 @@ class Verdict:
 # ------------------------------------------------------------------ worker process
 
 _STARTUP_TIMEOUT_S = 120.0  # importing sympy on a loaded 2-core box can take a few seconds
+ATTEMPTS = 3  # fresh workers tried per job before it is reported as a grader failure
 
 
 class _WorkerDied(Exception):
     pass
+
+
+class GradingFailure(RuntimeError):
+    """The grader could not judge a pair (its workers kept dying or failing to start): not a verdict."""
+
+
+def _worker_command(memory_mb: int) -> list[str]:
+    """The worker's argv (a seam for tests that need a worker which fails to start)."""
+    return [sys.executable, "-m", "dsmath.grading.worker", str(memory_mb)]
 
 
 def _read_frame(fd: int, deadline: float) -> object | None:
@@ -111,22 +131,34 @@ class _Worker:
         # the worker imports dsmath from wherever this process did (an uninstalled checkout, a Ray working_dir)
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-        proc = subprocess.Popen([sys.executable, "-m", "dsmath.grading.worker", str(self.pool.memory_mb)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                env=env, close_fds=True)
+        try:
+            proc = subprocess.Popen(_worker_command(self.pool.memory_mb), stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, close_fds=True)
+        except OSError as exc:
+            self.pool._count("start_failures")
+            raise _WorkerDied(f"grading worker could not be started: {exc}") from exc
         self.proc = proc
+        self.pool._started.add(self.index)
         try:
             hello = _read_frame(proc.stdout.fileno(), time.monotonic() + _STARTUP_TIMEOUT_S)
-        except _WorkerDied:
+        except (_WorkerDied, OSError, ValueError):
             hello = None
         if not (isinstance(hello, dict) and hello.get("ready")):
+            self.pool._count("start_failures")
+            try:  # closed its output: it is exiting; let stop_process see (and count) the death
+                proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
             self.stop_process(kill=True)
-            raise RuntimeError("grading worker failed to start (python -m dsmath.grading.worker)")
+            raise _WorkerDied("grading worker failed to start (python -m dsmath.grading.worker)")
 
     def stop_process(self, *, kill: bool) -> None:
+        """Stop the worker; a process that had already exited without being asked is counted as a death."""
         proc, self.proc = self.proc, None
         if proc is None:
             return
+        if proc.poll() is not None:
+            self.pool._count("worker_deaths")
         if kill:
             proc.kill()
         try:
@@ -145,25 +177,29 @@ class _Worker:
         self.proc.stdin.write(struct.pack(">I", len(body)) + body)
         self.proc.stdin.flush()
 
-    def _run_job(self, job: tuple[str, str], timeout_s: float) -> tuple[bool, str, bool]:
-        for attempt in range(2):
-            if self.proc is None or self.proc.poll() is not None:
-                if self.proc is not None:  # found dead between jobs (killed from outside)
-                    self.stop_process(kill=True)
-                    self.pool._count("worker_deaths")
-                    self.pool._count("worker_restarts")
-                self.start_process()
+    def _run_job(self, job: tuple[str, str], timeout_s: float) -> tuple[bool | None, str, bool]:
+        """(correct, reason, timed_out); correct is None when ``ATTEMPTS`` fresh workers all failed."""
+        why = ""
+        for _ in range(ATTEMPTS):
             try:
+                if self.proc is None or self.proc.poll() is not None:
+                    if self.proc is not None:  # found dead between jobs (killed from outside)
+                        self.stop_process(kill=True)
+                        self.pool._count("worker_restarts")
+                    self.start_process()
                 self._send(job)
                 result = _read_frame(self.proc.stdout.fileno(), time.monotonic() + timeout_s)
-            except (_WorkerDied, BrokenPipeError, ConnectionResetError, OSError, ValueError):
-                # died under us (killed from outside, or by the OS): replace it and retry once
-                self.pool._count("worker_deaths")
+            except (_WorkerDied, OSError, ValueError) as exc:
+                # died under us, or would not start: replace it and retry on a fresh one
+                why = str(exc) or type(exc).__name__
+                if self.proc is not None:
+                    try:  # it is dying or dead: let stop_process see it as a death
+                        self.proc.wait(timeout=1.0)
+                    except subprocess.TimeoutExpired:
+                        pass  # alive but broken (garbled reply): killed below, not a death
                 self.stop_process(kill=True)
                 self.pool._count("worker_restarts")
-                if attempt == 0:
-                    continue
-                return False, "grading worker died twice on this pair", False
+                continue
             if result is None:
                 self.stop_process(kill=True)  # deadline passed: SIGKILL; a fresh worker starts below
                 self.pool._count("timeouts")
@@ -171,12 +207,30 @@ class _Worker:
                 return False, f"sympy did not finish within {timeout_s:g} s (worker killed)", True
             correct, reason = result
             return bool(correct), str(reason), False
-        raise AssertionError("unreachable")
+        self.pool._count("failures")
+        return None, f"grading failed: no worker answered after {ATTEMPTS} attempts ({why})", False
+
+    def _check_idle(self) -> None:
+        """Between jobs: a worker that died while idle (or while starting) is counted and replaced now."""
+        if self.pool._closed:
+            return
+        if self.proc is not None and self.proc.poll() is not None:
+            self.stop_process(kill=True)
+            self.pool._count("worker_restarts")
+        if self.proc is None and self.index in self.pool._started:
+            try:
+                self.start_process()
+            except Exception:  # noqa: BLE001 - retried by the next job
+                pass
 
     def _loop(self) -> None:
         jobs = self.pool._jobs
         while True:
-            item = jobs.get()
+            try:
+                item = jobs.get(timeout=1.0)
+            except queue.Empty:
+                self._check_idle()
+                continue
             if item is None:
                 break
             future, job, timeout_s = item
@@ -184,8 +238,9 @@ class _Worker:
                 continue
             try:
                 result = self._run_job(job, timeout_s)
-            except Exception as exc:  # noqa: BLE001 - never leave a caller waiting
-                result = (False, f"grading pool error: {type(exc).__name__}: {exc}", False)
+            except Exception as exc:  # noqa: BLE001 - never leave a caller waiting; never a verdict
+                self.pool._count("failures")
+                result = (None, f"grading failed: {type(exc).__name__}: {exc}", False)
             future.set_result(result)
             if self.proc is None and not self.pool._closed:
                 try:  # replace a killed worker now, off the next caller's clock
@@ -201,8 +256,9 @@ class _Worker:
 class GradingPool:
     """Grades (completion, gold) pairs; thread-safe; use as a context manager or call ``close()``.
 
-    Guaranteed: every call returns, within roughly ``timeout_s`` per symbolic pair plus queueing; a timeout
-    or worker death becomes a verdict with its reason; ``close()`` leaves no worker processes behind.
+    Guaranteed: every call returns, within roughly ``timeout_s`` per symbolic pair plus queueing (times
+    ``ATTEMPTS`` when workers die); a timeout is a verdict with its reason; a grader failure is a *failed*
+    verdict (``correct=None``), never cached; ``close()`` leaves no worker processes behind.
     """
 
     def __init__(self, workers: int = 2, *, timeout_s: float = DEFAULT_TIMEOUT_S, memory_mb: int = 2048,
@@ -218,8 +274,10 @@ class GradingPool:
         self._cache: OrderedDict[tuple[str, str], tuple[bool, str, bool]] = OrderedDict()
         self._inflight: dict[tuple[str, str], Future] = {}
         self._stats = {"graded": 0, "fast": 0, "symbolic": 0, "cache_hits": 0, "timeouts": 0,
-                       "worker_restarts": 0, "worker_deaths": 0, "no_answer": 0}
+                       "worker_restarts": 0, "worker_deaths": 0, "start_failures": 0, "failures": 0,
+                       "no_answer": 0}
         self._closed = False
+        self._started: set[int] = set()  # workers started at least once (lazy start stays lazy)
         self._workers = [_Worker(self, i) for i in range(workers)]
         for w in self._workers:
             w.thread.start()
@@ -269,8 +327,8 @@ class GradingPool:
         def remember(f: Future) -> None:
             with self._lock:
                 self._inflight.pop(key, None)
-                if not f.cancelled() and f.exception() is None:
-                    self._cache[key] = f.result()
+                if not f.cancelled() and f.exception() is None and f.result()[0] is not None:
+                    self._cache[key] = f.result()  # grader failures are never cached
                     if len(self._cache) > self.cache_size:
                         self._cache.popitem(last=False)
 
@@ -278,8 +336,10 @@ class GradingPool:
         self._jobs.put((future, job, timeout_s))
         return future, False
 
-    def symbolic_equal(self, pred_prepared: str, gold_prepared: str, *, timeout_s: float | None = None) -> tuple[bool, str, bool]:
-        """(correct, reason, timed_out) of two ``prepare``-d answers, computed in a worker with a deadline."""
+    def symbolic_equal(self, pred_prepared: str, gold_prepared: str, *,
+                       timeout_s: float | None = None) -> tuple[bool | None, str, bool]:
+        """(correct, reason, timed_out) of two ``prepare``-d answers, computed in a worker with a deadline;
+        correct is None when the grader failed (see ``Verdict.failed``)."""
         key = (parse_structure(pred_prepared).text, parse_structure(gold_prepared).text)
         future, _ = self._submit(key, (pred_prepared, gold_prepared), self.timeout_s if timeout_s is None else timeout_s)
         return future.result()
@@ -343,8 +403,10 @@ class GradingPool:
                 continue
             future, cached, (extracted, _, _, pred_norm, gold_norm, kind), t0 = slot
             correct, reason, timed_out = future.result()
-            verdicts.append(Verdict(bool(correct), extracted, pred_norm, gold_norm, kind, reason, timed_out=timed_out,
-                                    seconds=time.perf_counter() - t0, path="cache" if cached else "symbolic"))
+            failed = correct is None
+            path = "failed" if failed else ("cache" if cached else "symbolic")
+            verdicts.append(Verdict(None if failed else bool(correct), extracted, pred_norm, gold_norm, kind, reason,
+                                    timed_out=timed_out, seconds=time.perf_counter() - t0, path=path, failed=failed))
             if progress:
                 progress(1)
         self._count("graded", len(verdicts))
@@ -410,12 +472,14 @@ def grade_batch(pairs: Sequence[tuple[str, str]], *, workers: int = 2, timeout_s
 
 def math_equal(pred: str, gold: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, pool: GradingPool | None = None) -> bool:
     """Are two final answers mathematically equal? Fast path in-process; sympy under a deadline (a timeout
-    is False here — use ``grade`` to see it)."""
+    is False here — use ``grade`` to see it). Raises GradingFailure when the grader itself failed."""
     p, g = prepare(pred), prepare(gold)
     if len(p) > MAX_ANSWER_CHARS or len(g) > MAX_ANSWER_CHARS:
         return p == g
     result = compare(parse_structure(p), parse_structure(g), fast_scalar)
     if result is not None:
         return result
-    correct, _, _ = (pool or default_pool()).symbolic_equal(p, g, timeout_s=timeout_s)
+    correct, reason, _ = (pool or default_pool()).symbolic_equal(p, g, timeout_s=timeout_s)
+    if correct is None:
+        raise GradingFailure(reason)
     return correct
