@@ -10,8 +10,14 @@ a timeout is a reported outcome (``RewardResult.timed_out``), never a hang. If `
 imported, a local fallback extracts the last ``\\boxed{...}`` and compares exactly, then numerically (pure string
 work, cannot hang). ``RewardResult.reason`` starts with the grader that ran.
 
+Infrastructure failures are never verdicts: when the grader (or the PoT sandbox) fails on a sample — a grading
+worker that will not start or keeps dying, a sandbox template that dies, a full or unreachable sandbox service,
+any grader exception — the sample is graded again (``REGRADE_ATTEMPTS`` in all, each on fresh workers), and if it
+still fails its result says so (``RewardResult.grader_failed``, reward 0, reason "grader failed: ..."): the
+driver drops its group and counts it, never trains on it as wrong. ``stats()["grader_failures"]`` counts them.
+
 Guaranteed: ``score(rollouts)`` returns exactly one ``RewardResult`` per rollout, in order, with the rollout's
-``request_id``/``sample_index``; a grader exception becomes an incorrect result with the reason, never a lost one.
+``request_id``/``sample_index``; never a lost one.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from typing import Any, Callable, Sequence
 
 from dsmath.config import RewardConfig
 from dsmath.records import RewardResult, Rollout, check_schema
+
+REGRADE_ATTEMPTS = 2  # gradings of a sample whose grader failed (each already retried on fresh workers)
+_Verdict = tuple[bool, str, "str | None", bool, bool]  # (correct, reason, extracted, timed_out, grader_failed)
 
 
 def extract_boxed(text: str) -> str | None:
@@ -89,44 +98,65 @@ class RewardWorker:
         self._grade_many, self._pool, self.grader_name = _load_grader(self.cfg)
         self._sandbox = None
         self.scored = 0
+        self.grader_failures = 0
         self.seconds = 0.0
 
-    def _pot_verdicts(self, rollouts: Sequence[Rollout]) -> list[tuple[bool, str, str | None, bool]]:
-        from dsmath.sandbox import pot_reward, runner_for
+    def _pot_one(self, rollout: Rollout) -> _Verdict:
+        from dsmath.sandbox import SandboxError, pot_reward, runner_for
 
-        if self._sandbox is None:
-            self._sandbox = runner_for(self.cfg.sandbox_address)
-        out = []
-        for r in rollouts:
+        why = ""
+        for attempt in range(REGRADE_ATTEMPTS):
             try:
-                v = pot_reward(r.completion, r.problem.answer, runner=self._sandbox, timeout_s=self.cfg.timeout_s)
-                out.append((v.correct, f"program: {v.reason}", v.answer, v.reason == "timeout"))
-            except Exception as exc:  # noqa: BLE001 - a sandbox failure is an incorrect, explained result
-                out.append((False, f"sandbox error: {type(exc).__name__}: {exc}", None, False))
-        return out
+                if self._sandbox is None:
+                    self._sandbox = runner_for(self.cfg.sandbox_address)
+                v = pot_reward(rollout.completion, rollout.problem.answer, runner=self._sandbox,
+                               timeout_s=self.cfg.timeout_s)
+                return v.correct, f"program: {v.reason}", v.answer, v.reason == "timeout", False
+            except SandboxError as exc:  # the sandbox failed (not the program): run it again
+                why = f"{type(exc).__name__}: {exc}"
+                time.sleep(0.2 * (attempt + 1))  # a busy service gets a moment
+            except Exception as exc:  # noqa: BLE001 - anything else is no verdict either
+                why = f"{type(exc).__name__}: {exc}"
+        return False, f"grader failed: sandbox: {why}", None, False, True
 
-    def _verdicts(self, rollouts: Sequence[Rollout]) -> list[tuple[bool, str, str | None, bool]]:
-        """(correct, reason, extracted, timed_out) per rollout."""
+    def _pot_verdicts(self, rollouts: Sequence[Rollout]) -> list[_Verdict]:
+        return [self._pot_one(r) for r in rollouts]
+
+    def _grade_pairs(self, pairs: list[tuple[str, str]]) -> list:
+        """One Verdict (or the exception) per pair; a batch that raises is graded pair by pair."""
+        try:
+            return list(self._grade_many(pairs))
+        except Exception:  # noqa: BLE001 - grade one by one so one bad pair cannot lose the others
+            out: list = []
+            for pair in pairs:
+                try:
+                    out.extend(self._grade_many([pair]))
+                except Exception as exc:  # noqa: BLE001
+                    out.append(exc)
+            return out
+
+    def _verdicts(self, rollouts: Sequence[Rollout]) -> list[_Verdict]:
+        """(correct, reason, extracted, timed_out, grader_failed) per rollout."""
         if self.mode == "pot":
             return self._pot_verdicts(rollouts)
         pairs = [(r.completion, r.problem.answer) for r in rollouts]
         if self._grade_many is None:
-            return [(*fallback_grade(c, g), False) for c, g in pairs]
-        try:
-            verdicts = self._grade_many(pairs)
-        except Exception:  # noqa: BLE001 - grade one by one so one bad pair cannot lose the others
-            verdicts = []
-            for pair in pairs:
-                try:
-                    verdicts.extend(self._grade_many([pair]))
-                except Exception as exc:  # noqa: BLE001
-                    verdicts.append(exc)
-        out = []
+            return [(*fallback_grade(c, g), False, False) for c, g in pairs]
+        verdicts = self._grade_pairs(pairs)
+        for _ in range(REGRADE_ATTEMPTS - 1):  # re-grade what the grader failed on (never cached as a verdict)
+            again = [i for i, v in enumerate(verdicts) if isinstance(v, Exception) or getattr(v, "failed", False)]
+            if not again:
+                break
+            for i, v in zip(again, self._grade_pairs([pairs[i] for i in again]), strict=True):
+                verdicts[i] = v
+        out: list[_Verdict] = []
         for v in verdicts:
             if isinstance(v, Exception):
-                out.append((False, f"grader error: {type(v).__name__}: {v}", None, False))
+                out.append((False, f"grader failed: {type(v).__name__}: {v}", None, False, True))
+            elif getattr(v, "failed", False):
+                out.append((False, f"grader failed: {v.reason}", v.extracted, False, True))
             else:
-                out.append((bool(v.correct), str(v.reason), v.extracted, bool(v.timed_out)))
+                out.append((bool(v.correct), str(v.reason), v.extracted, bool(v.timed_out), False))
         return out
 
     def score(self, rollouts: Sequence[Rollout]) -> list[RewardResult]:
@@ -136,10 +166,14 @@ class RewardWorker:
         for rollout in rollouts:
             check_schema(rollout)
         results = []
-        for rollout, (correct, reason, extracted, timed_out) in zip(rollouts, self._verdicts(rollouts), strict=True):
+        for rollout, (correct, reason, extracted, timed_out, failed) in zip(rollouts, self._verdicts(rollouts),
+                                                                            strict=True):
             reward = self.cfg.correct_reward if correct else self.cfg.incorrect_reward
             if extracted is None and not correct:
                 reward -= self.cfg.format_penalty
+            if failed:  # judged nothing: a neutral value, and the flag that makes the driver drop the group
+                reward, correct = 0.0, False
+                self.grader_failures += 1
             results.append(RewardResult(
                 request_id=rollout.request_id,
                 sample_index=rollout.sample_index,
@@ -148,6 +182,7 @@ class RewardWorker:
                 reason=f"{self.grader_name}: {reason}",
                 extracted=None if extracted is None else str(extracted),
                 timed_out=timed_out,
+                grader_failed=failed,
             ))
         self.scored += len(results)
         self.seconds += time.perf_counter() - start
@@ -159,7 +194,7 @@ class RewardWorker:
 
     def stats(self) -> dict[str, Any]:
         return {"worker_id": self.worker_id, "grader": self.grader_name, "scored": self.scored,
-                "seconds": round(self.seconds, 4)}
+                "grader_failures": self.grader_failures, "seconds": round(self.seconds, 4)}
 
 
 def reward_worker_actor_class(num_cpus: float = 0.5):

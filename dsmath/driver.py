@@ -292,6 +292,7 @@ class StepSamples:
     version: int  # the generators' weight version when they sampled
     dropped_groups: int = 0
     rounds: int = 1
+    grader_failed_groups: int = 0  # groups dropped because a sample could not be graded (never trained as wrong)
 
 
 def apply_overlong(rollout_cfg, rollouts: list[Rollout], results: list[RewardResult]) -> list[RewardResult]:
@@ -326,7 +327,7 @@ def sample_step(cfg: TrainConfig, gen_pool, reward_pool, stream: ProblemStream, 
     timer = StageTimer()
     rollouts: list[Rollout] = []
     results: list[RewardResult] = []
-    dropped, rounds = 0, 0
+    dropped, rounds, grader_failed = 0, 0, 0
     max_rounds = r.dynamic_sampling_max_rounds if r.dynamic_sampling else 1
     while rounds < max_rounds and len(rollouts) < q * g:
         problems = stream.take(q - len(rollouts) // g)
@@ -336,6 +337,8 @@ def sample_step(cfg: TrainConfig, gen_pool, reward_pool, stream: ProblemStream, 
         ro, res = generate_and_score(gen_pool, reward_pool, requests, version, timer, chunk_size=chunk,
                                      seed=cfg.seed * 1_000_003 + step * 1_000 + 100 * rounds, on_event=on_event)
         res = apply_overlong(r, ro, res)
+        ro, res, failed = drop_ungraded_groups(ro, res, g)
+        grader_failed += failed
         rounds += 1
         if not r.dynamic_sampling:
             rollouts, results = ro, res
@@ -350,7 +353,26 @@ def sample_step(cfg: TrainConfig, gen_pool, reward_pool, stream: ProblemStream, 
             rollouts, results, dropped = ro, res, dropped - len(keep)
     while num_ranks > 1 and (len(rollouts) % num_ranks) and len(rollouts) > g:  # the batch must split over ranks
         rollouts, results, dropped = rollouts[:-g], results[:-g], dropped + 1
-    return StepSamples(rollouts, results, timer.pop(), stream.position, version, dropped, rounds)
+    if not rollouts:
+        raise RuntimeError(f"step {step}: every group had a sample the grader could not judge ({grader_failed} "
+                           "groups): the grader is failing, see the reward workers' grading stats")
+    return StepSamples(rollouts, results, timer.pop(), stream.position, version, dropped, rounds, grader_failed)
+
+
+def drop_ungraded_groups(rollouts: list[Rollout], results: list[RewardResult],
+                         group_size: int) -> tuple[list[Rollout], list[RewardResult], int]:
+    """Drop every group holding a sample whose grading failed (``RewardResult.grader_failed``: an
+    infrastructure failure, not a wrong answer); returns the rest and how many groups were dropped."""
+    keep_r: list[Rollout] = []
+    keep_s: list[RewardResult] = []
+    dropped = 0
+    for i in range(0, len(results), group_size):
+        if any(x.grader_failed for x in results[i:i + group_size]):
+            dropped += 1
+        else:
+            keep_r += rollouts[i:i + group_size]
+            keep_s += results[i:i + group_size]
+    return keep_r, keep_s, dropped
 
 
 def build_train_batch(rollouts: list[Rollout], advantages, pad_id: int, max_length: int, *,
@@ -663,6 +685,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
             row["staleness/max"] = max(staleness)
             row["dynamic_sampling/dropped_groups"] = samples.dropped_groups
             row["dynamic_sampling/rounds"] = samples.rounds
+            row["reward/grader_failed_groups"] = samples.grader_failed_groups
             row["weight_sync/bytes"] = float(sync.bytes) if sync else 0.0
             row["weight_sync/pause_s"] = float(sync.pause_s) if sync else 0.0
             row["weight_sync/transfer_s"] = float(sync.transfer_s) if sync else 0.0

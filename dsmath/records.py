@@ -82,6 +82,9 @@ class RewardResult:
     timed_out: bool = False
     step_rewards: tuple[float, ...] = ()
     step_end_token_index: tuple[int, ...] = ()
+    # The grader (or sandbox) failed on this sample, even after retries on fresh workers: ``reward`` and
+    # ``correct`` judge nothing. The driver drops the sample's group (counted), never trains on it as wrong.
+    grader_failed: bool = False
     schema: int = SCHEMA_VERSION
 
 

@@ -169,14 +169,16 @@ def test_cli_malformed_line_names_file_and_line(tmp_path):
 
 
 def _flaky_command(monkeypatch, failures: int) -> list[int]:
-    """Make the next ``failures`` worker starts exit at once (a real process that never says ready)."""
+    """Make the next ``failures`` worker starts exit at once (a real process that never says ready).
+    Returns [starts so far, failures left]: set the second to 0 to heal the grader."""
     import dsmath.grading.pool as pool_mod
 
-    real, calls = pool_mod._worker_command, [0]
+    real, calls = pool_mod._worker_command, [0, failures]
 
     def command(memory_mb: int) -> list[str]:
         calls[0] += 1
-        if calls[0] <= failures:
+        if calls[1] > 0:
+            calls[1] -= 1
             return [sys.executable, "-c", "import sys; sys.exit(3)"]
         return real(memory_mb)
 

@@ -60,7 +60,9 @@ def test_grader_exception_is_a_result_not_a_loss():
     results = worker.score([rollout("a", "\\boxed{3}", "3"), rollout("b", "bad", "3"), rollout("c", "\\boxed{4}", "3")])
     assert [r.request_id for r in results] == ["a", "b", "c"]
     assert [r.correct for r in results] == [True, False, False]
-    assert "boom" in results[1].reason and "boom" not in results[2].reason
+    assert [r.grader_failed for r in results] == [False, True, False]  # an exception is no verdict
+    assert "boom" in results[1].reason and "boom" not in results[2].reason and results[1].reward == 0.0
+    assert worker.stats()["grader_failures"] == 1
 
 
 def fallback_verdict(completion, gold):
@@ -135,3 +137,75 @@ def test_program_of_thought_rewards_run_the_program_in_the_sandbox():
     assert results[0].reward == 1.0 and results[0].extracted == "42"
     assert "no_program" in results[2].reason
     assert results[3].timed_out and "timeout" in results[3].reason
+
+
+def test_a_grading_worker_that_fails_to_start_still_gives_the_right_reward(monkeypatch):
+    from tests.test_grading_pool import _flaky_command
+
+    _flaky_command(monkeypatch, failures=1)
+    worker = RewardWorker(RewardConfig(timeout_s=10.0))
+    try:
+        (r,) = worker.score([rollout("a", "So \\boxed{2\\sqrt{3}}.", "\\sqrt{12}")])
+        stats = worker._pool.stats()
+    finally:
+        worker.close()
+    assert r.correct and r.reward == 1.0 and not r.grader_failed, r
+    assert stats["start_failures"] == 1 and stats["worker_deaths"] == 1
+
+
+def test_a_grader_that_keeps_failing_is_flagged_and_regraded_not_scored_wrong(monkeypatch):
+    from actors.reward_worker import REGRADE_ATTEMPTS
+    from dsmath.grading.pool import ATTEMPTS
+    from tests.test_grading_pool import _flaky_command
+
+    calls = _flaky_command(monkeypatch, failures=10**6)  # a grader that cannot start at all
+    worker = RewardWorker(RewardConfig(timeout_s=10.0, incorrect_reward=-1.0))
+    try:
+        (r,) = worker.score([rollout("a", "So \\boxed{2\\sqrt{3}}.", "\\sqrt{12}")])
+        assert r.grader_failed and r.reward == 0.0 and r.reason.startswith("dsmath.grading: grader failed")
+        assert calls[0] >= ATTEMPTS * REGRADE_ATTEMPTS  # graded again on fresh workers before giving up
+        calls[1] = 0  # the grader heals
+        (again,) = worker.score([rollout("a", "So \\boxed{2\\sqrt{3}}.", "\\sqrt{12}")])
+        assert again.correct and not again.grader_failed  # the failure was not cached
+    finally:
+        worker.close()
+    assert worker.stats()["grader_failures"] == 1 and worker._pool.stats()["failures"] == REGRADE_ATTEMPTS
+
+
+def test_the_driver_drops_groups_with_an_ungraded_sample():
+    from dataclasses import replace
+
+    from dsmath.driver import drop_ungraded_groups
+    from dsmath.records import RewardResult
+
+    ros = [rollout(q, "", "1", i) for q in "abc" for i in range(2)]
+    res = [RewardResult(r.request_id, r.sample_index, 1.0, True, "ok") for r in ros]
+    res[3] = replace(res[3], grader_failed=True, correct=False, reward=0.0)  # group "b"
+    kept_r, kept_s, dropped = drop_ungraded_groups(ros, res, 2)
+    assert dropped == 1 and [r.request_id for r in kept_r] == ["a", "a", "c", "c"]
+    assert [s.request_id for s in kept_s] == ["a", "a", "c", "c"] and not any(s.grader_failed for s in kept_s)
+
+
+def test_a_dead_sandbox_is_retried_then_flagged_never_scored_wrong():
+    from dsmath.sandbox import SandboxError
+    from dsmath.sandbox.result import ExecResult
+
+    class Flaky:
+        def __init__(self, failures):
+            self.failures, self.calls = failures, 0
+
+        def run(self, code, **kw):
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise SandboxError("sandbox template died during a run")
+            return ExecResult("42\n", "", 0, False, False, False, None, 0.01)
+
+    worker = RewardWorker(RewardConfig(timeout_s=1.0), mode="pot")
+    worker.close()
+    good = "```python\nprint(6 * 7)\n```"
+    worker._sandbox = Flaky(failures=1)
+    (r,) = worker.score([rollout("a", good, "42")])
+    assert r.correct and not r.grader_failed and worker._sandbox.calls == 2
+    worker._sandbox = Flaky(failures=99)
+    (r,) = worker.score([rollout("a", good, "42")])
+    assert r.grader_failed and r.reward == 0.0 and "template died" in r.reason
