@@ -47,10 +47,30 @@ def _log(msg: str) -> None:
     print(f"[dsmath] {msg}", flush=True)
 
 
-def _env_for_workers() -> dict[str, str]:
-    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DS_ACCELERATOR", "VLLM_CPU_KVCACHE_SPACE",
-            "VLLM_ENABLE_V1_MULTIPROCESSING", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "RAY_AUTH_MODE")
-    return {k: os.environ[k] for k in keys if k in os.environ}
+def job_runtime_env() -> dict:
+    """The runtime env of the Ray job this driver runs in (``ray job submit``), or ``{}`` outside a job."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    try:
+        return json.loads(raw).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return {}
+
+
+def worker_runtime_env() -> dict:
+    """The ``env_vars`` our actors need that the job's runtime env does not already set (never a duplicate key:
+    Ray refuses to merge those); one line says which were added."""
+    from dsmath.env import WORKER_ENV_KEYS, env_to_add
+
+    ours = {k: os.environ[k] for k in WORKER_ENV_KEYS if k in os.environ}
+    job_env = job_runtime_env().get("env_vars") or {}
+    added = env_to_add(ours, job_env)
+    if job_env:
+        kept = sorted(set(ours) - set(added))
+        _log(f"runtime env: the job sets {len(job_env)} variables; added {sorted(added) or 'none'}"
+             + (f" (kept the job's {kept})" if kept else ""))
+    return {"env_vars": added} if added else {}
 
 
 def connect_ray(cfg: TrainConfig):
@@ -60,10 +80,10 @@ def connect_ray(cfg: TrainConfig):
     if ray.is_initialized():
         return ray
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
-    runtime_env = {"env_vars": _env_for_workers()}
+    runtime_env = worker_runtime_env()
     if address:
         _log(f"joining Ray cluster at {address}")
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env or None, log_to_driver=True)
     else:
         needed = (
             cfg.rollout.num_generators * cfg.rollout.cpus_per_generator
@@ -73,7 +93,7 @@ def connect_ray(cfg: TrainConfig):
         # Logical CPUs: sync mode runs the stages one after another, so actors may share cores.
         num_cpus = max(int(needed + 0.999), os.cpu_count() or 1)
         _log(f"starting a local Ray cluster ({num_cpus} logical CPUs, no GPUs)")
-        ray.init(num_cpus=num_cpus, num_gpus=0, include_dashboard=False, runtime_env=runtime_env,
+        ray.init(num_cpus=num_cpus, num_gpus=0, include_dashboard=False, runtime_env=runtime_env or None,
                  log_to_driver=True)
     return ray
 
@@ -85,8 +105,9 @@ def role_resources() -> dict[str, dict]:
     """
     import ray
 
-    have = ray.cluster_resources()
-    return {role: {"resources": {role: 1}} for role in ("generator", "learner", "reward") if have.get(role, 0) > 0}
+    from dsmath.placement import role_options
+
+    return role_options(ray.cluster_resources())
 
 
 @dataclass
@@ -95,6 +116,7 @@ class Placement:
 
     PACK puts the learner's ranks and the generators on as few nodes as possible (NVLink for the
     collectives); on a single machine it is simply a reservation, so a step never waits on a stray task.
+    Each bundle carries the role resource its actor asks for, when the cluster has roles (:mod:`dsmath.placement`).
     """
 
     group: Any
@@ -114,23 +136,21 @@ class Placement:
 
 
 def place_actors(cfg: TrainConfig, timeout_s: float = 300.0) -> Placement:
-    """Reserve the generators' and learner ranks' CPUs/GPUs (from config) before creating any actor."""
+    """Reserve the generators' and learner ranks' CPUs/GPUs/roles (from config) before creating any actor."""
     import ray
     from ray.util.placement_group import placement_group
 
-    def bundle(cpus: float, gpus: float) -> dict:
-        return {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}
+    from dsmath.placement import actor_bundles
 
     r, lr = cfg.rollout, cfg.learner
-    bundles = [bundle(r.cpus_per_generator, r.gpus_per_generator)] * r.num_generators
-    bundles += [bundle(lr.cpus_per_rank, lr.gpus_per_rank)] * lr.num_ranks
+    bundles = actor_bundles(cfg, ray.cluster_resources())
     group = placement_group(bundles, strategy="PACK", name=f"dsmath-{Path(cfg.run_dir).name}")
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
         raise UserError(
             f"the cluster cannot place {r.num_generators} generators ({bundles[0]}) and {lr.num_ranks} learner ranks "
-            f"within {timeout_s:.0f} s; it has {ray.cluster_resources()} (lower rollout.num_generators / "
-            "learner.num_ranks or the per-actor cpus/gpus, or add nodes)"
+            f"({bundles[-1]}) within {timeout_s:.0f} s; it has {ray.cluster_resources()} (lower "
+            "rollout.num_generators / learner.num_ranks or the per-actor cpus/gpus, or add nodes)"
         )
     return Placement(group=group, num_generators=r.num_generators)
 
@@ -526,8 +546,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
             _log(f"generator-{i} died: starting a replacement at weight version {current}")
             actor = start_generator(i, current if current == base_version else current - 1)
             if current != base_version:
-                ray_get(learner.actors[0].push_weights.remote(current, {f"generator-{i}": actor}),
-                        timeout=cfg.weight_sync.timeout_s + 300)
+                learner.push_weights(current, {f"generator-{i}": actor},  # every rank: ZeRO-3 gathers on all
+                                     timeout_s=cfg.weight_sync.timeout_s + 300)
             return actor
 
         reward_cls = reward_worker_actor_class()
@@ -613,7 +633,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
             with timer.stage("weight_sync"):
                 if fault_hook:
                     fault_hook("weight_sync", state.weight_version, gen_pool, reward_pool)
-                stats = sync_with_recovery(learner.actors[0], gen_pool, state.weight_version, cfg.weight_sync)
+                stats = sync_with_recovery(learner, gen_pool, state.weight_version, cfg.weight_sync)
             gen_version = state.weight_version
             return stats
 
@@ -770,16 +790,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
 def sync_with_recovery(sender, gen_pool, version: int, sync_cfg) -> Any:
     """Broadcast ``version`` to every generator; if one died on the way, replace it (the replacement is brought
     to ``version`` by the pool's factory) and resend to the generators still behind. Survivors of the failed
-    attempt refused nothing: an aborted update leaves them at their old version, so the resend is valid."""
+    attempt refused nothing: an aborted update leaves them at their old version, so the resend is valid.
+    ``sender``: the learner group (``sync_weights(version, receivers, cfg)`` on every rank together)."""
     import ray
 
-    from learner.weight_sync import SyncStats, WeightSyncError, broadcast_weights
+    from learner.weight_sync import SyncStats, WeightSyncError
 
     def named(actors: dict[int, Any]) -> dict[str, Any]:
         return {f"generator-{i}": a for i, a in actors.items()}
 
     try:
-        return broadcast_weights(sender, named(dict(enumerate(gen_pool.actors))), version, sync_cfg)
+        return sender.sync_weights(version, named(dict(enumerate(gen_pool.actors))), sync_cfg)
     except (WeightSyncError, ray.exceptions.RayError) as exc:
         replaced = gen_pool.replace_dead(probe="get_weight_version")
         if not replaced:
@@ -789,7 +810,7 @@ def sync_with_recovery(sender, gen_pool, version: int, sync_cfg) -> Any:
               if ray.get(a.get_weight_version.remote(), timeout=sync_cfg.timeout_s) != version}
     if not behind:
         return SyncStats(version=version, transport=sync_cfg.transport, num_receivers=0, buckets=0, tensors=0)
-    return broadcast_weights(sender, named(behind), version, sync_cfg)
+    return sender.sync_weights(version, named(behind), sync_cfg)
 
 
 def release_actors(actors: list, learner, placement: Placement) -> None:

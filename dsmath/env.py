@@ -1,4 +1,4 @@
-"""The environment the CPU stack needs (DESIGN §7), in one place.
+"""The environment the CPU stack needs, in one place.
 
 Offline hub, no Ray token auth, DeepSpeed's CPU accelerator, a small vLLM KV cache, the in-process vLLM engine,
 one OpenMP thread per process (two busy processes at two threads each run 20-30× slower on 2 cores). The Makefile
@@ -26,3 +26,17 @@ def apply_cpu_env_defaults() -> None:
     """Set every :data:`CPU_STACK_ENV` variable that is not set already (imports nothing heavy)."""
     for key, value in CPU_STACK_ENV.items():
         os.environ.setdefault(key, value)
+
+
+# What the driver forwards to its actors (when set in its own environment): the CPU stack's variables
+# except the ones that only matter to the process that starts Ray.
+WORKER_ENV_KEYS: tuple[str, ...] = tuple(k for k in CPU_STACK_ENV if k != "RAY_USAGE_STATS_ENABLED")
+
+
+def env_to_add(ours: dict[str, str], job_env: dict[str, str]) -> dict[str, str]:
+    """The variables of ``ours`` that the job's runtime env does not set already.
+
+    Ray refuses a ``ray.init(runtime_env=...)`` whose ``env_vars`` repeat a key of the submitted job's runtime env
+    (``ray job submit --runtime-env``), even with the same value; the job's value wins, ours fill the gaps.
+    """
+    return {k: v for k, v in ours.items() if k not in job_env}

@@ -245,3 +245,74 @@ def test_copied_crds_are_the_shared_ones() -> None:
     for crd in K8S.values():
         assert (CLUSTER / "schemas" / crd).read_bytes() == (shared / crd).read_bytes()
 
+
+
+# ---------------------------------------------------------------------------------------------- placement
+def _nodes_at_max(name: str) -> list[dict]:
+    """Every node the cluster file can have at its maximum worker counts, as resource dicts."""
+    return [dict(t["resources"]) for t in _node_types(name) for _ in range(t["max"])]
+
+
+@pytest.mark.parametrize("name", CLUSTER_FILES)
+def test_the_7b_placement_group_fits_the_cluster_at_its_maximum(name: str) -> None:
+    """The bundles the driver asks for (role resources, GPUs, CPUs), the reward workers and the driver's
+    entrypoint resources fit the node types the file declares."""
+    from dsmath.placement import actor_bundles, fit_problem
+
+    cfg = load_config("deepseekmath_7b")
+    nodes = _nodes_at_max(name)
+    bundles = actor_bundles(cfg, {"generator": 1, "learner": 1, "reward": 1})
+    assert bundles[0] == {"CPU": 4.0, "GPU": 1.0, "generator": 1.0} and bundles[-1] == {
+        "CPU": 4.0, "GPU": 1.0, "learner": 1.0}
+    assert fit_problem(cfg, nodes, driver_resources={"driver": 1}) is None
+    # ...and the check can fail: twice the generators do not fit.
+    big = load_config("deepseekmath_7b", ["rollout.num_generators=64"])
+    assert "do not fit" in fit_problem(big, nodes, driver_resources={"driver": 1})
+
+
+def _local_head() -> dict:
+    """The head `cluster/jobs/local_cluster.sh start` starts, with its default NUM_CPUS."""
+    import re
+
+    text = (CLUSTER / "jobs" / "local_cluster.sh").read_text()
+    cpus = float(re.search(r'--num-cpus="\$\{NUM_CPUS:-(\d+)\}"', text).group(1))
+    roles = json.loads(re.search(r"--resources='(\{[^']+\})'", text).group(1))
+    return {"CPU": cpus, "GPU": 0.0, **{k: float(v) for k, v in roles.items()}}
+
+
+def test_the_tiny_job_fits_the_local_cluster_head() -> None:
+    from dsmath.placement import actor_bundles, fit_problem
+
+    head = _local_head()
+    cfg = load_config("tiny_cpu")
+    assert actor_bundles(cfg, head) == [{"CPU": 1.0, "generator": 1.0}, {"CPU": 1.0, "learner": 1.0}]
+    assert fit_problem(cfg, [head], driver_resources={"driver": 1}) is None
+    # The 2-CPU head of before could hold the bundles but not also the reward worker.
+    assert "not also the reward workers" in fit_problem(cfg, [{**head, "CPU": 2.0}], driver_resources={"driver": 1})
+
+
+def test_bundles_carry_roles_only_on_clusters_that_have_them() -> None:
+    from dsmath.placement import actor_bundles, loose_requests, role_options
+
+    cfg = load_config("tiny_cpu", ["rollout.num_generators=2", "learner.num_ranks=2", "rollout.questions_per_step=16"])
+    plain = {"CPU": 8.0}
+    assert actor_bundles(cfg, plain) == [{"CPU": 1.0}] * 4
+    assert role_options(plain) == {} and loose_requests(cfg, plain) == [{"CPU": 0.5}]
+    roles = {"CPU": 8.0, "generator": 2.0, "learner": 2.0, "reward": 1.0}
+    assert actor_bundles(cfg, roles) == [{"CPU": 1.0, "generator": 1.0}] * 2 + [{"CPU": 1.0, "learner": 1.0}] * 2
+    assert role_options(roles)["generator"] == {"resources": {"generator": 1}}
+
+
+def test_the_driver_never_repeats_a_variable_the_job_runtime_env_sets(monkeypatch) -> None:
+    """Ray refuses ray.init(runtime_env) whose env_vars repeat a key of the job's runtime env (the bug of the
+    documented submit recipe): the driver adds only the missing ones."""
+    from dsmath.driver import worker_runtime_env
+
+    job = _load(CLUSTER / "runtime_env.yaml")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": job}))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    added = worker_runtime_env()["env_vars"]
+    assert "HF_HUB_OFFLINE" in added and not set(added) & set(job["env_vars"])
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert worker_runtime_env()["env_vars"]["OMP_NUM_THREADS"] == "1"
