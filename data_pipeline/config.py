@@ -147,7 +147,8 @@ def validate(cfg: CorpusConfig) -> None:
 
 def load_corpus_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> CorpusConfig:
     """Load a preset name or YAML path, apply ``key=value`` overrides, validate, freeze."""
-    return load_tree(CorpusConfig, name_or_path, overrides, preset_dir=PRESET_DIR, check=validate)
+    return load_tree(CorpusConfig, name_or_path, overrides, preset_dir=PRESET_DIR, check=validate,
+                     env_var="DSMATH_CORPUS_OVERRIDES")
 
 
 __all__ = ["CorpusConfig", "ConfigError", "load_corpus_config", "to_dict", "validate"]

@@ -105,7 +105,8 @@ def validate(cfg: PretrainConfig) -> None:
 
 def load_pretrain_config(name_or_path: str | None = "pretrain_tiny_cpu", overrides: list[str] | None = None) -> PretrainConfig:
     """A preset name (``pretrain_tiny_cpu``, ``pretrain_deepseekmath_base``) or YAML path, plus overrides."""
-    return load_tree(PretrainConfig, name_or_path, overrides, preset_dir=PRESET_DIR, check=validate)
+    return load_tree(PretrainConfig, name_or_path, overrides, preset_dir=PRESET_DIR, check=validate,
+                     env_var="DSMATH_PRETRAIN_OVERRIDES")
 
 
 __all__ = ["ConfigError", "DataConfig", "EvalConfig", "OptimConfig", "PretrainConfig", "SourceConfig",
