@@ -316,3 +316,10 @@ def test_the_driver_never_repeats_a_variable_the_job_runtime_env_sets(monkeypatc
     assert "HF_HUB_OFFLINE" in added and not set(added) & set(job["env_vars"])
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
     assert worker_runtime_env()["env_vars"]["OMP_NUM_THREADS"] == "1"
+
+
+def test_submit_7b_refuses_to_start_without_a_model_folder() -> None:
+    """The 7B recipe used to default to a hub id, which the loader refuses on the cluster after the upload."""
+    out = subprocess.run(["bash", str(CLUSTER / "jobs" / "submit_7b.sh")], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"}, timeout=30)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "MODEL_PATH" in out.stderr
