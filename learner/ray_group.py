@@ -9,6 +9,7 @@ Global batches are split into equal contiguous shards (one per rank); metrics co
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -53,23 +54,47 @@ class LearnerRank:
     def call(self, method: str, *args, **kwargs):
         return getattr(self.learner, method)(*args, **kwargs)
 
-    def named_weights(self) -> list[tuple[str, torch.Tensor]]:
+    def named_weights(self) -> list[tuple[str, torch.Tensor]] | None:
+        """This rank's full weights; under ZeRO-3 every rank must call it together, and ranks ≠ 0 return None
+        (they take part in gathering each parameter, then drop it)."""
+        if self.learner.rank != 0:
+            _drain(self.learner.named_weights())
+            return None
         return list(self.learner.named_weights())
 
-    def sync_weights(self, version: int, receivers, cfg=None):
-        """Push this rank's weights to ``receivers`` (generator actors) as ``version``.
+    def _weights_for_sync(self, transport: str):
+        on_device = transport in ("nccl", "cuda_ipc")
+        try:
+            return self.learner.named_weights(on_device=on_device)
+        except TypeError:  # a learner whose named_weights has no on_device (value model, older learners)
+            return self.learner.named_weights()
 
-        Runs in the rank's own process, so the collective transports (gloo, NCCL) broadcast straight
-        from the learner's memory. One sender is kept for the actor's lifetime (its group is reused).
+    def sync_weights(self, version: int, receivers, cfg=None):
+        """Push the weights to ``receivers`` (generator actors) as ``version``; call it on every rank together.
+
+        Rank 0 sends (in its own process, so gloo / NCCL broadcast straight from the learner's memory) and
+        returns the :class:`~learner.weight_sync.SyncStats`; the other ranks gather with it (ZeRO-3 shards the
+        parameters) and return None. Whatever happens to the send, rank 0 finishes the gather, so the other
+        ranks are never left waiting in a collective. One sender is kept for the actor's lifetime (its group is
+        reused).
         """
         from learner.weight_sync import make_sender
 
-        if getattr(self, "_sender", None) is None or (cfg is not None and cfg != self._sender.cfg):
-            self._sender = make_sender(cfg if cfg is not None else self._sync_cfg)
-        return self._sender.send(self.learner.named_weights(), version, receivers)
+        if self.learner.rank != 0:  # no sender, no settings here: only the gather
+            _drain(self.learner.named_weights())
+            return None
+        cfg = cfg if cfg is not None else self._sync_cfg
+        weights = self._weights_for_sync(cfg.transport)
+        if getattr(self, "_sender", None) is None or cfg != self._sender.cfg:
+            self._sender = make_sender(cfg)
+        try:
+            return self._sender.send(weights, version, receivers)
+        finally:
+            _drain(weights, quiet=True)
 
-    def push_weights(self, version: int, receivers) -> dict:
-        """Bring freshly started receivers (a restarted generator) to ``version`` through the object store.
+    def push_weights(self, version: int, receivers) -> dict | None:
+        """Bring freshly started receivers (a restarted generator) to ``version`` through the object store; call it
+        on every rank together (as :meth:`sync_weights`). Rank 0 returns the stats as a dict, the others None.
 
         A one-off sender: the configured (collective) sender and its group are left untouched; the group
         re-forms with the new member at the next regular sync.
@@ -78,8 +103,15 @@ class LearnerRank:
 
         from learner.weight_sync import make_sender
 
+        weights = self.learner.named_weights()
+        if self.learner.rank != 0:
+            _drain(weights)
+            return None
         cfg = replace(self._sync_cfg, transport="object_store")
-        return make_sender(cfg).send(self.learner.named_weights(), version, receivers).as_dict()
+        try:
+            return make_sender(cfg).send(weights, version, receivers).as_dict()
+        finally:
+            _drain(weights, quiet=True)
 
     def configure_sync(self, cfg) -> None:
         self._sync_cfg = cfg
@@ -87,6 +119,23 @@ class LearnerRank:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.learner.named_weights()}
+
+
+def _drain(weights, quiet: bool = False) -> None:
+    """Run a (ZeRO-3: gathering) weight iterator to its end, dropping each tensor. ``quiet``: after a failed send,
+    a failure here must not hide that one."""
+    try:
+        for _ in weights:
+            pass
+    except Exception:  # noqa: BLE001
+        if not quiet:
+            raise
+
+
+# Submissions to all ranks hold this lock, so that every rank receives the same calls in the same order (a Ray
+# actor runs one caller's tasks in submission order): a generator restarted from the rollout thread while the main
+# thread trains would otherwise let ZeRO-3 ranks interleave a sync's gathers with a step's collectives, and hang.
+_SUBMIT = threading.RLock()
 
 
 class LearnerGroup:
@@ -140,12 +189,17 @@ class LearnerGroup:
         return ray.get(refs, timeout=self.timeout_s)
 
     def _all(self, method: str, *args, **kwargs) -> list:
-        return self._get([a.call.remote(method, *args, **kwargs) for a in self.actors])
+        with _SUBMIT:
+            refs = [a.call.remote(method, *args, **kwargs) for a in self.actors]
+        return self._get(refs)
 
     def _sharded(self, method: str, batch: TrainBatch) -> list:
         if batch.size % self.num_ranks:
             raise UserError(f"a batch of {batch.size} sequences does not split evenly over {self.num_ranks} learner ranks")
-        return self._get([a.call.remote(method, batch.shard(r, self.num_ranks)) for r, a in enumerate(self.actors)])
+        shards = [batch.shard(r, self.num_ranks) for r in range(self.num_ranks)]
+        with _SUBMIT:
+            refs = [a.call.remote(method, shard) for a, shard in zip(self.actors, shards)]
+        return self._get(refs)
 
     def grpo_step(self, batch: TrainBatch) -> dict[str, float]:
         return self._sharded("grpo_step", batch)[0]
@@ -157,8 +211,10 @@ class LearnerGroup:
         """Rows (2k, 2k+1) are pair k; each rank's contiguous shard must hold whole pairs (an even row count)."""
         if batch.size % (2 * self.num_ranks):
             raise UserError(f"{batch.size // 2} DPO pairs do not split evenly over {self.num_ranks} learner ranks")
-        return self._get([a.call.remote("dpo_step", batch.shard(r, self.num_ranks), beta)
-                          for r, a in enumerate(self.actors)])[0]
+        shards = [batch.shard(r, self.num_ranks) for r in range(self.num_ranks)]
+        with _SUBMIT:
+            refs = [a.call.remote("dpo_step", shard, beta) for a, shard in zip(self.actors, shards)]
+        return self._get(refs)[0]
 
     def values(self, batch: TrainBatch) -> torch.Tensor:
         """A value group's (``kind='value'``) per-position values ``[N, T]``."""
@@ -175,8 +231,30 @@ class LearnerGroup:
         return torch.cat(self._sharded("ref_logprobs", batch))
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Rank 0's full weights (ZeRO ≤ 2 keeps full parameters on every rank)."""
-        yield from self._get(self.actors[0].named_weights.remote())
+        """Rank 0's full weights. Every rank is called (ZeRO-3 gathers each parameter across all of them)."""
+        with _SUBMIT:
+            refs = [a.named_weights.remote() for a in self.actors]
+        yield from self._get(refs)[0]
+
+    def configure_sync(self, cfg) -> None:
+        """The weight-sync settings (``WeightSyncConfig``) rank 0 sends with."""
+        self._get(self.actors[0].configure_sync.remote(cfg))
+
+    def sync_weights(self, version: int, receivers, cfg):
+        """Push ``version`` to ``receivers`` (generator actors, or a name -> actor mapping) with every rank taking
+        part (:meth:`LearnerRank.sync_weights`); returns rank 0's ``SyncStats``. Bounded by ``cfg.timeout_s``."""
+        from learner.weight_sync import broadcast_weights
+
+        with _SUBMIT:
+            return broadcast_weights(self.actors, receivers, version, cfg)
+
+    def push_weights(self, version: int, receivers, timeout_s: float | None = None) -> dict:
+        """Bring restarted receivers to ``version`` over the object store, every rank taking part."""
+        import ray
+
+        with _SUBMIT:
+            refs = [a.push_weights.remote(version, receivers) for a in self.actors]
+        return ray.get(refs, timeout=timeout_s if timeout_s is not None else self.timeout_s)[0]
 
     def reset_reference(self) -> None:
         self._all("reset_reference")
