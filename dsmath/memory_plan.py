@@ -121,7 +121,7 @@ def model_shape(cfg: TrainConfig) -> tuple[ModelShape, str]:
                 except (OSError, json.JSONDecodeError) as exc:
                     raise ConfigError(f"model.path: {candidate} is not readable JSON ({exc})") from None
                 return shape_from_hf_config(data, str(candidate.parent)), f"{candidate}"
-    key = getattr(m, "shape", "")
+    key = m.shape
     if key:
         if key not in KNOWN_SHAPES:
             raise ConfigError(f"model.shape: {key!r} is not a known shape; one of {', '.join(sorted(KNOWN_SHAPES))}")

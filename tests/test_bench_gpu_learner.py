@@ -103,3 +103,21 @@ def test_bench_tiny_runs_every_arm_end_to_end_without_ray(tmp_path):
                       vocab_size=256, tie_word_embeddings=True, attention_bias=True)
     last = json.loads(out.stdout.strip().splitlines()[-1])  # the card's JSON line
     assert last["params"] == tiny.num_parameters() and [r["arm"] for r in last["rows"]] == [r["arm"] for r in rows]
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_on_cpu_in_tiny_mode(tmp_path):
+    """bench/gpu_check.sh end to end where there is no GPU: the gpu tests are skipped, the bench runs --tiny, and
+    every output file the GPU session fetches is written."""
+    out_dir = tmp_path / "out"
+    env = {**blocked_env(), "OUT": str(out_dir), "DS_ACCELERATOR": "cpu", "PYTHON": sys.executable,
+           "GPU_CHECK_BENCH_ARGS": "--tiny --steps 1"}
+    out = subprocess.run(["bash", "bench/gpu_check.sh"], capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["gpu_check.log", "gpu_learner.json", "gpu_learner.log",
+                                                          "gpu_learner_card.md", "gpu_tests.log", "gpu_tests.xml"]
+    log = (out_dir / "gpu_check.log").read_text()
+    assert "gpu_check: tests exit 0, bench exit 0" in log and "ray present: False | vllm present: False" in log
+    assert "skipped" in (out_dir / "gpu_tests.log").read_text()
+    assert len(json.loads((out_dir / "gpu_learner.json").read_text())) == 4
