@@ -45,7 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("file", help="Python file, or - for stdin")
     r.add_argument("--timeout", type=float, default=5.0, help="wall-clock seconds (default 5)")
     r.add_argument("--memory-mb", type=int, default=512, help="address space on top of the interpreter (default 512)")
-    r.add_argument("--address", help="use a remote service HOST:PORT instead of a local pool")
+    r.add_argument("--address", help="use a remote service HOST:PORT instead of a local pool "
+                                     "(token from $DSMATH_SANDBOX_TOKEN)")
+    r.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
+                   help="with --address: seconds to wait for the service to accept connections (default 10)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,19 +85,38 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UserError(f"cannot read {args.file}: {exc.strerror}") from exc
         if args.address:
-            from dsmath.sandbox.service import SandboxClient
-
-            runner = SandboxClient(args.address)
+            result = _run_remote(args, code)
         else:
             from dsmath.sandbox import SandboxPool
 
-            runner = SandboxPool(size=1)
-        result = runner.run(code, timeout_s=args.timeout, memory_mb=args.memory_mb)
+            with SandboxPool(size=1) as runner:
+                result = runner.run(code, timeout_s=args.timeout, memory_mb=args.memory_mb)
         sys.stdout.write(result.stdout)
         sys.stderr.write(result.stderr)
         print(f"[sandbox] exit_code={result.exit_code} signal={result.signal} timed_out={result.timed_out} "
               f"memory_exceeded={result.memory_exceeded} truncated={result.output_truncated} "
               f"wall={result.wall_s:.3f}s cpu={result.cpu_s:.3f}s", file=sys.stderr)
-        runner.close()
         return 0 if result.ok else 1
     raise UserError("say what to do: dsmath sandbox serve | dsmath sandbox run FILE")
+
+
+def _run_remote(args, code: str):
+    """One run on the service at ``args.address``; its failures are one-line user errors that say what to do."""
+    from dsmath.errors import UserError
+    from dsmath.sandbox.pool import SandboxError
+    from dsmath.sandbox.service import SandboxAuthError, SandboxBusy, SandboxClient
+
+    client = SandboxClient(args.address)
+    try:
+        client.wait_ready(args.connect_timeout)
+        return client.run(code, timeout_s=args.timeout, memory_mb=args.memory_mb)
+    except SandboxAuthError:
+        raise UserError(f"{args.address}: the sandbox service rejected the token: set DSMATH_SANDBOX_TOKEN to the "
+                        "token it was started with") from None
+    except SandboxBusy:
+        raise UserError(f"{args.address}: the sandbox service is busy (queue full): retry, or start it with more "
+                        "--workers / --max-queue") from None
+    except SandboxError as exc:
+        raise UserError(f"{args.address}: {exc} (is `dsmath sandbox serve` running there?)") from None
+    finally:
+        client.close()

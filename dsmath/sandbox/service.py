@@ -346,6 +346,14 @@ class SandboxClient:
             raise _translate(exc, request.ByteSize()) from None
         return _from_proto(reply)
 
+    def wait_ready(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for the service to accept connections (a server still starting is not an
+        error); raises SandboxError when nothing answers by then."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            raise SandboxError(f"no sandbox service answered at {self.address} within {timeout_s:g} s") from None
+
     def health(self) -> sandbox_pb2.HealthResponse:
         try:
             return self._stub.Health(sandbox_pb2.HealthRequest(), metadata=self._metadata, timeout=self._margin)
