@@ -79,20 +79,23 @@ def _file(args) -> int:
     for v in verdicts:
         row = by_kind.setdefault(v.kind, {"pairs": 0, "correct": 0, "timed_out": 0, "no_answer": 0})
         row["pairs"] += 1
-        row["correct"] += v.correct
+        row["correct"] += bool(v.correct)  # a failed grading (correct None) is not a right answer: counted apart
         row["timed_out"] += v.timed_out
         row["no_answer"] += v.extracted is None
     if args.out:
         write_jsonl(args.out, (v.to_dict() for v in verdicts))
     total = len(verdicts)
-    correct = sum(v.correct for v in verdicts)
-    summary = {"file": args.file, "mode": args.mode, "pairs": total, "correct": correct, "accuracy": round(correct / total, 4) if total else 0.0,
+    correct = sum(bool(v.correct) for v in verdicts)
+    failed = sum(v.failed for v in verdicts)
+    summary = {"file": args.file, "mode": args.mode, "pairs": total, "correct": correct, "grader_failed": failed,
+               "accuracy": round(correct / total, 4) if total else 0.0,
                "timeouts": stats["timeouts"], "worker_restarts": stats["worker_restarts"], "by_kind": by_kind}
     if args.json:
         print(json.dumps(summary, ensure_ascii=False))
         return 0
     print(f"{args.file}: {correct}/{total} correct ({summary['accuracy']:.2%}, {args.mode} mode); "
-          f"{stats['timeouts']} timed out, {stats['fast']} decided on the fast path, {stats['symbolic']} by sympy")
+          f"{stats['timeouts']} timed out, {stats['fast']} decided on the fast path, {stats['symbolic']} by sympy"
+          + (f"; {failed} NOT graded (the grader failed: rerun them)" if failed else ""))
     print(f"  {'kind':<12} {'pairs':>6} {'correct':>8} {'timeouts':>9} {'no answer':>10}")
     for kind, row in sorted(by_kind.items(), key=lambda kv: -kv[1]["pairs"]):
         print(f"  {kind:<12} {row['pairs']:>6} {row['correct']:>8} {row['timed_out']:>9} {row['no_answer']:>10}")
