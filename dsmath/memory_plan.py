@@ -187,7 +187,8 @@ def logits_bytes(shape: ModelShape, tokens: int, chunk_tokens: int) -> float:
 
 
 def needs_reference(cfg: TrainConfig) -> bool:
-    """GRPO/PPO with a KL term (β > 0) and DPO use the frozen reference; β = 0 needs none."""
+    """GRPO/PPO with a KL term (β > 0) and DPO use the frozen reference; β = 0 needs none (the learner's rule,
+    ``dsmath.algorithms.needs_reference``, restated here without its torch import)."""
     return cfg.grpo.beta > 0 or cfg.grpo.algorithm == "dpo"
 
 
@@ -232,7 +233,10 @@ def learner_plan(cfg: TrainConfig, shape: ModelShape) -> DevicePlan:
     where = f"{lr.gpu_memory_gb:g} GB GPU" if gpu else "CPU (host memory, not checked)"
     desc = (f"learner {where}, 1 of {n} rank(s): ZeRO-{s}, {lr.precision}, checkpointing "
             f"{'on' if ckpt else 'off'}, micro-batch {seqs} × {tokens // max(seqs, 1)} tokens")
-    return DevicePlan("learner", desc, capacity, terms, alternatives, notes)
+    plan = DevicePlan("learner", desc, capacity, terms, alternatives, notes)
+    if bf16 and s == 0:
+        plan.problem = "learner.precision=bf16 needs learner.zero_stage >= 1 (the learner refuses bf16 at ZeRO-0)"
+    return plan
 
 
 def generator_plan(cfg: TrainConfig, shape: ModelShape) -> DevicePlan | None:
@@ -296,16 +300,18 @@ def _candidates(cfg: TrainConfig, role: str, term: str) -> list[list[str]]:
     smaller_mb = [[f"learner.micro_batch_size={m}"] for m in (lr.micro_batch_size // 2, lr.micro_batch_size // 4, 1)
                   if 1 <= m < lr.micro_batch_size]
     stages = [[f"learner.zero_stage={z}"] for z in (1, 2, 3) if z > lr.zero_stage]
+    # the learner refuses bf16 at ZeRO-0 (DeepSpeed's stage-0 bf16 optimizer accumulates bf16 gradients)
+    bf16 = ["learner.precision=bf16"] + (["learner.zero_stage=1"] if lr.zero_stage == 0 else [])
     ranks = [[f"learner.num_ranks={lr.num_ranks * k}"] + ([] if lr.zero_stage else ["learner.zero_stage=1"])
              for k in (2, 4, 8)]
     if role == "generator":
         return [[f"rollout.tensor_parallel_size={t}", f"rollout.gpus_per_generator={t}"] for t in (2, 4, 8)
                 if t > r.tensor_parallel_size] + [["model.dtype=bfloat16"]]
     by_term = {
-        "weights": [["learner.precision=bf16"], ["learner.zero_stage=3"]],
-        "gradients": stages[1:] + [["learner.precision=bf16"]] if lr.zero_stage < 2 else stages + [["learner.precision=bf16"]],
+        "weights": [bf16, ["learner.zero_stage=3"]],
+        "gradients": (stages[1:] if lr.zero_stage < 2 else stages) + [bf16],
         "optimizer": stages + ranks,
-        "reference": [["learner.reference=host"], ["learner.precision=bf16"], ["learner.zero_stage=3"]],
+        "reference": [["learner.reference=host"], bf16, ["learner.zero_stage=3"]],
         "activations": [["learner.gradient_checkpointing=true"]] + smaller_mb,
         "logits": [["learner.logprob_chunk_tokens=1024"]] + smaller_mb,
     }

@@ -212,3 +212,16 @@ def test_train_on_a_gpu_config_checks_the_plan_before_starting_anything():
     assert out.returncode == 2
     assert out.stdout.strip() == "[]"  # refused before Ray, vLLM, DeepSpeed, torch or the driver were imported
     assert len(out.stderr.strip().splitlines()) == 1 and "gradient_checkpointing=true" in out.stderr
+
+
+def test_reference_rule_and_bf16_stage0_match_the_learner():
+    from dsmath.algorithms import needs_reference
+
+    for overrides in ([], ["grpo.beta=0"], ["grpo.beta=0", "grpo.algorithm=dpo"], ["grpo.algorithm=ppo"]):
+        cfg = cfg7b(*overrides)
+        assert mp.needs_reference(cfg) == needs_reference(cfg.grpo), overrides
+    with pytest.raises(ConfigError, match="bf16 needs learner.zero_stage >= 1"):
+        mp.check(cfg7b("learner.zero_stage=0"))
+    fix = mp.suggest_fix(cfg7b("learner.zero_stage=0", "learner.num_ranks=1", "learner.precision=fp32"), "learner")
+    assert "learner.precision=bf16" not in fix or "learner.zero_stage=1" in fix or "learner.zero_stage=2" in fix \
+        or "learner.zero_stage=3" in fix
