@@ -53,7 +53,9 @@ def label_examples(generator, grader, problems: Sequence[Problem], *, kind: str,
 
 def _process_examples(generator, grader, kept, k: int, label_rule: str, delimiter: str, sampling: SamplingParams,
                       max_new_tokens: int, decode, tag: str, stats: dict) -> list[dict]:
-    ends_per = [completion_step_ends(decode, r.completion_ids, delimiter) for r, _ in kept]
+    # A completion whose text has no step at all (e.g. it decodes to whitespace only) is one step: its last token.
+    ends_per = [completion_step_ends(decode, r.completion_ids, delimiter) or [len(r.completion_ids) - 1]
+                for r, _ in kept]
     requests, owners = [], []  # owners[i] = (example index, step index) of continuation request i
     for x, ((r, _v), ends) in enumerate(zip(kept, ends_per)):
         for j, end in enumerate(ends[:-1]):

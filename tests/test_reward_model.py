@@ -225,3 +225,25 @@ def test_cli_mistakes_are_one_line_errors(tmp_path, capsys):
     assert "--iterations" in capsys.readouterr().err
     assert main(["train", "grpo.advantage=process"]) == 2  # process supervision without a PRM is refused up front
     assert "reward.model_kind=process" in capsys.readouterr().err
+
+
+def test_process_labels_give_a_completion_without_steps_one_position():
+    """A completion that decodes to whitespace only has no step: it is one step ending at its last token, with its
+    own grade (it used to give 0 positions and 1 label, which `dsmath rm train --kind process` crashed on)."""
+    from types import SimpleNamespace
+
+    from actors.rm_labeler import label_examples
+    from dsmath.records import Problem, Rollout
+
+    class Policy:  # the real generator cannot be told to emit whitespace on demand
+        def generate(self, requests):
+            return [Rollout(request_id=q.request_id, sample_index=0, problem=q.problem, prompt=q.prompt,
+                            prompt_ids=(1, 2), completion="  ", completion_ids=(7, 7), logprobs=(-1.0, -1.0),
+                            finish_reason="stop", weight_version=0, generator_id="g") for q in requests]
+
+    grader = SimpleNamespace(score=lambda rollouts: [SimpleNamespace(correct=False) for _ in rollouts])
+    examples, stats = label_examples(
+        Policy(), grader, [Problem(uid="p", question="1+1?", answer="2")], kind="process", samples_per_question=1,
+        completions_per_prefix=2, label_rule="any", delimiter="\n", prompt_mode="tiny", temperature=1.0,
+        max_new_tokens=8, stop=(), decode=lambda ids: " " * len(ids))
+    assert [(e["positions"], e["labels"]) for e in examples] == [([1], [0])] and stats["continuations"] == 0
