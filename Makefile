@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dsmath-installed
 PYTEST_ARGS ?=
 
-# Environment the CPU stack needs (DESIGN §7): offline hub, no Ray token auth, DeepSpeed on CPU,
+# Environment the CPU stack needs (dsmath/env.py holds the same values): offline hub, no Ray token auth, DeepSpeed on CPU,
 # a small vLLM KV cache, the in-process vLLM engine, one OpenMP thread per process.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1

@@ -1,7 +1,7 @@
 """The rollout generator: a real ``vllm.LLM`` behind a small, versioned API.
 
 ``Generator`` is a plain class (usable and tested without Ray); ``GeneratorActor`` is the same class as a Ray
-actor. One engine per instance; on CPU it is the in-process engine (DESIGN §7): ``distributed_executor_backend=
+actor. One engine per instance; on CPU it is the in-process engine: ``distributed_executor_backend=
 "uni"``, ``enforce_eager=True``, ``dtype="float32"``, a ``rollout.kv_cache_space_gib`` KV cache and one OpenMP
 thread, all set before the engine is made.
 
@@ -50,7 +50,7 @@ def _configure_cpu_env(rollout: RolloutConfig) -> None:
     # Must happen before vLLM creates its engine: it reads these once, and disables set_num_threads afterwards.
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(rollout.kv_cache_space_gib)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    # One OpenMP thread: two busy processes with 2 threads each on 2 cores run 20-30x slower (DESIGN §7).
+    # One OpenMP thread: two busy processes with 2 threads each on 2 cores run 20-30x slower.
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 

@@ -27,6 +27,7 @@ import torch
 
 from dsmath.config import RewardConfig
 from dsmath.errors import UserError
+from dsmath.model_folder import model_folder
 from dsmath.records import RewardResult, Rollout, check_schema
 from dsmath.reward_models import combine_rewards, completion_step_ends, gather_scores
 
@@ -36,9 +37,7 @@ def load_reward_model(model_dir: str | Path):
     or mid-size RM scores a chunk in well under the generation time, and the GPUs stay with vLLM and the learner)."""
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-    path = Path(model_dir)
-    if not (path / "config.json").exists():
-        raise UserError(f"reward.model_path={model_dir}: not a model folder (no config.json); train one with dsmath rm train")
+    path = model_folder(model_dir, f"reward.model_path={model_dir}", "; train one with dsmath rm train")
     model = AutoModelForTokenClassification.from_pretrained(str(path), dtype=torch.float32)
     if model.config.num_labels != 1:
         raise UserError(f"{model_dir}: a reward model needs one output label, this one has {model.config.num_labels}")

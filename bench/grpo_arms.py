@@ -59,18 +59,18 @@ def driver_has_async() -> bool:
     """Whether the installed driver reads ``async`` settings at all (the arm is skipped otherwise)."""
     import inspect
 
-    import dsmath.driver as driver
+    import wiring.driver as driver
 
     return "async_" in inspect.getsource(driver)
 
 
 def run_dsmath(spec: dict, *, asynchronous: bool) -> dict:
     from dsmath.config import load_config
-    from dsmath.driver import train
+    from wiring.driver import train
     from dsmath.utils.metrics import read_metrics
 
     if asynchronous and not driver_has_async():
-        return {"skipped": "the installed dsmath driver has no async mode (dsmath/driver.py never reads async.*)"}
+        return {"skipped": "the installed dsmath driver has no async mode (wiring/driver.py never reads async.*)"}
     match = _match(spec)
     run_dir = Path(spec["work_dir"]) / ("async" if asynchronous else "sync")
     overrides = list(spec["config_overrides"]) + match.dsmath_overrides() + [

@@ -98,7 +98,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict:
     """Build (or reuse) the bootstrap and write the spec every arm reads."""
     from dataclasses import asdict
 
-    from dsmath.bootstrap import ensure_bootstrap
+    from wiring.bootstrap import ensure_bootstrap
     from dsmath.config import load_config
     from dsmath.sampler import ProblemStream
     from grpo_loss_gate import MatchedSettings

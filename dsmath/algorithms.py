@@ -36,23 +36,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Which sampling source each algorithm means by default (``grpo.sampling: auto``).
-DEFAULT_SAMPLING: dict[str, str] = {"grpo": "online", "online_rft": "online", "ppo": "online", "rft": "offline",
-                                    "dpo": "offline"}
-
-
-def resolve_sampling(algorithm: str, sampling: str) -> str:
-    """``online`` or ``offline`` for ``grpo.algorithm`` / ``grpo.sampling`` (``auto`` → the paper's choice)."""
-    return DEFAULT_SAMPLING[algorithm] if sampling == "auto" else sampling
-
-
-def needs_reference(grpo_cfg) -> bool:
-    """Whether training with ``grpo_cfg`` (a :class:`dsmath.config.GRPOConfig`) ever reads the frozen reference
-    model: DPO always (its loss is relative to π_ref); every other algorithm only when ``grpo.beta > 0`` (GRPO's KL
-    term, PPO's per-token KL reward). The one place β is interpreted for this: with False, no reference is built."""
-    return grpo_cfg.algorithm == "dpo" or grpo_cfg.beta > 0
-
-
 # ----------------------------------------------------------------------------------------------
 # RFT / online RFT
 # ----------------------------------------------------------------------------------------------
@@ -230,7 +213,6 @@ def grpo_coefficients(advantages: Tensor, logp: Tensor, ref_logp: Tensor | None,
 
 
 __all__ = [
-    "DEFAULT_SAMPLING",
     "Pairs",
     "build_pairs",
     "dpo_coefficients",
@@ -238,7 +220,6 @@ __all__ = [
     "gae",
     "grpo_coefficients",
     "ppo_token_rewards",
-    "resolve_sampling",
     "rft_coefficients",
     "sequence_log_ratio",
     "value_loss",

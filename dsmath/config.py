@@ -22,11 +22,9 @@ from typing import Any, Callable, Literal, get_args, get_origin
 
 import yaml
 
+from dsmath.errors import ConfigError
+
 PRESET_DIR = Path(__file__).parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A user mistake in a config file or override: the message is one actionable line."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +46,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class BootstrapConfig:
-    """Tiny-model warm-up on generated arithmetic word problems (DESIGN §6)."""
+    """Tiny-model warm-up on generated arithmetic word problems (wiring/bootstrap.py)."""
 
     data_dir: str = "~/.cache/dsmath"
     num_train_problems: int = 20000
@@ -96,7 +94,7 @@ class RolloutConfig:
 class GRPOConfig:
     """Paper defaults: β = 0.04 with the k3 estimator in the loss, one update per sampling stage."""
 
-    algorithm: Literal["grpo", "online_rft", "rft", "ppo", "dpo"] = "grpo"
+    algorithm: str = "grpo"  # a method of dsmath.methods: grpo | online_rft | rft | ppo | dpo
     beta: float = 0.04
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
@@ -105,8 +103,8 @@ class GRPOConfig:
     loss_agg: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"] = "seq_mean_token_mean"
     updates_per_step: int = 1
     step_delimiter: str = "\n"
-    # The unified paradigm's switches (paper §5.2, dsmath/algorithms.py). sampling: where samples come from —
-    # online (the current policy) or offline (drawn once from the starting policy); auto = the paper's choice.
+    # The unified paradigm's switches (paper §5.2, dsmath/methods/). sampling: where samples come from —
+    # online (the current policy) or offline (drawn once from the starting policy); auto = the method's own.
     sampling: Literal["auto", "online", "offline"] = "auto"
     dpo_beta: float = 0.1
     gae_gamma: float = 1.0
@@ -445,10 +443,6 @@ def validate(cfg: TrainConfig) -> None:
          "data.train: questions from files need the model that answers them: set model.path too")
     need(not cfg.data.heldout or bool(cfg.data.train), "data.heldout: set data.train too")
     need(r.group_size >= 1, "rollout.group_size: must be >= 1")
-    need(
-        g.algorithm not in ("grpo", "ppo") or r.group_size >= 2 or g.algorithm == "ppo",
-        "rollout.group_size: GRPO needs at least 2 completions per question (group-relative advantages)",
-    )
     need(r.questions_per_step >= 1, "rollout.questions_per_step: must be >= 1")
     need(r.max_new_tokens >= 1, "rollout.max_new_tokens: must be >= 1")
     need(r.temperature >= 0, "rollout.temperature: must be >= 0")
@@ -458,16 +452,10 @@ def validate(cfg: TrainConfig) -> None:
     need(0 <= g.clip_eps_low < 1, "grpo.clip_eps_low: must be in [0, 1)")
     need(g.clip_eps_high >= 0, "grpo.clip_eps_high: must be >= 0")
     need(g.updates_per_step >= 1, "grpo.updates_per_step: must be >= 1")
-    need(g.algorithm != "rft" or g.sampling != "online",
-         "grpo.sampling: rft trains on samples drawn once from the starting policy; use grpo.algorithm=online_rft "
-         "for online sampling")
-    need(g.algorithm != "ppo" or g.sampling != "offline",
-         "grpo.sampling: ppo learns a value of the current policy and needs online samples")
-    need(g.algorithm not in ("rft", "online_rft", "dpo") or g.beta == 0,
-         f"grpo.beta: {g.algorithm}'s gradient coefficient has no KL term (paper Table 10); set grpo.beta=0"
-         + (" (DPO's strength is grpo.dpo_beta)" if g.algorithm == "dpo" else ""))
-    need(g.algorithm != "dpo" or r.group_size >= 2,
-         "rollout.group_size: DPO pairs a right and a wrong completion of one question; needs at least 2")
+    from dsmath import methods
+
+    refusal = methods.get(g.algorithm).check(cfg)  # the method's own rules (dsmath/methods/<name>.py)
+    need(refusal is None, refusal or "")
     need(g.dpo_beta > 0, "grpo.dpo_beta: must be > 0")
     need(0 <= g.gae_gamma <= 1, "grpo.gae_gamma: must be in [0, 1]")
     need(0 <= g.gae_lambda <= 1, "grpo.gae_lambda: must be in [0, 1]")

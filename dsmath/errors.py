@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input, a missing file, an impossible request: the message says what to do."""
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override: the message is one actionable line."""

@@ -188,8 +188,10 @@ def logits_bytes(shape: ModelShape, tokens: int, chunk_tokens: int) -> float:
 
 def needs_reference(cfg: TrainConfig) -> bool:
     """GRPO/PPO with a KL term (β > 0) and DPO use the frozen reference; β = 0 needs none (the learner's rule,
-    ``dsmath.algorithms.needs_reference``, restated here without its torch import)."""
-    return cfg.grpo.beta > 0 or cfg.grpo.algorithm == "dpo"
+    ``dsmath.methods.needs_reference``)."""
+    from dsmath.methods import needs_reference as method_needs_reference
+
+    return method_needs_reference(cfg.grpo)
 
 
 def learner_plan(cfg: TrainConfig, shape: ModelShape) -> DevicePlan:

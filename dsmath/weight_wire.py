@@ -14,7 +14,6 @@ else the tensor's own; integer and bool tensors travel as they are. Each bucket 
 from __future__ import annotations
 
 import math
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Sequence
@@ -168,12 +167,6 @@ def empty_bucket(layout: BucketLayout, device: torch.device | str = "cpu") -> to
 
 
 # ---------------------------------------------------------------------------------------- process groups
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def open_store(host: str, port: int, rank: int, world_size: int, timeout_s: float):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-LATEST = "latest"
+from dsmath.model_folder import LATEST
 
 
 def fsync_tree(root: Path) -> None:
@@ -69,15 +69,6 @@ def publish(tmp_dir: Path, final: Path) -> None:
     write_text_atomic(final.parent / LATEST, final.name + "\n")
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def resolve(path: str | Path) -> Path:
-    """A checkpoint directory, or a folder whose ``latest`` file names one."""
-    path = Path(path)
-    pointer = path / LATEST
-    if pointer.is_file():
-        return path / pointer.read_text().strip()
-    return path
 
 
 def rng_state() -> dict:

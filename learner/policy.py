@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import sys
 import time
 import uuid
@@ -32,20 +31,16 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from dsmath import algorithms, grpo
+from dsmath import algorithms, grpo, methods
 from dsmath.config import GRPOConfig, LearnerConfig
 from dsmath.errors import UserError
+from dsmath.model_folder import model_folder, resolve
+from dsmath.utils.net import free_port
 from learner import checkpoint as ckpt
 from learner.batch import TrainBatch, micro_batches
 
 # Mean-type GRPO metrics, combined over micro-batches and ranks weighted by their token counts.
 _TOKEN_MEAN_KEYS = ("clip_frac", "ratio_mean", "pg_loss", "kl", "kl_loss", "entropy", "is_weight_mean")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _skip_shm_build() -> None:
@@ -65,18 +60,20 @@ def init_distributed(rank: int, world_size: int, backend: str = "auto") -> str:
     os.environ["RANK"] = str(rank)
     os.environ["WORLD_SIZE"] = str(world_size)
     os.environ.setdefault("LOCAL_RANK", "0" if torch.cuda.is_available() else str(rank))
-    if world_size == 1 and not dist.is_initialized() and "TORCHELASTIC_RUN_ID" not in os.environ:
-        # A one-rank group of our own: a fresh port, never one inherited from a parent process that may be
-        # listening on it (a test or driver process running its own in-process learner).
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(free_port())
-    elif "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-        raise UserError("a multi-rank learner needs MASTER_ADDR and MASTER_PORT (torchrun or LearnerGroup sets them)")
-    if not dist.is_initialized():
+    if dist.is_initialized():  # an existing group of the right size is joined as it is
+        if dist.get_world_size() != world_size:
+            raise RuntimeError(f"a process group of size {dist.get_world_size()} exists; asked for {world_size}")
+    else:
+        if world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+            # A one-rank group of our own: a fresh port, never one inherited from a parent process that may be
+            # listening on it (a test or driver process running its own in-process learner).
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+            os.environ["MASTER_PORT"] = str(free_port())
+        elif "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            raise UserError("a multi-rank learner needs MASTER_ADDR and MASTER_PORT (torchrun or LearnerGroup sets "
+                            "them)")
         _skip_shm_build()
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank, world_size=world_size)
-    elif dist.get_world_size() != world_size:
-        raise RuntimeError(f"a process group of size {dist.get_world_size()} exists; asked for {world_size}")
     _drop_stale_deepspeed_groups()
     return backend
 
@@ -192,12 +189,10 @@ class PolicyLearner:
         """``total_steps`` turns on cosine decay (to 10 % of ``lr``) after warm-up; None keeps the
         lr constant after warm-up. ``max_tokens`` is Dr. GRPO's constant for
         ``loss_agg='seq_mean_token_sum_norm'`` (e.g. ``rollout.max_new_tokens``). ``with_reference`` None builds
-        the frozen reference only where ``grpo_cfg`` reads it (:func:`dsmath.algorithms.needs_reference`)."""
+        the frozen reference only where ``grpo_cfg`` reads it (:func:`dsmath.methods.needs_reference`)."""
         import deepspeed
 
-        self.model_dir = Path(model_dir)
-        if not (self.model_dir / "config.json").exists():
-            raise UserError(f"{self.model_dir}: not a model folder (no config.json)")
+        self.model_dir = model_folder(model_dir, str(model_dir))
         self.cfg = learner_cfg
         self.grpo_cfg = grpo_cfg or GRPOConfig()
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -225,7 +220,7 @@ class PolicyLearner:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.tokenizer = _load_tokenizer(self.model_dir)
         if with_reference is None:
-            with_reference = algorithms.needs_reference(self.grpo_cfg)
+            with_reference = methods.needs_reference(self.grpo_cfg)
         self._reference_reset = False
         self.reference = self._build_reference(model) if with_reference else None
 
@@ -467,8 +462,7 @@ class PolicyLearner:
         if batch.advantages is None:
             raise ValueError("grpo_step needs batch.advantages")
         g = self.grpo_cfg
-        # PPO pays the KL as a per-token reward (dsmath.algorithms.ppo_token_rewards), not as a loss term.
-        beta = 0.0 if g.algorithm == "ppo" else g.beta
+        beta = methods.loss_beta(g)  # PPO pays the KL as a per-token reward, not as a loss term
         need_ref = beta > 0
         if need_ref and batch.ref_logprobs is None and self.reference is None:
             raise ValueError("beta > 0 needs batch.ref_logprobs or a learner with a reference model")
@@ -669,7 +663,7 @@ class PolicyLearner:
         """
         from safetensors.torch import load_file
 
-        path = ckpt.resolve(path)
+        path = resolve(path)
         state_file = path / "trainer_state.json"
         if not state_file.exists():
             raise UserError(f"{path}: not a dsmath learner checkpoint (no trainer_state.json)")

@@ -29,7 +29,7 @@ class LearnerRank:
     def address(self) -> tuple[str, int]:
         import ray
 
-        from learner.policy import free_port
+        from dsmath.utils.net import free_port
 
         return ray.util.get_node_ip_address(), free_port()
 

@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Sequence
 
 from dsmath.datasets import DataError, ReadReport, iter_jsonl
 from dsmath.errors import UserError
+from dsmath.model_folder import model_folder
 from dsmath.prompts import format_prompt
 
 FORMATS = ("auto", "raw", "cot", "pot", "tool")
@@ -122,7 +123,7 @@ def run_sft(
     Each step draws ``batch_size`` examples from a seeded shuffle (reshuffled every epoch);
     ``steps`` None means one epoch. The lr warms up linearly (default 5 % of the steps), then
     follows a cosine to 10 %. Single process (world size 1). Returns a summary dict (loss curve,
-    throughput, counts) that is also what :mod:`dsmath.commands.sft` prints.
+    throughput, counts) that is also what :mod:`wiring.commands.sft` prints.
     """
     from tqdm import tqdm
 
@@ -136,8 +137,7 @@ def run_sft(
         raise UserError("no SFT examples to train on")
     from transformers import AutoTokenizer
 
-    if not (Path(model_dir) / "config.json").exists():
-        raise UserError(f"{model_dir}: not a model folder (no config.json)")
+    model_dir = model_folder(model_dir, str(model_dir))
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as exc:

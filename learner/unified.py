@@ -1,6 +1,6 @@
-"""PPO and DPO behind the driver's ``learner.grpo_step(batch)`` call (see :mod:`dsmath.paradigm`).
+"""PPO and DPO behind the driver's ``learner.grpo_step(batch)`` call (see :mod:`wiring.paradigm`).
 
-The driver builds every step's batch the same way: ``advantages`` from :func:`dsmath.advantages.sample_advantages`
+The driver builds every step's batch the same way: ``advantages`` from :func:`dsmath.methods.sample_advantages`
 (PPO: the outcome reward r_φ(o); DPO: I(o), whether o's answer is right), ``old_logprobs`` from the current
 policy, ``ref_logprobs`` when ``grpo.beta > 0``. These wrappers turn that into the algorithm's update:
 

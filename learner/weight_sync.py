@@ -45,30 +45,19 @@ import torch
 
 from dsmath.config import WeightSyncConfig
 from dsmath.records import WeightBucket
-from dsmath.weight_wire import (  # noqa: F401 - re-exported: the wire format's historical home
-    DEVICE_TRANSPORTS,
-    TRANSPORTS,
-    BucketLayout,
-    BucketReceiver,
-    CollectiveGroup,
-    PlannedBucket,
+from dsmath.weight_wire import (  # the wire format (shared with actors/generator.py)
     StaleWeightVersion,
+    TRANSPORTS,
     WeightSyncError,
     WeightSyncTimeout,
     arrived_key,
     broadcast_from_rank0,
     cuda_ipc_payload,
-    empty_bucket,
-    free_port,
-    layout_bytes,
-    open_cuda_ipc,
     open_group,
     open_store,
     pack_bucket,
     parse_dtype,
     plan_buckets,
-    unpack_bucket,
-    wire_dtype,
 )
 
 

@@ -1,6 +1,6 @@
 from dsmath.env import apply_cpu_env_defaults
 
-# The CPU stack's environment (DESIGN §7), also when pytest is run without the Makefile.
+# The CPU stack's environment (dsmath/env.py), also when pytest is run without the Makefile.
 apply_cpu_env_defaults()
 
 

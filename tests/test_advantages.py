@@ -2,7 +2,7 @@
 
 import pytest
 
-from dsmath.advantages import sample_advantages
+from dsmath.methods import sample_advantages
 from dsmath.config import GRPOConfig
 from dsmath.records import Problem, RewardResult, Rollout
 

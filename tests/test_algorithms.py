@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from dsmath import algorithms as A
+from dsmath import methods
 from dsmath import algorithms_reference as R
 from dsmath import grpo
-from dsmath.advantages import sample_advantages
+from dsmath.methods import sample_advantages
 from dsmath.config import ConfigError, GRPOConfig, load_config
 from dsmath.records import Problem, RewardResult, Rollout
 
@@ -69,11 +70,11 @@ def test_rft_switches_give_coefficient_one_for_right_answers_zero_otherwise(algo
 
 
 def test_rft_and_online_rft_differ_only_in_the_sampling_source():
-    assert A.resolve_sampling("rft", "auto") == "offline"
-    assert A.resolve_sampling("online_rft", "auto") == "online"
-    assert A.resolve_sampling("online_rft", "offline") == "offline"
-    assert A.resolve_sampling("grpo", "auto") == A.resolve_sampling("ppo", "auto") == "online"
-    assert A.resolve_sampling("dpo", "auto") == "offline"
+    assert methods.resolve_sampling("rft", "auto") == "offline"
+    assert methods.resolve_sampling("online_rft", "auto") == "online"
+    assert methods.resolve_sampling("online_rft", "offline") == "offline"
+    assert methods.resolve_sampling("grpo", "auto") == methods.resolve_sampling("ppo", "auto") == "online"
+    assert methods.resolve_sampling("dpo", "auto") == "offline"
 
 
 def test_grpo_switch_gives_normalised_advantage_plus_the_kl_term():
@@ -257,4 +258,4 @@ def test_every_sensible_table_10_combination_loads():
                                 ("ppo", "online")):
         beta = "0.04" if algorithm in ("grpo", "ppo") else "0"
         cfg = load_config("tiny_cpu", [f"grpo.algorithm={algorithm}", f"grpo.sampling={sampling}", f"grpo.beta={beta}"])
-        assert A.resolve_sampling(cfg.grpo.algorithm, cfg.grpo.sampling) == sampling
+        assert methods.resolve_sampling(cfg.grpo.algorithm, cfg.grpo.sampling) == sampling

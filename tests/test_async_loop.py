@@ -15,7 +15,7 @@ TINY = TINY_LOOP + [
 
 
 def test_async_mode_overlaps_and_never_trains_on_samples_older_than_the_bound(tmp_path, ray_cluster, cache_dir):
-    from dsmath.driver import train
+    from wiring.driver import train
 
     cfg = load_config("tiny_cpu", TINY + [f"run_dir={tmp_path / 'run'}", f"bootstrap.data_dir={cache_dir}", "steps=4",
                                           "async.enabled=true", "async.max_staleness=1", "eval_every=2",
@@ -43,7 +43,7 @@ def test_async_mode_overlaps_and_never_trains_on_samples_older_than_the_bound(tm
 
 def test_dynamic_sampling_fills_the_batch_with_informative_groups_and_counts_the_dropped(tmp_path, ray_cluster,
                                                                                         cache_dir):
-    from dsmath.driver import train
+    from wiring.driver import train
 
     q, g = 4, 8
     # A format penalty makes groups informative often enough (some samples state an answer, some do not).
@@ -74,6 +74,6 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups_and_counts_the
     # Every question drawn from the stream was either trained on or counted as dropped.
     import json
 
-    from dsmath.driver import RunState  # noqa: F401 - the checkpointed state names data_position
+    from wiring.driver import RunState  # noqa: F401 - the checkpointed state names data_position
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-000003" / "trainer_state.json").read_text())["extra"]
     assert state["data_position"] == drawn

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from dsmath.config import TrainConfig, load_config
-from dsmath.jobsubmit import DEFAULT_EXCLUDES
+from wiring.jobsubmit import DEFAULT_EXCLUDES
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -306,7 +306,7 @@ def test_bundles_carry_roles_only_on_clusters_that_have_them() -> None:
 def test_the_driver_never_repeats_a_variable_the_job_runtime_env_sets(monkeypatch) -> None:
     """Ray refuses ray.init(runtime_env) whose env_vars repeat a key of the job's runtime env (the bug of the
     documented submit recipe): the driver adds only the missing ones."""
-    from dsmath.driver import worker_runtime_env
+    from wiring.cluster import worker_runtime_env
 
     job = _load(CLUSTER / "runtime_env.yaml")
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": job}))

@@ -1,4 +1,4 @@
-"""dsmath.jobsubmit.preflight: the working_dir upload estimate honours excludes and ignore files like Ray, agrees
+"""wiring.jobsubmit.preflight: the working_dir upload estimate honours excludes and ignore files like Ray, agrees
 with Ray's own packer byte for byte, and flags an upload that Ray would refuse."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dsmath.errors import UserError
-from dsmath.jobsubmit import DEFAULT_EXCLUDES, MIB, check_or_raise, preflight, upload_limit_bytes
+from wiring.jobsubmit import DEFAULT_EXCLUDES, MIB, check_or_raise, preflight, upload_limit_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,7 +121,7 @@ def test_not_a_directory_is_a_user_error(tmp_path: Path) -> None:
 def test_cli_exit_codes(tmp_path: Path) -> None:
     make_tree(tmp_path)
     env = {**os.environ, "RAY_max_grpc_message_size": "8000"}
-    cmd = [sys.executable, "-m", "dsmath.jobsubmit", str(tmp_path)]
+    cmd = [sys.executable, "-m", "wiring.jobsubmit", str(tmp_path)]
 
     def run(*extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([*cmd, *extra], capture_output=True, text=True, env=env, cwd=ROOT)

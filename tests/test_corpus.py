@@ -309,7 +309,7 @@ def test_pipeline_modules_import_nothing_distributed():
     import sys
 
     code = ("import sys; import data_pipeline.pipeline, data_pipeline.decontam, data_pipeline.html_math; "
-            "import dsmath.commands.corpus; "
+            "import wiring.commands.corpus; "
             "bad = [m for m in ('ray', 'vllm', 'deepspeed', 'torch', 'fasttext', 'matplotlib') if m in sys.modules]; "
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
@@ -318,7 +318,7 @@ def test_pipeline_modules_import_nothing_distributed():
 
 @needs_shared
 def test_cli_decontam_subcommand_drops_planted_page(tmp_path, capsys):
-    from dsmath.cli import main
+    from wiring.cli import main
 
     q = _bench("gsm8k_test.jsonl")[42]["question"]
     pages = tmp_path / "pages.jsonl"

@@ -84,7 +84,7 @@ def test_ray_data_and_local_runner_give_identical_outputs(tmp_path):
 
 @needs_shared
 def test_cli_corpus_run_two_iterations_writes_report_plot_and_prints_precision_recall(tmp_path, capsys):
-    from dsmath.cli import main
+    from wiring.cli import main
 
     out = tmp_path / "run"
     rc = main(["corpus", "run", "--config", "corpus_demo", f"input.demo_data_dir={SHARED}", f"out_dir={out}",
@@ -118,7 +118,7 @@ def test_cli_corpus_run_two_iterations_writes_report_plot_and_prints_precision_r
 
 
 def test_cli_corpus_errors_are_one_line(capsys):
-    from dsmath.cli import main
+    from wiring.cli import main
 
     assert main(["corpus", "run", "dedup.nope=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

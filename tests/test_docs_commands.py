@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -134,13 +135,19 @@ def test_doc_block_runs_as_written(key: tuple[str, int], docs_env: tuple[Path, d
     cmds = _runnable(BLOCKS[key])
     script = block_script(cmds)
     log = repo.parent / f"{key[0].replace('/', '_')}-{key[1]}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["bash", "-c", script], cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     try:
-        with open(log, "w") as out:
-            proc = subprocess.run(["bash", "-c", script], cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                  timeout=BLOCK_TIMEOUT_S)
+        proc.wait(timeout=BLOCK_TIMEOUT_S)
     finally:
         if "local_cluster.sh start" in script:
             _stop_local_cluster(repo, env)
+        try:  # whatever the block left running (a server started with `&` before a failing command)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
     text = log.read_text(errors="replace")
     if proc.returncode != 0:
         failed = [line for line in text.splitlines() if line.startswith("DOC-FAILED")]

@@ -215,7 +215,7 @@ def test_fewshot_shots_from_gsm8k_and_math_state_their_answers_the_graders_way()
 
 
 def test_fewshot_examples_from_a_data_file_are_not_evaluated():
-    from dsmath.commands.eval import load_eval_problems
+    from wiring.commands.eval import load_eval_problems
 
     problems, prefixes, notes = load_eval_problems([str(GSM8K)], limit=5, shuffle=False, seed=0, mode="cot",
                                                    fewshot=3, fewshot_file=None)
@@ -317,7 +317,7 @@ def test_harness_requests_grades_and_accounts_every_completion(pool):
 
 
 def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dsmath.cli", "eval", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "wiring.cli", "eval", *args], capture_output=True, text=True,
                           timeout=600, cwd=cwd)
 
 
@@ -415,7 +415,7 @@ def test_tool_and_pot_modes_end_to_end_run_the_programs(tmp_path):
     exactly 1/2 because the same question appears once with its right gold (42) and once with a wrong one (41)."""
     import torch
 
-    from dsmath.commands.eval import evaluate_model
+    from wiring.commands.eval import evaluate_model
     from dsmath.config import ModelConfig
     from dsmath.evaluation.fewshot import build_prompt
     from dsmath.tiny import build_model, train_tokenizer

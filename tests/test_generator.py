@@ -6,7 +6,7 @@ import pytest
 
 from dsmath.config import ModelConfig, RolloutConfig
 from dsmath.records import GenerationRequest, Problem, SamplingParams
-from learner.weight_sync import StaleWeightVersion
+from dsmath.weight_wire import StaleWeightVersion
 
 TOOL_PROMPT = "Q: what is 6 times 7?\nA:"
 TOOL_SCRIPT = " ```python\nprint(6*7)\n```\n```output\n42\n```\nThe answer is \\boxed{42}."

@@ -131,7 +131,7 @@ def test_grade_batch_keeps_order():
 # ------------------------------------------------------------------ CLI
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dsmath.cli", "grade", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "wiring.cli", "grade", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_cli_one_pair_explained():

@@ -37,8 +37,8 @@ def _weights(folder) -> dict[str, torch.Tensor]:
 
 
 def test_two_iterations_reset_the_reference_and_replay_ten_percent(tmp_path, ray_cluster):
-    from dsmath.iterative import iterate
-    from learner.checkpoint import resolve
+    from wiring.iterative import iterate
+    from dsmath.model_folder import resolve
 
     run = tmp_path / "iter"
     cfg = load_config("tiny_cpu", TINY + [f"run_dir={run}", f"bootstrap.data_dir={tmp_path / 'cache'}"])

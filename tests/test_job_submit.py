@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from dsmath.jobsubmit import DEFAULT_EXCLUDES, preflight
+from wiring.jobsubmit import DEFAULT_EXCLUDES, preflight
 
 pytestmark = pytest.mark.slow
 

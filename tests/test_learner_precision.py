@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from dsmath import algorithms
+from dsmath import methods
 from dsmath.config import GRPOConfig
 from dsmath.errors import UserError
 from learner.batch import TrainBatch
@@ -164,12 +164,12 @@ def test_all_switches_train_and_resume_exactly(model_dir, tmp_path, zero_stage):
 # ---------------------------------------------------------------- the reference only where it is read
 
 def test_needs_reference_reads_beta_and_the_algorithm():
-    assert algorithms.needs_reference(GRPOConfig(beta=0.04))
-    assert not algorithms.needs_reference(GRPOConfig(beta=0.0))
-    assert algorithms.needs_reference(GRPOConfig(algorithm="dpo", beta=0.0))  # DPO's loss is relative to π_ref
-    assert algorithms.needs_reference(GRPOConfig(algorithm="ppo", beta=0.04))  # PPO's KL reward
-    assert not algorithms.needs_reference(GRPOConfig(algorithm="ppo", beta=0.0))
-    assert not algorithms.needs_reference(GRPOConfig(algorithm="online_rft", beta=0.0))
+    assert methods.needs_reference(GRPOConfig(beta=0.04))
+    assert not methods.needs_reference(GRPOConfig(beta=0.0))
+    assert methods.needs_reference(GRPOConfig(algorithm="dpo", beta=0.0))  # DPO's loss is relative to π_ref
+    assert methods.needs_reference(GRPOConfig(algorithm="ppo", beta=0.04))  # PPO's KL reward
+    assert not methods.needs_reference(GRPOConfig(algorithm="ppo", beta=0.0))
+    assert not methods.needs_reference(GRPOConfig(algorithm="online_rft", beta=0.0))
 
 
 def test_beta_zero_builds_no_reference_and_the_loss_is_unchanged(model_dir, monkeypatch):

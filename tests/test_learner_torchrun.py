@@ -53,7 +53,7 @@ WORKER = textwrap.dedent(
 
 
 def test_two_torchrun_ranks_equal_one_rank(tmp_path):
-    from learner.policy import free_port
+    from dsmath.utils.net import free_port
 
     model_dir = make_tiny_model(tmp_path / "model")
     script = tmp_path / "worker.py"

@@ -176,7 +176,7 @@ def test_presets_still_load():
 
 def dsmath(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "dsmath.cli", *args]
+    cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "wiring.cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
 
 
@@ -205,8 +205,8 @@ def test_dry_run_refuses_in_one_line_with_exit_2():
 
 
 def test_train_on_a_gpu_config_checks_the_plan_before_starting_anything():
-    code = ("import sys; from dsmath.cli import main; rc = main(sys.argv[1:]); "
-            "print(sorted(m for m in ('ray', 'vllm', 'deepspeed', 'torch', 'dsmath.driver') if m in sys.modules)); "
+    code = ("import sys; from wiring.cli import main; rc = main(sys.argv[1:]); "
+            "print(sorted(m for m in ('ray', 'vllm', 'deepspeed', 'torch', 'wiring.driver') if m in sys.modules)); "
             "sys.exit(rc)")
     out = dsmath("train", "--config", "deepseekmath_7b", "learner.gradient_checkpointing=false", code=code)
     assert out.returncode == 2
@@ -215,7 +215,7 @@ def test_train_on_a_gpu_config_checks_the_plan_before_starting_anything():
 
 
 def test_reference_rule_and_bf16_stage0_match_the_learner():
-    from dsmath.algorithms import needs_reference
+    from dsmath.methods import needs_reference
 
     for overrides in ([], ["grpo.beta=0"], ["grpo.beta=0", "grpo.algorithm=dpo"], ["grpo.algorithm=ppo"]):
         cfg = cfg7b(*overrides)

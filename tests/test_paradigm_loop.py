@@ -25,7 +25,7 @@ SAMPLES = 2 * 4 * 4
 
 def test_compare_runs_rft_and_online_rft_with_one_budget_and_writes_table_and_plot(tmp_path, ray_cluster, cache_dir,
                                                                                    capsys):
-    from dsmath.cli import main
+    from wiring.cli import main
 
     (tmp_path / "online_rft.yaml").write_text("grpo: {algorithm: online_rft, beta: 0.0}\n")
     (tmp_path / "rft.yaml").write_text("grpo: {algorithm: rft, beta: 0.0}\n")
@@ -59,7 +59,7 @@ def test_compare_runs_rft_and_online_rft_with_one_budget_and_writes_table_and_pl
 
 
 def test_dpo_trains_on_right_wrong_pairs_against_the_frozen_reference(tmp_path, ray_cluster, cache_dir):
-    from dsmath.driver import train
+    from wiring.driver import train
 
     cfg = load_config("tiny_cpu", TINY + [f"run_dir={tmp_path / 'run'}", f"bootstrap.data_dir={cache_dir}",
                                           "grpo.algorithm=dpo", "grpo.beta=0", "grpo.dpo_beta=0.5",
@@ -80,7 +80,7 @@ def test_dpo_trains_on_right_wrong_pairs_against_the_frozen_reference(tmp_path, 
 
 
 def test_ppo_learns_a_value_model_beside_the_policy(tmp_path, ray_cluster, cache_dir):
-    from dsmath.driver import train
+    from wiring.driver import train
 
     cfg = load_config("tiny_cpu", TINY + [f"run_dir={tmp_path / 'run'}", f"bootstrap.data_dir={cache_dir}",
                                           "grpo.algorithm=ppo", "grpo.beta=0.04", "grpo.value_lr=1e-3"])

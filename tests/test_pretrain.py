@@ -56,7 +56,7 @@ def stream(name: str, files, tokenizer, **kw) -> TokenStream:
 
 def test_pretrain_library_imports_nothing_distributed():
     mods = ["dsmath.pretrain.config", "dsmath.pretrain.data", "dsmath.pretrain.evaluate", "dsmath.pretrain.packing",
-            "dsmath.pretrain.mixture", "dsmath.pretrain.sources", "dsmath.commands.pretrain"]
+            "dsmath.pretrain.mixture", "dsmath.pretrain.sources", "wiring.commands.pretrain"]
     code = (f"import importlib, sys\nfor m in {mods!r}: importlib.import_module(m)\n"
             "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('ray', 'vllm', 'deepspeed', 'actors', 'learner', 'data_pipeline'))))")
@@ -245,7 +245,7 @@ def _dsmath(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     # An in-process learner (another test) leaves its rendezvous in os.environ; a child must pick its own.
     env = {k: v for k, v in os.environ.items()
            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return subprocess.run([sys.executable, "-m", "dsmath.cli", *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "wiring.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -318,7 +318,7 @@ def test_corpus_evaluate_math_beats_news_on_heldout_math(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("DSMATH_TORCHRUN_TEST"), reason="opt-in: set DSMATH_TORCHRUN_TEST=1 (~80 s)")
 def test_two_torchrun_ranks_train_like_one_rank(tmp_path):
-    from learner.policy import free_port
+    from dsmath.utils.net import free_port
 
     init = tmp_path / "one" / "init"
     common = ["--steps", "6", "--no-progress", "optim.batch_size=8", "optim.micro_batch_size=2", "optim.zero_stage=2",
@@ -326,7 +326,7 @@ def test_two_torchrun_ranks_train_like_one_rank(tmp_path):
     r = _dsmath("pretrain", "--run-dir", str(tmp_path / "one"), *common)  # builds the initial model, 1 rank
     assert r.returncode == 0, r.stderr[-3000:]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "dsmath.cli", "pretrain", "--run-dir", str(tmp_path / "two"),
+           "--master_port", str(free_port()), "-m", "wiring.cli", "pretrain", "--run-dir", str(tmp_path / "two"),
            *common, f"model.path={init}"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -60,7 +60,7 @@ def test_step_ends_map_to_the_token_that_closes_each_step():
 def test_prm_step_scores_land_on_the_step_end_tokens_in_the_advantages_and_the_batch():
     """Hand-built: PRM scores at step ends → RewardResult → process advantages per completion token → the
     learner batch's positions (prompt length P: completion token k sits at batch position P−1+k)."""
-    from dsmath.advantages import sample_advantages
+    from dsmath.methods import sample_advantages
     from learner.batch import collate_rollouts
 
     cfg = RewardConfig(rule_weight=0.0, model_weight=1.0)
@@ -207,7 +207,7 @@ def test_reward_model_learns_and_scorer_reads_the_checkpoint(policy_dir, tmp_pat
 
 
 def test_cli_mistakes_are_one_line_errors(tmp_path, capsys):
-    from dsmath.cli import main
+    from wiring.cli import main
 
     good = '{"prompt_ids": [1], "completion_ids": [2, 3], "positions": [1], "labels": [1]}'
     bad = tmp_path / "rm.jsonl"
@@ -232,7 +232,7 @@ def test_process_labels_give_a_completion_without_steps_one_position():
     own grade (it used to give 0 positions and 1 label, which `dsmath rm train --kind process` crashed on)."""
     from types import SimpleNamespace
 
-    from actors.rm_labeler import label_examples
+    from dsmath.rm_labels import label_examples
     from dsmath.records import Problem, Rollout
 
     class Policy:  # the real generator cannot be told to emit whitespace on demand

@@ -175,7 +175,7 @@ def test_a_grader_that_keeps_failing_is_flagged_and_regraded_not_scored_wrong(mo
 def test_the_driver_drops_groups_with_an_ungraded_sample():
     from dataclasses import replace
 
-    from dsmath.driver import drop_ungraded_groups
+    from wiring.rollout import drop_ungraded_groups
     from dsmath.records import RewardResult
 
     ros = [rollout(q, "", "1", i) for q in "abc" for i in range(2)]

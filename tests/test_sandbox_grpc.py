@@ -150,7 +150,7 @@ def test_cli_serve_end_to_end(monkeypatch):
     import sys
 
     env = dict(os.environ, DSMATH_SANDBOX_TOKEN=TOKEN)
-    proc = subprocess.Popen([sys.executable, "-m", "dsmath.cli", "sandbox", "serve", "--port", "0", "--workers", "1"],
+    proc = subprocess.Popen([sys.executable, "-m", "wiring.cli", "sandbox", "serve", "--port", "0", "--workers", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()
@@ -162,7 +162,7 @@ def test_cli_serve_end_to_end(monkeypatch):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)
-    bad = subprocess.run([sys.executable, "-m", "dsmath.cli", "sandbox", "serve", "--port", "0"],
+    bad = subprocess.run([sys.executable, "-m", "wiring.cli", "sandbox", "serve", "--port", "0"],
                          capture_output=True, text=True, env={k: v for k, v in env.items() if k != "DSMATH_SANDBOX_TOKEN"})
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "token is required" in bad.stderr
 

@@ -36,7 +36,7 @@ def write_lines(path: Path, lines: list[str]) -> Path:
 
 
 def test_malformed_line_is_an_error_naming_file_and_line(tmp_path, capsys):
-    from dsmath.cli import main
+    from wiring.cli import main
     from learner.sft import load_sft_jsonl
 
     data = write_lines(tmp_path / "d.jsonl", [json.dumps(EXAMPLES[0]), json.dumps(EXAMPLES[1]), '{"question": "x", "resp'])
@@ -109,7 +109,7 @@ def test_sft_loss_is_response_token_nll(model_dir):
 def test_dsmath_sft_cli_learns_and_saves(model_dir, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from dsmath.cli import main
+    from wiring.cli import main
 
     data = write_lines(tmp_path / "d.jsonl", [json.dumps(e) for e in EXAMPLES] + ["{broken", json.dumps(TOOL)])
     out = tmp_path / "out"

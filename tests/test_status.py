@@ -56,7 +56,7 @@ def dsmath_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subp
     full_env = {k: v for k, v in os.environ.items() if k != "DSMATH_STATUS_TOKEN"}
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "dsmath.cli", "status", *args],
+        [sys.executable, "-m", "wiring.cli", "status", *args],
         capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env,
     )
 
@@ -300,7 +300,7 @@ def test_watch_refreshes_in_place_until_the_run_ends() -> None:
     with StatusServer(host="127.0.0.1", port=0) as server:
         server.update(example(step=1))
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dsmath.cli", "status", "--address", server.address, "--watch", "--interval", "0.05"],
+            [sys.executable, "-m", "wiring.cli", "status", "--address", server.address, "--watch", "--interval", "0.05"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         )
         try:
@@ -352,7 +352,7 @@ def test_status_package_import_is_light() -> None:
     assert out.stdout.strip() == "[]"
     # the server, client and preflight never pull in Ray (the driver may run them before ray.init)
     code = (
-        "import sys, dsmath.status.server, dsmath.status.client, dsmath.jobsubmit, dsmath.commands.status\n"
+        "import sys, dsmath.status.server, dsmath.status.client, wiring.jobsubmit, wiring.commands.status\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'torch', 'vllm', 'deepspeed')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)

@@ -19,7 +19,7 @@ TINY = TINY_LOOP + [
 @pytest.fixture(scope="module")
 def three_steps(tmp_path_factory, ray_cluster, cache_dir):
     """An uninterrupted 3-step run with two generators: (run dir, summary)."""
-    from dsmath.driver import train
+    from wiring.driver import train
 
     run = tmp_path_factory.mktemp("three-steps") / "run"
     cfg = load_config("tiny_cpu", TINY + [f"run_dir={run}", f"bootstrap.data_dir={cache_dir}", "steps=3"])
@@ -58,7 +58,7 @@ def test_killed_generator_and_reward_worker_are_replaced_and_nothing_is_lost(tmp
     untouched — and the run equals the uninterrupted one sample for sample."""
     import ray
 
-    from dsmath.driver import train
+    from wiring.driver import train
 
     killed = []
 
@@ -102,7 +102,7 @@ def test_resume_after_a_killed_driver_matches_an_uninterrupted_run_step_for_step
     import sys
     import time
 
-    from dsmath.driver import train
+    from wiring.driver import train
 
     overrides = TINY + [f"bootstrap.data_dir={cache_dir}", "steps=4", "checkpoint_every=2", "eval_size=8"]
 
@@ -113,7 +113,7 @@ def test_resume_after_a_killed_driver_matches_an_uninterrupted_run_step_for_step
 
     # The killed run: its own driver process on this test's Ray cluster (its actors die with it).
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
-    driver = subprocess.Popen([sys.executable, "-m", "dsmath.cli", "train", "--no-progress",
+    driver = subprocess.Popen([sys.executable, "-m", "wiring.cli", "train", "--no-progress",
                                *overrides, f"run_dir={tmp_path / 'split'}"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     latest = tmp_path / "split" / "checkpoints" / "latest"

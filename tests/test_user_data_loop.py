@@ -21,7 +21,7 @@ def _questions(path, n, offset=0):
 def test_train_on_a_model_folder_and_question_files(tmp_path, ray_cluster):
     from test_generator import tiny_model_dir
 
-    from dsmath.driver import train
+    from wiring.driver import train
 
     tiny_model_dir(tmp_path / "model")
     _questions(tmp_path / "train.jsonl", 40)
@@ -47,7 +47,7 @@ def test_question_files_need_a_model_and_existing_paths(tmp_path, capsys):
         load_config("tiny_cpu", ["data.train=q.jsonl"])
     with pytest.raises(ConfigError, match="data.heldout: set data.train"):
         load_config("tiny_cpu", ["data.heldout=q.jsonl"])
-    from dsmath.cli import main
+    from wiring.cli import main
 
     assert main(["train", f"model.path={tmp_path}", f"data.train={tmp_path / 'missing.jsonl'}"]) == 2
     assert "not a model folder" in capsys.readouterr().err

@@ -13,17 +13,17 @@ import torch
 
 from dsmath.config import WeightSyncConfig
 from dsmath.records import WeightBucket
-from learner.weight_sync import (
+from dsmath.weight_wire import (
     BucketReceiver,
     StaleWeightVersion,
     WeightSyncError,
     WeightSyncTimeout,
     layout_bytes,
-    make_sender,
     pack_bucket,
     plan_buckets,
     unpack_bucket,
 )
+from learner.weight_sync import make_sender
 
 
 def _weights(seed: int = 0) -> list[tuple[str, torch.Tensor]]:

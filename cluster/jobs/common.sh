@@ -16,4 +16,4 @@ if [[ "${RAY_AUTH_MODE:-token}" != "disabled" && -z "${RAY_AUTH_TOKEN:-}" && ! -
 fi
 
 # Refuse to submit an upload Ray would reject (size over the GCS limit), before zipping it.
-python -m dsmath.jobsubmit . --runtime-env cluster/runtime_env.yaml
+python -m wiring.jobsubmit . --runtime-env cluster/runtime_env.yaml

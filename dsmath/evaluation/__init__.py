@@ -4,7 +4,7 @@
 * ``fewshot`` — few-shot prompts for base models (``load_shots``, ``fewshot_prefix``);
 * ``harness`` — the loop (``run_eval``) with generation injected, grading by ``dsmath.grading`` / the sandbox.
 
-Nothing here imports Ray, vLLM or DeepSpeed; ``dsmath eval`` (``dsmath.commands.eval``) wires in a vLLM engine.
+Nothing here imports Ray, vLLM or DeepSpeed; ``dsmath eval`` (``wiring.commands.eval``) wires in a vLLM engine.
 """
 
 from dsmath.evaluation.aggregate import (SampleVerdict, Vote, group_by_problem, majority_vote, pass_at_k,

@@ -8,6 +8,7 @@ from typing import Iterator
 import numpy as np
 
 from dsmath.errors import UserError
+from dsmath.model_folder import model_folder
 from dsmath.pretrain.config import DataConfig, PretrainConfig, SourceConfig
 from dsmath.pretrain.mixture import MixtureSampler
 from dsmath.pretrain.packing import Packer, pack_documents
@@ -66,8 +67,8 @@ def check_paths(cfg: PretrainConfig) -> None:
                 expand_paths(src.paths)
             except UserError as exc:
                 raise UserError(f"{section}.{name}.paths: {exc}") from None
-    if cfg.model.path and not (Path(cfg.model.path) / "config.json").exists():
-        raise UserError(f"model.path: {cfg.model.path}: not a model folder (no config.json)")
+    if cfg.model.path:
+        model_folder(cfg.model.path, f"model.path={cfg.model.path}")
     if cfg.eval.fewshot_problems:
         for key in ("gsm8k_path", "math_path"):
             path = getattr(cfg.eval, key)

@@ -5,7 +5,8 @@
 the gRPC service and client in ``dsmath.sandbox.service`` (imports grpc only there).
 """
 
-from dsmath.sandbox.pool import Limits, SandboxCancelled, SandboxError, SandboxPool, default_pool, run, runner_for
+from dsmath.sandbox.pool import Limits, SandboxCancelled, SandboxError, SandboxPool, default_pool, run
+from dsmath.sandbox.runner import runner_for
 from dsmath.sandbox.pot import PotReward, extract_program, format_tool_output, pot_reward, split_tool_call
 from dsmath.sandbox.result import ExecResult
 

@@ -478,16 +478,6 @@ def default_pool() -> SandboxPool:
         return _default_pool
 
 
-def runner_for(address: str = "", token: str | None = None):
-    """What reward code should call ``run(...)`` on: the default local pool, or a SandboxClient for
-    ``address`` (e.g. ``reward.sandbox_address``; token from $DSMATH_SANDBOX_TOKEN when not given)."""
-    if not address:
-        return default_pool()
-    from dsmath.sandbox.service import SandboxClient
-
-    return SandboxClient(address, token)
-
-
 def run(code: str, *, timeout_s: float = 5.0, memory_mb: int = 512, max_output_bytes: int = 64 * 1024) -> ExecResult:
     """Run ``code`` in the default pool (see :class:`SandboxPool`)."""
     return default_pool().run(code, timeout_s=timeout_s, memory_mb=memory_mb, max_output_bytes=max_output_bytes)

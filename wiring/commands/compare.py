@@ -168,11 +168,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsmath.algorithms import resolve_sampling
+    from dsmath.methods import resolve_sampling
 
     out = Path(args.out)
     configs = resolve_configs(args, out)
-    from dsmath.driver import train
+    from wiring.driver import train
 
     rows = []
     for i, (name, cfg) in enumerate(configs, 1):

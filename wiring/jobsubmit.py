@@ -235,12 +235,12 @@ def excludes_from_runtime_env(path: str | Path) -> tuple[str, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m dsmath.jobsubmit [WORKING_DIR] [--runtime-env FILE] [--exclude PAT ...]``: exit 1 if too big."""
+    """``python -m wiring.jobsubmit [WORKING_DIR] [--runtime-env FILE] [--exclude PAT ...]``: exit 1 if too big."""
     import argparse
     import sys
 
     parser = argparse.ArgumentParser(
-        prog="python -m dsmath.jobsubmit", description="Check a ray job working_dir upload against Ray's size limit."
+        prog="python -m wiring.jobsubmit", description="Check a ray job working_dir upload against Ray's size limit."
     )
     parser.add_argument("working_dir", nargs="?", default=".")
     parser.add_argument("--runtime-env", default=None, help="take the excludes from this runtime_env YAML")

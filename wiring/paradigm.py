@@ -44,7 +44,7 @@ class OfflinePool:
         """
         from tqdm import tqdm
 
-        from dsmath.driver import generate_and_score, make_requests
+        from wiring.rollout import generate_and_score, make_requests, step_seed
         from dsmath.utils.timing import StageTimer
 
         if resume:
@@ -60,7 +60,7 @@ class OfflinePool:
             requests = make_requests(problems, step=step, prompt_mode=prompt_mode, n=g, temperature=r.temperature,
                                      top_p=r.top_p, max_new_tokens=r.max_new_tokens, stop=r.stop, tag="s")
             pool.steps[step] = generate_and_score(gen_pool, reward_pool, requests, version, StageTimer(),
-                                                  chunk_size=chunk, seed=cfg.seed * 1_000_003 + step * 1_000)
+                                                  chunk_size=chunk, seed=step_seed(cfg.seed, step))
         pool.seconds = time.perf_counter() - start
         n = sum(len(v[0]) for v in pool.steps.values())
         log(f"offline pool: {n} samples for {len(pool.steps)} steps drawn from weight version {version} "
@@ -78,15 +78,17 @@ def wrap_learner(learner, cfg: TrainConfig, *, model_dir, seed: int, value_optio
     """The learner the driver should call: ``learner`` itself for grpo / online_rft / rft, a wrapper for
     ppo (:class:`learner.unified.PPOLearner`, which starts the value model's own Ray group) and dpo
     (:class:`learner.unified.DPOLearner`). The wrappers answer every other attribute from ``learner``."""
-    algorithm = cfg.grpo.algorithm
-    if algorithm in ("grpo", "online_rft", "rft"):
+    from dsmath.methods import get
+
+    kind = get(cfg.grpo.algorithm).learner
+    if kind == "policy":
         return learner
-    if algorithm == "dpo":
+    if kind == "dpo":
         from learner.unified import DPOLearner
 
         return DPOLearner(learner, cfg.grpo, group_size=cfg.rollout.group_size)
-    if algorithm == "ppo":
+    if kind == "ppo":
         from learner.unified import PPOLearner
 
         return PPOLearner(learner, cfg, model_dir=model_dir, seed=seed, value_options=value_options or {})
-    raise UserError(f"grpo.algorithm: {algorithm!r} is not wired into the training loop")
+    raise UserError(f"grpo.algorithm={cfg.grpo.algorithm}: its learner {kind!r} is not wired into the training loop")

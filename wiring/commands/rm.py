@@ -47,28 +47,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from dsmath.config import load_config
     from dsmath.errors import UserError
 
     if args.rm_command != "train":
         raise UserError("say what to do: dsmath rm train --kind outcome|process --out DIR (see dsmath rm train --help)")
     cfg = load_config(args.config, list(args.overrides))
-    from dsmath.rm_pipeline import read_examples, rm_round, sample_problems
+    from wiring.rm_pipeline import read_examples, rm_round, sample_problems
 
     # Read the user's files first: a bad line is reported before any model is built or loaded.
     history = read_examples(args.history)
     fresh = read_examples(args.data) if args.data else None
-    from dsmath.driver import load_task
+    from wiring.task import load_task
 
     task = load_task(cfg)
-    policy = Path(args.policy) if args.policy else task.model_dir
-    if not (policy / "config.json").exists():
-        raise UserError(f"--policy {policy}: not a model folder (no config.json)")
-    init = Path(args.init) if args.init else policy
-    if not (init / "config.json").exists():
-        raise UserError(f"--init {init}: not a model folder (no config.json)")
+    from dsmath.model_folder import model_folder
+
+    policy = model_folder(args.policy, f"--policy {args.policy}") if args.policy else task.model_dir
+    init = model_folder(args.init, f"--init {args.init}") if args.init else policy
     seed = cfg.rm.seed if args.seed is None else args.seed
     problems = sample_problems(task.train, cfg.rm.questions, seed)
     s = rm_round(cfg, policy_dir=policy, init_dir=init, out_dir=args.out, problems=problems,

@@ -154,18 +154,13 @@ def evaluate_model(model: str, data: Sequence[str], *, mode: str = "cot", k: int
     k=0)["pass@1"]``. Raises ``UserError`` for bad paths and settings. Loads one vLLM engine (GPU if present):
     in this process, or with ``address`` as a Ray actor on that cluster (joining an already initialised Ray as is).
     """
-    from dsmath.errors import UserError
 
     _check_settings(k=k, temperature=temperature, top_p=top_p, limit=limit, fewshot=fewshot,
                     max_new_tokens=max_new_tokens, max_tool_rounds=max_tool_rounds, timeout_s=timeout_s,
                     grading_workers=grading_workers, chunk_size=chunk_size)
-    model_dir = Path(model)
-    if (model_dir / "latest").is_file():  # a run's checkpoints/ folder: its newest checkpoint
-        from learner.checkpoint import resolve
+    from dsmath.model_folder import model_folder
 
-        model_dir = resolve(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"--model {model}: not a model folder (no config.json)")
+    model_dir = model_folder(model, f"--model {model}")  # a run's checkpoints/ folder: its newest checkpoint
     if address:
         _check_reachable(address)
     problems, prefixes, notes = load_eval_problems(data, limit=limit, shuffle=shuffle, seed=seed, mode=mode,

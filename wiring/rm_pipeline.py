@@ -62,7 +62,7 @@ def _label_in_this_process(cfg: TrainConfig, policy_dir: str, problems: list[Pro
                            seed: int) -> tuple[list[dict], dict]:
     from actors.generator import Generator
     from actors.reward_worker import RewardWorker
-    from actors.rm_labeler import label_examples
+    from dsmath.rm_labels import label_examples
 
     gen = Generator(str(policy_dir), cfg.rollout, generator_id="rm-labeler", seed=seed)
     grader = RewardWorker(replace(cfg.reward, model_path=""), worker_id="rm-grader", mode=cfg.rollout.mode)

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         from dsmath.memory_plan import check
 
         check(cfg)  # a one-line ConfigError before Ray, vLLM or DeepSpeed start
-    from dsmath.driver import train
+    from wiring.driver import train
 
     summary = train(cfg, resume=args.resume, progress=not args.no_progress)
     before, after = summary["heldout_accuracy_before"], summary["heldout_accuracy_after"]

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--iterations: must be >= 1, got {args.iterations}")
     overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     cfg = load_config(args.config, overrides)
-    from dsmath.iterative import iterate
+    from wiring.iterative import iterate
 
     s = iterate(cfg, iterations=args.iterations, kind=args.kind, progress=not args.no_progress)
     print(f"iterative GRPO, {s['iterations']} iterations x {s['steps_per_iteration']} steps ({s['kind']} RM): "

@@ -1,41 +1,36 @@
 """The ``dsmath`` command line.
 
-Each subcommand lives in its own module exposing ``HELP``, ``add_arguments(parser)`` and
-``run(args) -> int``; modules are imported only when listed or invoked, so ``dsmath --help``
-stays fast and never imports Ray, vLLM or DeepSpeed.
+Each subcommand lives in its own module of :mod:`wiring.commands` exposing ``HELP``, ``add_arguments(parser)`` and
+``run(args) -> int``, registered in :data:`COMMANDS` (a new command: one new module plus its line there). The
+command modules import Ray, vLLM and DeepSpeed only inside ``run``, so ``dsmath --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import sys
 
 # name -> module implementing it (wiring layer; may import everything).
 COMMANDS: dict[str, str] = {
-    "train": "dsmath.commands.train",
-    "sft": "dsmath.commands.sft",
-    "bootstrap": "dsmath.commands.bootstrap",
-    "eval": "dsmath.commands.eval",
-    "grade": "dsmath.commands.grade",
-    "corpus": "dsmath.commands.corpus",
-    "sandbox": "dsmath.commands.sandbox",
-    "status": "dsmath.commands.status",
-    "pretrain": "dsmath.commands.pretrain",
-    "compare": "dsmath.commands.compare",
-    "rm": "dsmath.commands.rm",
-    "iterate": "dsmath.commands.iterate",
+    "train": "wiring.commands.train",
+    "sft": "wiring.commands.sft",
+    "eval": "wiring.commands.eval",
+    "grade": "wiring.commands.grade",
+    "corpus": "wiring.commands.corpus",
+    "sandbox": "wiring.commands.sandbox",
+    "status": "wiring.commands.status",
+    "pretrain": "wiring.commands.pretrain",
+    "compare": "wiring.commands.compare",
+    "rm": "wiring.commands.rm",
+    "iterate": "wiring.commands.iterate",
 }
 
 
 def _available() -> dict[str, object]:
-    mods = {}
-    for name, module in COMMANDS.items():
-        if importlib.util.find_spec(module) is not None:
-            mods[name] = importlib.import_module(module)
-    return mods
+    """Every registered command's module (a missing one is a packaging bug: it raises, never skipped)."""
+    return {name: importlib.import_module(module) for name, module in COMMANDS.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@
         π_k  ← M GRPO steps from π_{k-1} with rewards from RM_{k-1} (and the rule, reward.combine)
         RM_k ← RM_{k-1} trained further on fresh samples of π_k + rm.replay_fraction replay of all earlier rounds
 
-The reset is structural: iteration k is a fresh ``dsmath.driver.train`` run whose ``model.path`` is π_{k-1}'s
+The reset is structural: iteration k is a fresh ``wiring.driver.train`` run whose ``model.path`` is π_{k-1}'s
 final checkpoint, and the driver builds the reference from the model it starts from. The optimizer state
 starts fresh every iteration (the paper does not say; a new reference is a new KL anchor anyway).
 
@@ -28,12 +28,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from wiring.console import log
 from dsmath.config import TrainConfig, with_overrides
 from dsmath.errors import UserError
-
-
-def _log(msg: str) -> None:
-    print(f"[dsmath iterate] {msg}", flush=True)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -43,7 +40,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 def _rm_round_remote(**kwargs) -> dict:
     import ray
 
-    from dsmath.rm_pipeline import rm_round
+    from wiring.rm_pipeline import rm_round
 
     task = ray.remote(num_cpus=1, max_calls=1)(rm_round)
     return ray.get(task.remote(**kwargs))
@@ -56,9 +53,11 @@ def iterate(cfg: TrainConfig, *, iterations: int, kind: str = "process", progres
     ``kind`` is the reward model trained between iterations (``process``: PRM + ``grpo.advantage=process``;
     ``outcome``: ORM + outcome advantages). ``train_fn`` / ``rm_round_fn`` default to the real driver and RM round.
     """
-    from dsmath.driver import connect_ray, load_task, train
-    from dsmath.rm_pipeline import sample_problems
-    from learner.checkpoint import resolve
+    from wiring.cluster import connect_ray
+    from wiring.driver import train
+    from wiring.task import load_task
+    from wiring.rm_pipeline import sample_problems
+    from dsmath.model_folder import resolve
 
     if iterations < 1:
         raise UserError("--iterations: must be >= 1")
@@ -76,7 +75,7 @@ def iterate(cfg: TrainConfig, *, iterations: int, kind: str = "process", progres
     def rm_round(k: int, init: Path) -> dict:
         out = run_dir / f"iter-{k}" / "rm"
         problems = sample_problems(task.train, cfg.rm.questions, cfg.rm.seed + k)
-        _log(f"iteration {k}: training the {kind} reward model from {init} on samples of {policy} "
+        log(f"iteration {k}: training the {kind} reward model from {init} on samples of {policy} "
              f"({len(problems)} questions, {len(history)} historical examples to replay from)")
         s = rm_round_fn(cfg=cfg, policy_dir=str(policy), init_dir=str(init), out_dir=str(out), problems=problems,
                         prompt_mode=task.prompt_mode, kind=kind, history=list(history), seed=cfg.rm.seed + k,
@@ -95,7 +94,7 @@ def iterate(cfg: TrainConfig, *, iterations: int, kind: str = "process", progres
         cfg_k = with_overrides(cfg, [f"run_dir={it_dir}", f"model.path={policy}", f"reward.model_path={rm}",
                                      f"reward.model_kind={kind}", f"grpo.advantage={advantage}",
                                      f"checkpoint_every={every}"])
-        _log(f"iteration {k}: {cfg.steps} GRPO steps from {policy} (also the reference) with RM {rm}")
+        log(f"iteration {k}: {cfg.steps} GRPO steps from {policy} (also the reference) with RM {rm}")
         summary = train_fn(cfg_k, progress=progress)
         new_policy = resolve(it_dir / "checkpoints")
         record = {"iteration": k, "policy_start": str(policy), "reference": str(policy), "reward_model": str(rm),

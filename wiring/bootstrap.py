@@ -1,4 +1,4 @@
-"""The tiny-model bootstrap (DESIGN §6): problems → tokenizer → Qwen2 model → short SFT warm-up.
+"""The tiny-model bootstrap: problems → tokenizer → Qwen2 model → short SFT warm-up.
 
 Everything is cached under ``bootstrap.data_dir/<key>`` where the key hashes every setting that
 changes the result, so a later run with the same settings reuses it and a changed setting rebuilds.
