@@ -11,12 +11,14 @@ many of its futures fail) and the same payload is submitted again. The learner i
 Guaranteed: every submitted item is sent to exactly one live actor at a time; the pool's counters account for
 every item (``submitted == completed + outstanding + reissued``), and a reissued payload is the identical
 request list (same ids, same sampling seed), so a replacement produces the samples the dead actor owed — none
-twice, none lost. Not guaranteed: order of completion across actors.
+twice, none lost. Every record a reissued payload produced carries ``reissued=True`` (``Rollout`` or
+``RewardResult``), so the sample's lineage says so. Not guaranteed: order of completion across actors.
 """
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace as dataclasses_replace
 from typing import Any, Callable, Sequence
 
 from dsmath.records import GenerationRequest, RewardResult, Rollout
@@ -43,6 +45,7 @@ class _LeastLoaded:
         self.max_restarts = max_restarts
         self.restarts = 0
         self.reissued = 0  # items submitted again after their actor died
+        self._reissued_futures: set[Any] = set()  # futures of reissued payloads: their records get reissued=True
 
     def _pick(self) -> int:
         offset = next(self._turn) % len(self.actors)
@@ -60,6 +63,11 @@ class _LeastLoaded:
         index, items, _, _ = self._futures.pop(future)
         self.outstanding[index] -= items
         self.completed += items
+        self._reissued_futures.discard(future)
+
+    def was_reissued(self, future: Any) -> bool:
+        """Whether ``future`` is the resubmission of a payload whose first actor died (ask before :meth:`done`)."""
+        return future in self._reissued_futures
 
     def _submit(self, *payload) -> Any:
         raise NotImplementedError
@@ -114,7 +122,10 @@ class _LeastLoaded:
             self.actors[index] = self.factory(index)
             self.restarts += 1
         self.reissued += items
-        return self._submit(*payload)
+        self._reissued_futures.discard(future)
+        again = self._submit(*payload)
+        self._reissued_futures.add(again)
+        return again
 
     def pending(self) -> list[Any]:
         return list(self._futures)
@@ -170,6 +181,8 @@ def drain(pool: _LeastLoaded, futures: Sequence[Any], on_result: Callable[[Any],
             except RayActorError as exc:
                 pending.append(pool.reissue(future, exc))
                 continue
+            if pool.was_reissued(future):  # the records say so (sample lineage)
+                result = [dataclasses_replace(r, reissued=True) for r in result]
             pool.done(future)
             on_result(result)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import os
 import sys
 import types
@@ -162,6 +163,10 @@ class RewardConfig:
     rule_weight: float = 1.0
     model_weight: float = 1.0
     model_batch_size: int = 32
+    # Verifier audit (actors/reward_worker.py): this share of the samples is judged a second time, by the same
+    # grader in the other mode (strict <-> lenient) or by math-verify; the disagreement rate is a step metric.
+    audit_fraction: float = 0.1
+    audit_check: Literal["other_mode", "math_verify"] = "other_mode"
 
 
 @dataclass(frozen=True)
@@ -205,6 +210,15 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class LineageConfig:
+    """Every trained sample, per step, as Parquet under RUN_DIR/samples/ (wiring/lineage.py; ``dsmath samples``)."""
+
+    enabled: bool = True
+    # Steps kept in full; older steps keep every column but the completion text (emptied). 0 = keep all in full.
+    keep_full_steps: int = 100
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The root of the tree."""
 
@@ -227,6 +241,7 @@ class TrainConfig:
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     async_: AsyncConfig = field(default_factory=AsyncConfig)
     rm: RewardModelTrainConfig = field(default_factory=RewardModelTrainConfig)
+    lineage: LineageConfig = field(default_factory=LineageConfig)
 
 
 # YAML key -> dataclass field name, for keys that are Python keywords.
@@ -510,6 +525,10 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.reward.num_workers >= 1, "reward.num_workers: must be >= 1")
     need(cfg.reward.timeout_s > 0, "reward.timeout_s: must be > 0")
     need(cfg.reward.model_batch_size >= 1, "reward.model_batch_size: must be >= 1")
+    need(0 <= cfg.reward.audit_fraction <= 1, "reward.audit_fraction: must be in [0, 1]")
+    need(cfg.reward.audit_check != "math_verify" or importlib.util.find_spec("math_verify") is not None,
+         "reward.audit_check: math_verify is not installed (pip install math-verify, or use other_mode)")
+    need(cfg.lineage.keep_full_steps >= 0, "lineage.keep_full_steps: must be >= 0 (0 = keep every step in full)")
     need(
         g.advantage != "process" or cfg.reward.model_kind == "process",
         "grpo.advantage=process needs step rewards: set reward.model_kind=process and reward.model_path to a PRM",

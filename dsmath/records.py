@@ -64,6 +64,8 @@ class Rollout:
     weight_version: int
     generator_id: str
     loss_mask: tuple[int, ...] = ()
+    # Generated again after the generator first asked died (``actors.pool`` reissues the same request and seed).
+    reissued: bool = False
     schema: int = SCHEMA_VERSION
 
     @property
@@ -85,7 +87,21 @@ class RewardResult:
     # The grader (or sandbox) failed on this sample, even after retries on fresh workers: ``reward`` and
     # ``correct`` judge nothing. The driver drops the sample's group (counted), never trains on it as wrong.
     grader_failed: bool = False
+    # Wall seconds the grader (or sandbox) spent on this sample, re-gradings included.
+    grader_seconds: float = 0.0
+    # Graded again after the reward worker first asked died (``actors.pool`` reissues the same rollouts).
+    reissued: bool = False
+    # Verifier audit (``reward.audit_fraction``): this sample was also judged by a second check
+    # (``reward.audit_check``); ``audit_disagrees`` when its verdict differs, ``audit_reason`` is what it said.
+    audited: bool = False
+    audit_disagrees: bool = False
+    audit_reason: str = ""
     schema: int = SCHEMA_VERSION
+
+    @property
+    def no_answer(self) -> bool:
+        """No final answer could be extracted (a parse failure, not a grader failure or a timeout)."""
+        return self.extracted is None and not self.grader_failed and not self.timed_out and not self.correct
 
 
 @dataclass(frozen=True)

@@ -209,3 +209,49 @@ def test_a_dead_sandbox_is_retried_then_flagged_never_scored_wrong():
     worker._sandbox = Flaky(failures=99)
     (r,) = worker.score([rollout("a", good, "42")])
     assert r.grader_failed and r.reward == 0.0 and "template died" in r.reason
+
+
+def test_verifier_audit_with_real_grading_counts_what_a_hand_count_gives():
+    """Four samples graded for real (strict), every one selected for the audit (the lenient mode): right in both;
+    no stated answer in strict but the right number in lenient (the one disagreement); wrong in both; a grader
+    timeout (never audited). Hand count: no-answer 1/4, timeouts 1/4, audited 3, disagreement 1/3."""
+    pytest.importorskip("dsmath.grading")
+    from wiring.steps import verifier_metrics
+
+    worker = RewardWorker(RewardConfig(timeout_s=1.0, audit_fraction=1.0, audit_check="other_mode"))
+    try:
+        results = worker.score([rollout("a", "The answer is \\boxed{42}.", "42"),
+                                rollout("b", "6 times 7, so we get 42", "42"),
+                                rollout("c", "The answer is \\boxed{41}.", "42"),
+                                rollout("d", "The answer is \\boxed{10^{10^{10}}+1}.", "10^{10^{10}}")])
+    finally:
+        worker.close()
+    assert [r.correct for r in results] == [True, False, False, False]
+    assert [r.timed_out for r in results] == [False, False, False, True]
+    assert [r.no_answer for r in results] == [False, True, False, False]
+    assert [r.audited for r in results] == [True, True, True, False]
+    assert [r.audit_disagrees for r in results] == [False, True, False, False]
+    assert results[1].audit_reason.startswith("lenient:") and "'42'" in results[1].audit_reason
+    assert [r.reward for r in results] == [1.0, 0.0, 0.0, 0.0]  # the audit never changes a reward
+    assert results[3].grader_seconds >= 0.9 and all(0 <= r.grader_seconds < 0.5 for r in results[:3])
+    assert worker.stats()["audited"] == 3 and worker.stats()["audit_disagreements"] == 1
+    m = verifier_metrics(results)
+    assert m["verifier/no_answer_rate"] == 0.25 and m["verifier/timeout_rate"] == 0.25
+    assert m["verifier/audited"] == 3 and m["verifier/disagreements"] == 1
+    assert m["verifier/disagreement_rate"] == pytest.approx(1 / 3)
+
+
+def test_audit_sample_is_a_fixed_share_and_off_at_zero():
+    from actors.reward_worker import audit_selected
+
+    keys = [(f"step1-{i}-q{i}", j) for i in range(500) for j in range(4)]
+    chosen = [k for k in keys if audit_selected(*k, 0.1)]
+    assert 0.07 < len(chosen) / len(keys) < 0.13
+    assert chosen == [k for k in keys if audit_selected(*k, 0.1)]  # the same samples every time
+    assert not any(audit_selected(*k, 0.0) for k in keys) and all(audit_selected(*k, 1.0) for k in keys)
+    worker = RewardWorker(RewardConfig(audit_fraction=0.0))
+    try:
+        results = worker.score([rollout("a", "so we get 42", "42")])
+    finally:
+        worker.close()
+    assert not results[0].audited and results[0].no_answer

@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "compare": "wiring.commands.compare",
     "rm": "wiring.commands.rm",
     "iterate": "wiring.commands.iterate",
+    "samples": "wiring.commands.samples",
 }
 
 

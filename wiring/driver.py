@@ -30,6 +30,7 @@ from dsmath.utils.metrics import MetricsWriter
 from dsmath.utils.timing import StageTimer
 from wiring.cluster import connect_ray, place_actors, release_actors, role_resources
 from wiring.console import log
+from wiring.lineage import write_step_samples
 from wiring.rollout import StepSamples, evaluate
 from wiring.steps import build_train_batch, generator_health, generator_logprobs, logprob_gap, step_row, truncate_metrics
 from wiring.task import TaskData, load_task
@@ -307,6 +308,7 @@ def train_step(run: Run, producer) -> dict:
     state.samples_trained += len(samples.rollouts)
     row = step_row(samples, train_metrics, timer.pop(), group_size=cfg.rollout.group_size, state=state,
                    staleness=staleness, logprob_gap=gap, sync=sync, gen_pool=run.gen_pool, reward_pool=run.reward_pool)
+    write_step_samples(run.run_dir, cfg.lineage, step, samples, batch)  # RUN_DIR/samples/step-N.parquet
     maybe_evaluate(run, producer, row, step)
     maybe_checkpoint(run, row, step)
     if not producer.health_at_top:  # (async: probed at the top of the step, while the generators were idle)

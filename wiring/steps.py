@@ -68,6 +68,23 @@ def rollout_metrics(rollouts: list[Rollout], results: list[RewardResult], group_
     }
 
 
+def verifier_metrics(results: list[RewardResult]) -> dict:
+    """The verifier audit of the step's trained samples: no-answer parses and grader timeouts (rates over all),
+    and the second check's disagreement (``reward.audit_fraction``; the rate is over the audited samples, 0.0
+    when none was audited this step)."""
+    n = max(1, len(results))
+    audited = sum(r.audited for r in results)
+    disagreed = sum(r.audited and r.audit_disagrees for r in results)
+    return {
+        "verifier/no_answer_rate": sum(r.no_answer for r in results) / n,
+        "verifier/timeout_rate": sum(r.timed_out for r in results) / n,
+        "verifier/audited": float(audited),
+        "verifier/disagreements": float(disagreed),
+        "verifier/disagreement_rate": disagreed / audited if audited else 0.0,
+        "verifier/grader_seconds_max": max((r.grader_seconds for r in results), default=0.0),
+    }
+
+
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
     """On resume, drop rows written after the checkpoint (a killed run may have logged steps it never saved)."""
     path = run_dir / "metrics.jsonl"
@@ -101,6 +118,7 @@ def step_row(samples, train_metrics: dict, timings: dict, *, group_size: int, st
     rollout/reward times (in async mode: of the rollout that overlapped the previous update)."""
     rollouts, results = samples.rollouts, samples.results
     row = rollout_metrics(rollouts, results, group_size)
+    row.update(verifier_metrics(results))
     row.update({k if "/" in k else f"train/{k}": v for k, v in train_metrics.items()})
     row.update(samples.timings)
     row.update(timings)
