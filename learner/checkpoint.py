@@ -4,19 +4,36 @@ A checkpoint is written into ``<path>.tmp-XXXX`` next to its final place, every 
 and only then is the directory renamed to ``<path>`` (``os.replace``, atomic on POSIX). A crash at
 any moment leaves either the previous checkpoint or the new one — never a half-written ``<path>``.
 ``<parent>/latest`` names the newest complete checkpoint and is itself replaced atomically.
+
+Every checkpoint proves itself: ``manifest.json``, written last (atomically, after every other file is fsynced and
+before the rename), lists each file's size and sha256. :func:`verify` re-reads a checkpoint against it;
+:func:`pick_intact` picks the newest checkpoint that verifies, saying in one line which newer ones are damaged;
+:func:`prune` keeps the newest ``keep`` after a new one is published. What is guaranteed: a checkpoint that
+verifies holds, byte for byte, what the save wrote. What is not: that the save itself was correct, or that a
+checkpoint without a manifest (saved before manifests existed) is sound — it is refused as damaged.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
+import re
 import shutil
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
+from dsmath.errors import UserError
 from dsmath.model_folder import LATEST
+
+MANIFEST = "manifest.json"
+_CHUNK = 8 << 20  # bytes read per hashing call
+_NOT_CHECKPOINTS = (".tmp-", ".old-")  # a save in progress, or a re-saved step's previous copy
 
 
 def fsync_tree(root: Path) -> None:
@@ -60,6 +77,7 @@ def publish(tmp_dir: Path, final: Path) -> None:
     removed only after the new one is in place.
     """
     fsync_tree(tmp_dir)
+    write_manifest(tmp_dir)
     old = None
     if final.exists():
         old = final.with_name(f"{final.name}.old-{os.getpid()}")
@@ -69,6 +87,109 @@ def publish(tmp_dir: Path, final: Path) -> None:
     write_text_atomic(final.parent / LATEST, final.name + "\n")
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(ckpt_dir: Path) -> dict:
+    """``ckpt_dir/manifest.json``: every other file's size and sha256 (call after the files are durable)."""
+    files = {}
+    for path in sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
+        files[path.relative_to(ckpt_dir).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    manifest = {"format": 1, "hash": "sha256", "written_at": time.time(), "files": files}
+    write_text_atomic(ckpt_dir / MANIFEST, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def verify(ckpt_dir: Path) -> str | None:
+    """None when ``ckpt_dir`` matches its manifest (every listed file present, same size, same sha256); else the
+    first problem found, in a few words naming the file. Files not in the manifest are ignored."""
+    try:
+        manifest = json.loads((ckpt_dir / MANIFEST).read_bytes())
+        files = manifest["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for rel, want in sorted(files.items()):  # sizes first: a truncated file is found without hashing anything
+        path = ckpt_dir / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != want["size"]:
+            return f"{rel} is {path.stat().st_size} bytes, {want['size']} were saved"
+    for rel, want in sorted(files.items()):
+        if _sha256(ckpt_dir / rel) != want["sha256"]:
+            return f"{rel} does not match its checksum"
+    return None
+
+
+def _step_of(path: Path) -> int:
+    match = re.search(r"(\d+)$", path.name)
+    return int(match.group(1)) if match else -1
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """The checkpoint directories under ``root``, newest (highest trailing step number) first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and not any(m in p.name for m in _NOT_CHECKPOINTS)]
+    return sorted(found, key=lambda p: (_step_of(p), p.name), reverse=True)
+
+
+def read_latest(root: Path) -> str | None:
+    """The name in ``root/latest`` when it is one readable line naming a directory under ``root``; else None."""
+    try:
+        name = (root / LATEST).read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not name or "/" in name or not (root / name).is_dir():
+        return None
+    return name
+
+
+def is_checkpoint_root(path: Path) -> bool:
+    """True for a folder of checkpoints (a ``latest`` file, or checkpoint subfolders), not a checkpoint itself."""
+    if (path / MANIFEST).exists() or (path / "trainer_state.json").exists():
+        return False
+    return (path / LATEST).exists() or any((p / MANIFEST).exists() for p in checkpoints(path))
+
+
+def pick_intact(root: Path, log: Callable[[str], None] = print) -> Path:
+    """The newest checkpoint under ``root`` that :func:`verify` accepts. Damaged newer ones (and an unreadable or
+    dangling ``latest``) are said in one line; none intact is a one-line :class:`UserError`."""
+    root = Path(root)
+    damaged = []
+    if (root / LATEST).exists() and read_latest(root) is None:
+        damaged.append(f"{LATEST} is unreadable or names no checkpoint")
+    for candidate in checkpoints(root):
+        reason = verify(candidate)
+        if reason is None:
+            if damaged:
+                log(f"checkpoints: {'; '.join(damaged)}: resuming from {candidate.name}, the newest intact one")
+            return candidate
+        damaged.append(f"{candidate.name} is damaged ({reason})")
+    raise UserError(f"no intact checkpoint under {root}" + (f": {'; '.join(damaged)}" if damaged else "")
+                    + " (start the run again without --resume)")
+
+
+def prune(root: Path, keep: int, current: Path) -> list[Path]:
+    """After ``current`` was published: delete checkpoints newer than it (an abandoned or damaged future) and all
+    but the newest ``keep`` (``current`` included) older ones. ``keep`` <= 0 keeps everything. Returns the deleted."""
+    if keep <= 0:
+        return []
+    step = _step_of(current)
+    newer = [p for p in checkpoints(root) if _step_of(p) > step]
+    older = [p for p in checkpoints(root) if _step_of(p) <= step and p.name != current.name]
+    doomed = newer + older[max(0, keep - 1):]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
 
 
 def rng_state() -> dict:

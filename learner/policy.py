@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from dsmath import algorithms, grpo, methods
 from dsmath.config import GRPOConfig, LearnerConfig
 from dsmath.errors import UserError
-from dsmath.model_folder import model_folder, resolve
+from dsmath.model_folder import model_folder
 from dsmath.utils.net import free_port
 from learner import checkpoint as ckpt
 from learner.batch import TrainBatch, micro_batches
@@ -610,8 +610,9 @@ class PolicyLearner:
         Layout: HF files (config, safetensors, tokenizer) at the top, so transformers and vLLM load
         ``path`` directly; ``deepspeed/`` holds per-rank optimizer and scheduler shards;
         ``rng_rank<r>.pt`` the RNG states; ``reference.safetensors`` the reference model when it
-        was reset; ``trainer_state.json`` the ``extra`` dict and step count. ``path.parent/latest``
-        names it afterwards. A shared filesystem is assumed for more than one node.
+        was reset; ``trainer_state.json`` the ``extra`` dict and step count; ``manifest.json`` (written
+        last) every file's size and sha256. ``path.parent/latest`` names it afterwards. A shared
+        filesystem is assumed for more than one node. Older checkpoints are kept (the driver prunes).
         """
         path = Path(path).absolute()
         name = [f"{path.name}.tmp-{uuid.uuid4().hex[:8]}"]
@@ -658,15 +659,21 @@ class PolicyLearner:
     def load_checkpoint(self, path: str | Path) -> dict:
         """Restore weights, optimizer, scheduler, RNG and reference; returns the saved ``extra``.
 
-        ``path`` is a checkpoint or a folder with a ``latest`` pointer. The world size must match
-        the one that saved it (ZeRO optimizer shards are per rank).
+        ``path`` is a checkpoint (verified against its manifest: a damaged one is a one-line UserError) or a
+        folder of checkpoints (then the newest intact one, :func:`learner.checkpoint.pick_intact`, which says
+        which newer ones it skipped). The world size must match the one that saved it (ZeRO shards are per rank).
         """
         from safetensors.torch import load_file
 
-        path = resolve(path)
+        path = Path(path)
+        if ckpt.is_checkpoint_root(path):
+            path = ckpt.pick_intact(path, log=print if self.rank == 0 else lambda _line: None)
         state_file = path / "trainer_state.json"
         if not state_file.exists():
             raise UserError(f"{path}: not a dsmath learner checkpoint (no trainer_state.json)")
+        damage = ckpt.verify(path)
+        if damage is not None:
+            raise UserError(f"{path}: damaged checkpoint ({damage}); resume from an older one")
         state = json.loads(state_file.read_text())
         if state["world_size"] != self.world_size:
             raise UserError(f"{path} was saved by {state['world_size']} learner ranks; this run has "

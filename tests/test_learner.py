@@ -247,6 +247,9 @@ def test_world_size_mismatch_is_a_user_error(model_dir, tmp_path):
     learner.save_checkpoint(tmp_path / "c", {})
     state = tmp_path / "c" / "trainer_state.json"
     state.write_text(state.read_text().replace('"world_size": 1', '"world_size": 2'))
+    from learner.checkpoint import write_manifest
+
+    write_manifest(tmp_path / "c")  # an intact checkpoint saved by 2 ranks, not a damaged one
     with pytest.raises(UserError, match="learner.num_ranks=2"):
         learner.load_checkpoint(tmp_path / "c")
     (tmp_path / "empty").mkdir()

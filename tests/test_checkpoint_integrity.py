@@ -1,0 +1,170 @@
+"""Checkpoints that prove themselves: a manifest (sizes + sha256) written last; a resume verifies what it picks and
+falls back past a damaged newest checkpoint to the newest intact one with the same losses as an undamaged resume
+from it; no intact checkpoint is a one-line error; only the newest ``keep`` checkpoints stay.
+
+The learner is the real DeepSpeed one on the tiny model (as in test_learner.py)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dsmath.errors import UserError
+from learner import checkpoint as ckpt
+from test_learner import make_learner, make_tiny_model, rl_batch
+
+STEPS = 4  # train 4 steps, checkpoint after steps 2 and 3: "step-000003" is the newest, "step-000002" the previous
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(model dir, checkpoint root, losses of steps 3-4 resumed from step-000002, and of step 4 from step-000003)."""
+    base = tmp_path_factory.mktemp("integrity")
+    model_dir = make_tiny_model(base / "model")
+    root = base / "checkpoints"
+    a = make_learner(model_dir)
+    for step in range(1, STEPS):
+        a.grpo_step(rl_batch(a, 300 + step))
+        if step >= 2:
+            a.save_checkpoint(root / f"step-{step:06d}", {"step": step})
+    return model_dir, root, {2: resume_losses(model_dir, root / "step-000002"),
+                             3: resume_losses(model_dir, root / "step-000003")}
+
+
+def resume_losses(model_dir: Path, path: Path) -> tuple[int, list[float]]:
+    """Load ``path`` (a checkpoint or a folder of them) into a fresh learner and train to step 4: (step, losses)."""
+    learner = make_learner(model_dir)
+    extra = learner.load_checkpoint(path)
+    losses = [learner.grpo_step(rl_batch(learner, 300 + step))["loss"] for step in range(extra["step"] + 1, STEPS + 1)]
+    return extra["step"], losses
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def optimizer_state(ckpt_dir: Path) -> Path:
+    (found,) = list((ckpt_dir / "deepspeed").rglob("*optim_states.pt"))
+    return found
+
+
+DAMAGE = {
+    "truncated trainer_state.json": lambda c: truncate(c / "trainer_state.json"),
+    "truncated DeepSpeed optimizer state": lambda c: truncate(optimizer_state(c)),
+    "truncated RNG file": lambda c: truncate(c / "rng_rank0.pt"),
+    "truncated model.safetensors": lambda c: truncate(c / "model.safetensors"),
+    "missing manifest": lambda c: (c / ckpt.MANIFEST).unlink(),
+    "one flipped bit in model.safetensors": lambda c: flip_bit(c / "model.safetensors"),
+}
+
+
+def flip_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) - 7] ^= 0x01  # a weight's byte, same size: only the checksum finds it
+    path.write_bytes(bytes(data))
+
+
+def test_manifest_lists_every_file_with_size_and_sha256(saved):
+    _model_dir, root, _losses = saved
+    c = root / "step-000003"
+    manifest = json.loads((c / ckpt.MANIFEST).read_text())
+    on_disk = {p.relative_to(c).as_posix() for p in c.rglob("*") if p.is_file() and p.name != ckpt.MANIFEST}
+    assert set(manifest["files"]) == on_disk
+    assert {"model.safetensors", "trainer_state.json", "rng_rank0.pt", "config.json"} <= on_disk
+    assert any(name.startswith("deepspeed/") for name in on_disk)
+    for rel, entry in manifest["files"].items():
+        assert entry["size"] == (c / rel).stat().st_size
+        assert len(entry["sha256"]) == 64
+    assert ckpt.verify(c) is None
+    assert (root / "latest").read_text().strip() == "step-000003"
+
+
+def fallback_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("checkpoints:")]
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_with_the_same_losses(saved, tmp_path, capsys, damage):
+    model_dir, root, undamaged = saved
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(root, copy)
+    DAMAGE[damage](copy / "step-000003")
+    assert ckpt.verify(copy / "step-000003") is not None
+    capsys.readouterr()
+    step, losses = resume_losses(model_dir, copy)
+    lines = fallback_lines(capsys)
+    assert (step, losses) == undamaged[2]  # bit-exact: the previous checkpoint, as if the newest never existed
+    assert len(undamaged[2][1]) == 2
+    assert len(lines) == 1 and "step-000003 is damaged" in lines[0] and "resuming from step-000002" in lines[0]
+    with pytest.raises(UserError, match=r"step-000003: damaged checkpoint \("):  # named explicitly: refused
+        make_learner(model_dir).load_checkpoint(copy / "step-000003")
+
+
+def test_junk_in_latest_is_said_and_the_newest_intact_checkpoint_is_used(saved, tmp_path, capsys):
+    model_dir, root, undamaged = saved
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(root, copy)
+    (copy / "latest").write_bytes(b"\x89\xff\xfe\x00junk\x00")
+    capsys.readouterr()
+    assert resume_losses(model_dir, copy) == undamaged[3]  # the checkpoint itself is whole
+    lines = fallback_lines(capsys)
+    assert len(lines) == 1 and "latest is unreadable" in lines[0] and "step-000003" in lines[0]
+
+
+def test_no_intact_checkpoint_is_one_line_naming_each(saved, tmp_path):
+    model_dir, root, _ = saved
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(root, copy)
+    truncate(copy / "step-000003" / "trainer_state.json")
+    (copy / "step-000002" / ckpt.MANIFEST).unlink()
+    with pytest.raises(UserError) as err:
+        make_learner(model_dir).load_checkpoint(copy)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"no intact checkpoint under {copy}")
+    assert "step-000003 is damaged (trainer_state.json is" in msg and "step-000002 is damaged (no manifest.json)" in msg
+
+
+def test_prune_keeps_the_newest_and_drops_an_abandoned_future(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3, 4, 6):
+        (root / f"step-{step:06d}").mkdir(parents=True)
+    (root / "step-000005.tmp-abcd").mkdir()  # a save in progress is not a checkpoint
+    deleted = ckpt.prune(root, keep=2, current=root / "step-000004")
+    assert sorted(p.name for p in deleted) == ["step-000001", "step-000002", "step-000006"]
+    assert sorted(p.name for p in root.iterdir()) == ["step-000003", "step-000004", "step-000005.tmp-abcd"]
+    assert ckpt.prune(root, keep=1, current=root / "step-000004") == [root / "step-000003"]
+
+
+def test_a_failed_save_leaves_no_manifest_and_no_directory(saved, tmp_path):
+    """The manifest is written by publish, after every file: a save that dies before it leaves nothing."""
+    model_dir, _root, _ = saved
+    learner = make_learner(model_dir)
+    real_write = learner._write_checkpoint
+
+    def crash(tmp, extra, tok):
+        real_write(tmp, extra, tok)
+        raise OSError("node lost power")
+
+    learner._write_checkpoint = crash
+    with pytest.raises(OSError, match="node lost power"):
+        learner.save_checkpoint(tmp_path / "ck" / "step-000001", {"step": 1})
+    assert list((tmp_path / "ck").iterdir()) == []
+
+
+def test_checksums_cost_on_the_tiny_model_is_small(saved, tmp_path):
+    """The manifest's cost: hashing every file of a tiny-model checkpoint, once when saving, once when verifying."""
+    import time
+
+    _model_dir, root, _ = saved
+    c = tmp_path / "c"
+    shutil.copytree(root / "step-000003", c)
+    size = sum(p.stat().st_size for p in c.rglob("*") if p.is_file())
+    t0 = time.perf_counter()
+    ckpt.write_manifest(c)
+    t1 = time.perf_counter()
+    assert ckpt.verify(c) is None
+    t2 = time.perf_counter()
+    print(f"checkpoint {size / 1e6:.2f} MB: manifest {1e3 * (t1 - t0):.1f} ms, verify {1e3 * (t2 - t1):.1f} ms")
+    assert t1 - t0 < 5.0 and t2 - t1 < 5.0
