@@ -22,7 +22,8 @@ def three_steps(tmp_path_factory, ray_cluster, cache_dir):
     from wiring.driver import train
 
     run = tmp_path_factory.mktemp("three-steps") / "run"
-    cfg = load_config("tiny_cpu", TINY + [f"run_dir={run}", f"bootstrap.data_dir={cache_dir}", "steps=3"])
+    cfg = load_config("tiny_cpu", TINY + [f"run_dir={run}", f"bootstrap.data_dir={cache_dir}", "steps=3",
+                                          "lineage.keep_full_steps=2", "reward.audit_fraction=0.5"])
     return run, train(cfg, progress=False)
 
 
@@ -49,6 +50,45 @@ def test_three_steps_two_generators(three_steps):
     assert saved["samples_trained"] == 48
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step-000003"
     assert rows[-1]["faults/generator_restarts"] == rows[-1]["faults/reward_worker_restarts"] == 0
+
+
+def test_every_trained_sample_is_in_the_lineage_files_and_agrees_with_the_metrics(three_steps, capsys):
+    """RUN_DIR/samples/ read back with pyarrow: 16 samples per step, each with its generator and weight version,
+    advantages of GRPO's sign, the step's metrics recomputed from its rows (reward, accuracy, lengths, the
+    verifier audit), step 1 reduced to no text (lineage.keep_full_steps=2), and `dsmath samples` filtering it."""
+    import pyarrow.parquet as pq
+
+    from wiring.cli import main
+    from wiring.lineage import available_steps, read_step
+
+    run, _ = three_steps
+    metrics = read_metrics(run)
+    assert available_steps(run) == [1, 2, 3]
+    assert pq.read_table(run / "samples").num_rows == 48  # the folder reads as one dataset
+    generators = set()
+    for row in metrics:
+        samples, text_kept = read_step(run, row["step"])
+        assert len(samples) == 16 and text_kept is (row["step"] > 1)
+        assert {s["weight_version"] for s in samples} == {row["step"] - 1}  # synchronous: sampled at step - 1
+        generators |= {s["generator_id"] for s in samples}
+        assert sum(s["reward"] for s in samples) / 16 == pytest.approx(row["reward/mean"], abs=1e-6)
+        assert sum(s["verdict"] == "right" for s in samples) / 16 == row["accuracy"]
+        assert sum(s["completion_tokens"] for s in samples) / 16 == pytest.approx(row["response_length/mean"])
+        assert sum(s["audited"] for s in samples) == row["verifier/audited"] > 0
+        assert sum(s["audit_disagrees"] for s in samples) == row["verifier/disagreements"]
+        assert sum(s["no_answer"] for s in samples) / 16 == row["verifier/no_answer_rate"]
+        assert not any(s["reissued"] for s in samples) and all(s["grader_seconds"] > 0 for s in samples)
+        for q in {s["request_id"] for s in samples}:  # GRPO: above the group's mean reward -> positive advantage
+            group = [s for s in samples if s["request_id"] == q]
+            mean = sum(s["reward"] for s in group) / len(group)
+            for s in group:
+                if s["completion_tokens"] and abs(s["reward"] - mean) > 1e-6:
+                    assert (s["advantage"] > 0) is (s["reward"] > mean), s
+    assert generators == {"generator-0", "generator-1"}
+    assert main(["samples", str(run), "--step", "3", "--verdict", "wrong", "--limit", "0"]) == 0
+    out = capsys.readouterr().out
+    wrong = [s for s in read_step(run, 3)[0] if s["verdict"] == "wrong"]
+    assert out.count("\n[s3-") == len(wrong) and f"showing {len(wrong)} of {len(wrong)} matching" in out
 
 
 def test_killed_generator_and_reward_worker_are_replaced_and_nothing_is_lost(tmp_path, three_steps, cache_dir):
@@ -86,6 +126,10 @@ def test_killed_generator_and_reward_worker_are_replaced_and_nothing_is_lost(tmp
         assert r["generators/alive"] == 2
         assert r["generators/version_min"] == r["generators/version_max"] == r["weight_version"] == r["step"]
     assert summary["samples_trained"] == 3 * 4 * 4  # none trained twice, none lost (the driver checks each key)
+    from wiring.lineage import read_step
+
+    reissued = [sum(s["reissued"] for s in read_step(tmp_path / "run", step)[0]) for step in (1, 2)]
+    assert reissued[0] == 0 and reissued[1] > 0  # the lineage says which samples were generated or graded again
     reference = read_metrics(three_steps[0])
     for ra, rb in zip(reference, rows):  # reissued chunks carry their sampling seed: same samples, same update
         for key in ("reward/mean", "response_length/mean", "train/loss"):
