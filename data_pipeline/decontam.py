@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dsmath.datasets import iter_jsonl
+from dsmath.userfiles import FileError, check_readable
+
 SHIPPED_INDEX = Path(__file__).resolve().parents[1] / "dsmath" / "data" / "decontam_index.npz"
 
 # benchmark file → (name, the JSON field holding the question text)
@@ -127,9 +130,17 @@ class DecontamIndex:
 
     @classmethod
     def load(cls, path: str | Path) -> "DecontamIndex":
-        z = np.load(path)
-        return cls(z["hashes"], z["items"], json.loads(str(z["benchmarks"])), int(z["ngram"]),
-                   [int(x) for x in z["short_lengths"]])
+        """The index saved by :meth:`save`; a file that is not one (damaged, truncated, another .npz) is a
+        one-line ``FileError`` naming it."""
+        path = check_readable(path, "n-gram index file")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return cls(z["hashes"], z["items"], json.loads(str(z["benchmarks"])), int(z["ngram"]),
+                           [int(x) for x in z["short_lengths"]])
+        except Exception as exc:  # zipfile.BadZipFile, KeyError, ValueError, EOFError, OSError, zlib.error ...
+            raise FileError(f"{path}: not a readable dsmath n-gram index ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}); rebuild it with "
+                            f"dsmath corpus build-index") from None
 
 
 def build_index(texts_by_benchmark: dict[str, list[str]], *, ngram: int = 10, min_ngram: int = 3) -> DecontamIndex:
@@ -162,9 +173,8 @@ def load_benchmarks(benchmark_dir: str | Path) -> dict[str, list[str]]:
     d = Path(benchmark_dir)
     for fname, (name, key) in BENCHMARK_FILES.items():
         p = d / fname
-        if p.exists():
-            with p.open(encoding="utf-8") as fh:
-                out[name] = [json.loads(line).get(key, "") for line in fh if line.strip()]
+        if p.exists():  # a damaged file is a one-line error naming file:line (dsmath.datasets.iter_jsonl)
+            out[name] = [obj.get(key, "") for obj in iter_jsonl(p)]
     return out
 
 

@@ -27,14 +27,18 @@ from data_pipeline.config import CorpusConfig, to_dict
 from data_pipeline.readers import ReadError, read_any
 from data_pipeline.runner import Runner
 from data_pipeline.stages import extract_batch, minhash_batch
+from dsmath.datasets import write_jsonl
 from dsmath.errors import UserError
+from dsmath.userfiles import atomic_path, read_yaml
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    write_jsonl(path, rows)  # temp name + rename: a killed run never leaves a half-written file
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def ingest(cfg: CorpusConfig, errors: list[ReadError]) -> list[dict]:
@@ -48,8 +52,13 @@ def ingest(cfg: CorpusConfig, errors: list[ReadError]) -> list[dict]:
         rows += demo_pages(d, errors, cfg.input.max_pages_per_source)
     for p in cfg.input.paths:
         rows += list(read_any(Path(p).expanduser(), errors))
+    if not rows and errors:
+        raise UserError(f"no readable input pages: {len(errors)} read errors, the first {errors[0]}")
     if not rows:
         raise UserError("no input pages: set input.demo_data_dir or input.paths")
+    if errors:  # said before any stage runs, and kept in removed/read_errors.jsonl
+        print(f"corpus: read {len(rows)} pages; SKIPPED {len(errors)} unreadable records (first: {errors[0]})",
+              flush=True)
     return rows
 
 
@@ -96,25 +105,32 @@ def _budget(cfg: CorpusConfig, pool_tokens: int) -> int:
 
 
 def run_pipeline(cfg: CorpusConfig) -> dict:
+    """Run the whole loop into ``cfg.out_dir``. The inputs are read first: an input that cannot be opened (a
+    directory, damaged compression, a wrong format) is a one-line ``UserError`` before anything is written;
+    damaged records inside a readable input are read errors, counted in the report."""
     out = Path(cfg.out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"out_dir: {out} is a file, expected a folder")
     saved = out / "config.yaml"
     if saved.exists():
         # Resume reuses shards and models: only safe when everything but the runner settings is unchanged.
-        before = yaml.safe_load(saved.read_text()) or {}
+        before = read_yaml(saved, "saved corpus config") or {}
+        if not isinstance(before, dict):
+            raise UserError(f"{saved}: not a corpus config mapping; delete that folder to start over")
         now = to_dict(cfg)
         changed = sorted(k for k in set(before) | set(now) if k not in ("runner", "out_dir") and before.get(k) != now.get(k))
         if changed:
             raise UserError(f"{out} holds a run made with different settings ({', '.join(changed)}); "
                             "use a new out_dir, or delete that folder to start over")
-    saved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    t0 = time.perf_counter()
+    errors: list[ReadError] = []
+    rows = ingest(cfg, errors)  # before the folder exists: a refused input leaves nothing behind
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(saved, yaml.safe_dump(to_dict(cfg), sort_keys=False))
     rc = cfg.runner
     report: dict = {"config": to_dict(cfg), "stages": {}, "iterations": []}
     with Runner(out, backend=rc.backend, shard_size=rc.shard_size, batch_size=rc.batch_size, num_cpus=rc.num_cpus,
                 progress=rc.progress) as runner:
-        t0 = time.perf_counter()
-        errors: list[ReadError] = []
-        rows = ingest(cfg, errors)
         _write_jsonl(out / "removed" / "read_errors.jsonl", [asdict(e) for e in errors])
         report["stages"]["ingest"] = {"pages": len(rows), "read_errors": len(errors),
                                       "first_errors": [str(e) for e in errors[:5]]}
@@ -275,7 +291,7 @@ def text_url(pool: list[dict], pid: str) -> str:
 
 
 def write_reports(out: Path, report: dict) -> None:
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    _write_text(out / "report.json", json.dumps(report, indent=1, default=str))
     lines = ["# Math corpus report", "", "## Stages", ""]
     for name, st in report["stages"].items():
         lines.append(f"- **{name}**: {json.dumps(st, default=str)[:400]}")
@@ -294,7 +310,7 @@ def write_reports(out: Path, report: dict) -> None:
                      f"{r['seed_added']} |")
     if "final" in report:
         lines += ["", f"Final corpus: {report['final']['pages']} pages, {report['final']['tokens']} tokens."]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    _write_text(out / "report.md", "\n".join(lines) + "\n")
     if report["iterations"]:
         plot(out / "report.png", report["iterations"])
 

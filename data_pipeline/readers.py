@@ -8,13 +8,13 @@ The ``<https://...>`` WARC-Target-URI form written by wget (seen in the dolma sa
 
 from __future__ import annotations
 
-import gzip
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from dsmath.errors import UserError
+from dsmath.userfiles import BadLine, StreamError, check_readable, iter_lines, iter_parquet_rows
 
 
 @dataclass(frozen=True)
@@ -130,28 +130,49 @@ def _row_to_page(obj: dict, where: str, source: str, label: str) -> dict:
 
 
 def read_jsonl(path: str | Path, errors: list[ReadError], *, source: str = "", label: str = "") -> Iterator[dict]:
+    """Rows of a JSONL file (gzip by magic bytes). A line that is not UTF-8 or not a page is one read error; a
+    compressed stream that breaks mid-file is one read error for the rest of the file (the lines before it are
+    kept). A file that cannot be opened at all (a directory, wrong magic) is a one-line ``UserError``."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict):
-                    raise ValueError("not a JSON object")
-                yield _row_to_page(obj, f"{path}:{lineno}", source, label)
-            except Exception as exc:
-                errors.append(ReadError(str(path), lineno, f"{type(exc).__name__}: {exc}"))
+    lines = iter_lines(path, "input file")
+    while True:
+        try:
+            lineno, line = next(lines)
+        except StopIteration:
+            return
+        except StreamError as exc:
+            errors.append(ReadError(str(path), exc.lines_read + 1, f"{exc}; rest of the file skipped"))
+            return
+        if isinstance(line, BadLine):
+            errors.append(ReadError(str(path), lineno, line.why))
+            continue
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            if not isinstance(obj, dict):
+                raise ValueError("not a JSON object")
+            row = _row_to_page(obj, f"{path}:{lineno}", source, label)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            errors.append(ReadError(str(path), lineno, f"{type(exc).__name__}: {exc}"))
+            continue
+        yield row
 
 
 def read_parquet(path: str | Path, errors: list[ReadError], *, source: str = "", label: str = "") -> Iterator[dict]:
-    import pyarrow.parquet as pq
-
-    for i, obj in enumerate(pq.read_table(path).to_pylist()):
+    """Rows of a Parquet file; a damaged row group is one read error (the rows before it are kept)."""
+    rows = iter_parquet_rows(path, what="input file")
+    while True:
+        try:
+            i, obj = next(rows)
+        except StopIteration:
+            return
+        except StreamError as exc:
+            errors.append(ReadError(str(path), exc.lines_read, f"{exc}; rest of the file skipped"))
+            return
         try:
             yield _row_to_page(obj, f"{path}#{i}", source, label)
-        except Exception as exc:
+        except (ValueError, TypeError, AttributeError) as exc:
             errors.append(ReadError(str(path), i, f"{type(exc).__name__}: {exc}"))
 
 
@@ -160,6 +181,7 @@ def read_any(path: str | Path, errors: list[ReadError], *, source: str = "", lab
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: no such input file")
+    check_readable(p, "input file")  # a directory or an unreadable file: one line, before any reading
     name = p.name.lower()
     src = source or p.name
     if ".warc" in name or ".wet" in name or name.endswith(".arc.gz"):

@@ -6,17 +6,16 @@ are skipped, but counted in the returned :class:`ReadReport` and reported by the
 
 from __future__ import annotations
 
-import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from dsmath.errors import UserError
 from dsmath.records import Problem
+from dsmath.userfiles import BadLine, FileError, StreamError, atomic_path, iter_lines
 
 
-class DataError(UserError):
+class DataError(FileError):
     """A record that cannot be read: names the file and the 1-based line."""
 
 
@@ -35,12 +34,6 @@ class ReadReport:
         return s
 
 
-def _open_text(path: Path):
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open("r", encoding="utf-8")
-
-
 def iter_jsonl(
     path: str | Path,
     *,
@@ -48,40 +41,55 @@ def iter_jsonl(
     skip_bad: bool = False,
     report: ReadReport | None = None,
 ) -> Iterator[dict]:
-    """Yield each JSON object of a JSONL(.gz) file; blank lines are ignored.
+    """Yield each JSON object of a JSONL file (gzip/bz2/xz by magic bytes); blank lines are ignored.
 
-    ``required`` keys must be present (one of the alternatives ``"a|b"`` is enough).
+    ``required`` keys must be present (one of the alternatives ``"a|b"`` is enough). Reading goes through
+    :mod:`dsmath.userfiles`: a missing file, a directory, damaged compression or a file that is not UTF-8 is a
+    one-line :class:`dsmath.userfiles.FileError` (a ``UserError``). With ``skip_bad`` a bad line (not JSON, not
+    UTF-8, too long, a missing key) is skipped and counted in ``report``; a compressed stream that breaks
+    mid-file keeps the lines read before the break and counts the rest of the file as one skipped entry.
     """
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
     report = report if report is not None else ReadReport(str(path))
-    with _open_text(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            report.lines_read += 1
-            if not line.strip():
-                continue
-            why = None
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                why = f"not valid JSON: {exc.msg} at column {exc.colno}"
-            else:
-                if not isinstance(obj, dict):
-                    why = f"expected a JSON object, got {type(obj).__name__}"
-                else:
-                    for key in required:
-                        options = key.split("|")
-                        if not any(k in obj for k in options):
-                            why = f"missing key {' or '.join(repr(k) for k in options)}"
-                            break
-            if why is not None:
-                if not skip_bad:
-                    raise DataError(f"{path}:{lineno}: {why}")
-                report.skipped.append((lineno, why))
-                continue
-            report.records += 1
-            yield obj
+    lines = iter_lines(path, "JSONL file")
+    while True:
+        try:
+            lineno, line = next(lines)
+        except StopIteration:
+            return
+        except StreamError as exc:
+            if not skip_bad:
+                raise
+            report.skipped.append((exc.lines_read + 1, f"rest of the file unreadable: {exc}"))
+            return
+        report.lines_read += 1
+        if isinstance(line, str) and not line.strip():
+            continue
+        obj, why = (None, line.why) if isinstance(line, BadLine) else _parse_record(line, required)
+        if why is not None:
+            if not skip_bad:
+                raise DataError(f"{path}:{lineno}: {why}")
+            report.skipped.append((lineno, why))
+            continue
+        report.records += 1
+        yield obj
+
+
+def _parse_record(line: str, required: tuple[str, ...]) -> tuple[dict | None, str | None]:
+    """``(record, None)`` for a usable JSONL line, ``(None, why)`` for one that is not."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return None, f"not valid JSON: {exc.msg} at column {exc.colno}"
+    except RecursionError:
+        return None, "not valid JSON: nested too deeply"
+    if not isinstance(obj, dict):
+        return None, f"expected a JSON object, got {type(obj).__name__}"
+    for key in required:
+        options = key.split("|")
+        if not any(k in obj for k in options):
+            return None, f"missing key {' or '.join(repr(k) for k in options)}"
+    return obj, None
 
 
 def _first(obj: dict, keys: tuple[str, ...]):
@@ -123,14 +131,10 @@ def load_problems(path: str | Path, *, limit: int | None = None, skip_bad: bool 
 
 
 def write_jsonl(path: str | Path, rows) -> int:
-    """Write rows atomically (temp file + rename); returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    """Write rows atomically (temp file + rename, see :func:`dsmath.userfiles.atomic_path`); returns the count."""
     n = 0
-    with tmp.open("w", encoding="utf-8") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
-    tmp.replace(path)
     return n

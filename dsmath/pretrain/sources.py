@@ -20,7 +20,6 @@ with no text is skipped and counted, never silently dropped.
 from __future__ import annotations
 
 import glob
-import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Callable, Iterator, Sequence
 
 from dsmath.datasets import DataError
 from dsmath.errors import UserError
+from dsmath.userfiles import BadLine, StreamError, iter_lines, iter_parquet_rows, read_json
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".json")
 # With no explicit text fields: the first of these that a record has is its text ...
@@ -86,41 +86,25 @@ def iter_records(path: Path, *, start: int = 0) -> Iterator[tuple[int, dict | st
     """``(index, record)`` pairs of one shard from record ``start`` on.
 
     ``index`` is the 0-based line (JSONL), row (Parquet) or element (JSON) number. A record that
-    is not a JSON object is yielded as a string saying why, so the caller decides to raise or count.
+    is not a JSON object (or a line that is not UTF-8) is yielded as a string saying why, so the caller
+    decides to raise or count; so is a compressed stream or Parquet row group that breaks mid-file (then
+    the shard ends there). A shard that cannot be opened at all is a one-line :class:`FileError`.
     """
     name = path.name
     if name.endswith((".jsonl", ".jsonl.gz")):
-        opener = gzip.open if name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as fh:
-            for i, line in enumerate(fh):
-                if i < start or not line.strip():
-                    continue  # skipping to a saved position parses nothing
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield i, f"not valid JSON: {exc.msg} at column {exc.colno}"
-                    continue
-                yield i, obj if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
+        yield from _jsonl_records(path, start)
     elif name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(path)
-        first = 0
-        for rg in range(pf.num_row_groups):
-            n = pf.metadata.row_group(rg).num_rows
-            if first + n <= start:  # whole row group before the saved position: not even read
-                first += n
-                continue
-            for batch in pf.iter_batches(batch_size=1024, row_groups=[rg]):
-                for j, obj in enumerate(batch.to_pylist()):
-                    if first + j >= start:
-                        yield first + j, obj
-                first += batch.num_rows
+        rows = iter_parquet_rows(path, start=start, what="shard")
+        while True:
+            try:
+                yield next(rows)
+            except StopIteration:
+                return
+            except StreamError as exc:
+                yield max(exc.lines_read, start), f"rest of the shard unreadable: {exc}"
+                return
     elif name.endswith(".json"):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        data = read_json(path, "shard")
         items = list(data.values()) if isinstance(data, dict) else data
         if not isinstance(items, list):
             raise DataError(f"{path}: expected a JSON list of records or an {{id: record}} mapping")
@@ -129,6 +113,35 @@ def iter_records(path: Path, *, start: int = 0) -> Iterator[tuple[int, dict | st
                 yield i, obj if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
     else:
         raise UserError(f"{path}: unknown shard format")
+
+
+def _jsonl_records(path: Path, start: int) -> Iterator[tuple[int, dict | str]]:
+    lines = iter_lines(path, "shard")
+    while True:
+        try:
+            lineno, line = next(lines)
+        except StopIteration:
+            return
+        except StreamError as exc:
+            yield max(exc.lines_read, start), f"rest of the shard unreadable: {exc}"
+            return
+        i = lineno - 1
+        if i < start:
+            continue  # skipping to a saved position parses nothing
+        if isinstance(line, BadLine):
+            yield i, line.why
+            continue
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield i, f"not valid JSON: {exc.msg} at column {exc.colno}"
+            continue
+        except RecursionError:
+            yield i, "not valid JSON: nested too deeply"
+            continue
+        yield i, obj if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
 
 
 @dataclass

@@ -342,23 +342,30 @@ ADDRESS_FILE = "status_address"
 
 
 def read_metrics_rows(run_dir: str | Path) -> list[dict]:
-    """Rows of ``RUN_DIR/metrics.jsonl``; a torn last line (a run killed mid-write) is skipped."""
+    """Rows of ``RUN_DIR/metrics.jsonl``; a torn last line (a run killed mid-write: partial JSON, junk or NUL
+    bytes) is skipped. Any other damage (a directory, a bad line before the last, broken compression) is one
+    :class:`dsmath.errors.UserError` line naming the file and line."""
     from dsmath.errors import UserError
+    from dsmath.userfiles import BadLine, iter_lines
 
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
-    rows = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
+    rows: list[dict] = []
+    pending: str | None = None  # the last bad line's message: fatal only if a line follows it
+    for lineno, line in iter_lines(path, "metrics file"):
+        if isinstance(line, str) and not line.strip():
+            continue
+        if pending is not None:
+            raise UserError(pending)
+        if isinstance(line, BadLine):
+            pending = f"{path}:{lineno}: {line.why}"
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if lineno == len(lines):
-                break
-            raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        except (json.JSONDecodeError, RecursionError) as exc:
+            pending = f"{path}:{lineno}: not valid JSON ({getattr(exc, 'msg', exc)})"
+            continue
         if isinstance(row, dict):
             rows.append(row)
     return rows
@@ -379,6 +386,7 @@ def snapshot_from_run_dir(run_dir: str | Path) -> RunSnapshot:
     Raises :class:`dsmath.errors.UserError` when neither file exists or ``status.json`` is malformed.
     """
     from dsmath.errors import UserError
+    from dsmath.userfiles import read_json
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -390,7 +398,9 @@ def snapshot_from_run_dir(run_dir: str | Path) -> RunSnapshot:
     base: dict[str, Any] = {}
     if status_path.exists():
         try:
-            base = json.loads(status_path.read_text(encoding="utf-8"))
+            base = read_json(status_path, "status file")
+            if not isinstance(base, dict):
+                raise ValueError(f"expected a JSON object, got {type(base).__name__}")
             snap = RunSnapshot.from_dict(base, now=status_path.stat().st_mtime)
         except (json.JSONDecodeError, ValueError) as exc:
             raise UserError(f"{status_path}: {exc}") from None

@@ -115,30 +115,42 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _decontam(args: argparse.Namespace) -> int:
+    """Damaged records inside a readable input are read errors (counted, the first few shown, the rest of the
+    file read); an input that cannot be opened is a one-line error before anything is written. Both outputs
+    are written under temporary names and renamed only when complete."""
     from pathlib import Path
 
     from data_pipeline.decontam import decontam_batch
     from data_pipeline.readers import read_any
     from data_pipeline.stages import extract_batch
+    from dsmath.errors import UserError
+    from dsmath.userfiles import atomic_path
 
+    out = Path(args.out)
+    dropped_path = out.with_suffix(".dropped.jsonl")
+    for p in args.inputs:
+        if Path(p).resolve() in (out.resolve(), dropped_path.resolve()):
+            raise UserError(f"--out {out}: would overwrite the input {p}; write elsewhere")
     errors: list = []
     rows = [r for p in args.inputs for r in read_any(p, errors)]
     rows = extract_batch(rows)
     rows = decontam_batch(rows, index_path=args.index)
-    out = Path(args.out)
     dropped = [r for r in rows if r["contaminated_by"]]
-    with out.open("w") as fh:
-        for r in rows:
-            if not r["contaminated_by"]:
-                fh.write(json.dumps({"id": r["id"], "url": r["url"], "text": r["text"]}, ensure_ascii=False) + "\n")
-    with out.with_suffix(".dropped.jsonl").open("w") as fh:
-        for r in dropped:
-            fh.write(json.dumps({"id": r["id"], "url": r["url"], "benchmark_item": r["contaminated_by"],
-                                 "ngram": r["contaminated_ngram"]}, ensure_ascii=False) + "\n")
-    for e in errors:
+    with atomic_path(out) as tmp_out, atomic_path(dropped_path) as tmp_dropped:
+        with tmp_out.open("w", encoding="utf-8") as fh:
+            for r in rows:
+                if not r["contaminated_by"]:
+                    fh.write(json.dumps({"id": r["id"], "url": r["url"], "text": r["text"]}, ensure_ascii=False) + "\n")
+        with tmp_dropped.open("w", encoding="utf-8") as fh:
+            for r in dropped:
+                fh.write(json.dumps({"id": r["id"], "url": r["url"], "benchmark_item": r["contaminated_by"],
+                                     "ngram": r["contaminated_ngram"]}, ensure_ascii=False) + "\n")
+    for e in errors[:5]:
         print(f"read error: {e}")
-    print(f"{len(rows)} pages: kept {len(rows) - len(dropped)}, dropped {len(dropped)} -> {out}, "
-          f"{out.with_suffix('.dropped.jsonl')}")
+    if len(errors) > 5:
+        print(f"... and {len(errors) - 5} more read errors")
+    print(f"{len(rows)} pages: kept {len(rows) - len(dropped)}, dropped {len(dropped)} -> {out}, {dropped_path}"
+          + (f"; SKIPPED {len(errors)} unreadable records (read errors above)" if errors else ""))
     return 0
 
 

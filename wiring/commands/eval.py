@@ -160,13 +160,14 @@ def evaluate_model(model: str, data: Sequence[str], *, mode: str = "cot", k: int
                     grading_workers=grading_workers, chunk_size=chunk_size)
     from dsmath.model_folder import model_folder
 
-    model_dir = model_folder(model, f"--model {model}")  # a run's checkpoints/ folder: its newest checkpoint
-    if address:
-        _check_reachable(address)
+    # the data first: a damaged file fails in a second with its own line, before any model or cluster is touched
     problems, prefixes, notes = load_eval_problems(data, limit=limit, shuffle=shuffle, seed=seed, mode=mode,
                                                    fewshot=fewshot, fewshot_file=fewshot_file, skip_bad=skip_bad)
     for note in notes:
         log(f"dsmath eval: {note}")
+    model_dir = model_folder(model, f"--model {model}")  # a run's checkpoints/ folder: its newest checkpoint
+    if address:
+        _check_reachable(address)
 
     from dsmath.config import RolloutConfig
     from dsmath.datasets import write_jsonl

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 HELP = "check answers against gold answers (one pair, explained, or a JSONL file)"
 DESCRIPTION = """Check answers the way training rewards do: extract the stated final answer, normalise the
@@ -34,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout-s", type=float, default=5.0, help="wall-clock limit per symbolic check (default 5)")
     p.add_argument("--workers", type=int, default=2, help="sympy worker processes for --file (default 2)")
     p.add_argument("--out", help="write one verdict per line to this JSONL file (with --file)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="with --file: skip malformed lines (not JSON, not UTF-8, a missing key), counted and reported")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -59,14 +62,17 @@ def _one(args) -> int:
 def _file(args) -> int:
     from tqdm import tqdm
 
-    from dsmath.datasets import iter_jsonl, write_jsonl
+    from dsmath.datasets import ReadReport, iter_jsonl, write_jsonl
     from dsmath.errors import UserError
     from dsmath.grading import GradingPool
 
     if args.gold is not None:
         raise UserError("--gold goes with --pred; in --file mode each line carries its own gold")
+    if args.out and Path(args.out).resolve() == Path(args.file).resolve():
+        raise UserError(f"--out {args.out} is the input file; write the verdicts elsewhere")
     pairs = []
-    for obj in iter_jsonl(args.file, required=("pred|completion", "gold")):
+    report = ReadReport(args.file)
+    for obj in iter_jsonl(args.file, required=("pred|completion", "gold"), skip_bad=args.skip_bad, report=report):
         if "completion" in obj:
             pairs.append((str(obj["completion"]), str(obj["gold"])))
         else:
@@ -87,7 +93,9 @@ def _file(args) -> int:
     total = len(verdicts)
     correct = sum(bool(v.correct) for v in verdicts)
     failed = sum(v.failed for v in verdicts)
-    summary = {"file": args.file, "mode": args.mode, "pairs": total, "correct": correct, "grader_failed": failed,
+    skipped = len(report.skipped)
+    summary = {"file": args.file, "mode": args.mode, "pairs": total, "skipped_bad_lines": skipped,
+               "correct": correct, "grader_failed": failed,
                "accuracy": round(correct / total, 4) if total else 0.0,
                "timeouts": stats["timeouts"], "worker_restarts": stats["worker_restarts"], "by_kind": by_kind}
     if args.json:
@@ -96,6 +104,8 @@ def _file(args) -> int:
     print(f"{args.file}: {correct}/{total} correct ({summary['accuracy']:.2%}, {args.mode} mode); "
           f"{stats['timeouts']} timed out, {stats['fast']} decided on the fast path, {stats['symbolic']} by sympy"
           + (f"; {failed} NOT graded (the grader failed: rerun them)" if failed else ""))
+    if skipped:
+        print(f"  {report.summary()}")
     print(f"  {'kind':<12} {'pairs':>6} {'correct':>8} {'timeouts':>9} {'no answer':>10}")
     for kind, row in sorted(by_kind.items(), key=lambda kv: -kv[1]["pairs"]):
         print(f"  {kind:<12} {row['pairs']:>6} {row['correct']:>8} {row['timed_out']:>9} {row['no_answer']:>10}")

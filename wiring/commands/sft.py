@@ -45,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"dsmath sft: {report.summary()}", flush=True)
     if not examples:
         raise UserError(f"{args.data}: no usable examples")
+    from dsmath.model_folder import model_folder
+
+    model_folder(args.model, f"--model {args.model}")  # after the data: its damage is named first, in a second
     info = run_sft(
         args.model, examples, args.out, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
         fmt=args.format, max_length=args.max_length, warmup_steps=args.warmup_steps,
