@@ -398,10 +398,12 @@ def resolve_preset(name_or_path: str, preset_dir: Path = PRESET_DIR) -> Path:
 def read_yaml_mapping(path: Path) -> dict:
     """A config YAML file's top-level mapping; a one-line :class:`ConfigError` if it is not valid YAML or not a
     mapping."""
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    from dsmath.userfiles import FileError, read_yaml
+
+    try:  # a directory, binary junk, bad encoding or damaged YAML: one line naming the file (and line)
+        data = read_yaml(path, "config YAML file") or {}
+    except FileError as exc:
+        raise ConfigError(str(exc)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return data

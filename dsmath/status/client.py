@@ -23,37 +23,70 @@ def resolve_token(token: str | None) -> str | None:
     return token if token else (os.environ.get(TOKEN_ENV) or None)
 
 
+def _rpc_error(address: str, token: str | None, exc: grpc.RpcError) -> UserError:
+    """One line saying what went wrong with a ``GetStatus`` call and what to do about it."""
+    code = exc.code() if hasattr(exc, "code") else None
+    details = (exc.details() if hasattr(exc, "details") else "") or ""
+    details = details.splitlines()[0][:200] if details else ""
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        hint = "wrong token" if token else "the job requires a token"
+        return UserError(f"status server at {address} rejected the request ({hint}); pass --token or set {TOKEN_ENV}")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return UserError(f"status server at {address} refused access ({details}); check --token / {TOKEN_ENV}")
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return StatusUnreachable(f"no status server answers at {address} (the job may have ended; check the address "
+                                 f"in RUN_DIR/status_address, or read the run's files: dsmath status RUN_DIR)")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return StatusUnreachable(f"status server at {address} did not answer in time (raise --timeout, or check "
+                                 f"that HOST:PORT is the job's status server and not another service)")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return UserError(f"status server at {address} is overloaded ({details}); retry in a few seconds")
+    name = code.name if code else "error"
+    return UserError(f"status server at {address} answered {name} ({details or 'no details'}); is HOST:PORT a "
+                     f"dsmath status server?")
+
+
 def fetch_snapshot(address: str, token: str | None = None, timeout_s: float = 5.0) -> RunSnapshot:
     """One ``GetStatus`` call. Raises :class:`StatusUnreachable` when no server answers within
-    ``timeout_s``, :class:`UserError` when the token is missing or wrong."""
-    if ":" not in address:
-        raise UserError(f"status address {address!r} must be HOST:PORT")
+    ``timeout_s``, :class:`UserError` (one line saying what to do) for a bad address, a missing or wrong
+    token, any other gRPC failure and an answer that is not a status snapshot."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c.isspace() for c in address):
+        raise UserError(f"status address {address!r} must be HOST:PORT (e.g. 127.0.0.1:50051)")
+    if timeout_s <= 0:
+        raise UserError(f"--timeout must be > 0, got {timeout_s}")
     metadata = [("authorization", f"Bearer {token}")] if token else []
-    with grpc.insecure_channel(address) as channel:
-        stub = status_pb2_grpc.StatusServiceStub(channel)
-        try:
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = status_pb2_grpc.StatusServiceStub(channel)
             msg = stub.GetStatus(status_pb2.GetStatusRequest(), metadata=metadata, timeout=timeout_s)
-        except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else None
-            if code == grpc.StatusCode.UNAUTHENTICATED:
-                hint = "wrong token" if token else "the job requires a token"
-                raise UserError(
-                    f"status server at {address} rejected the request ({hint}); pass --token or set {TOKEN_ENV}"
-                ) from None
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise StatusUnreachable(f"no status server answers at {address}") from None
-            raise UserError(f"status server at {address}: {code.name if code else 'error'}: {exc.details()}") from None
-    return RunSnapshot.from_proto(msg)
+    except grpc.RpcError as exc:
+        raise _rpc_error(address, token, exc) from None
+    except ValueError as exc:  # e.g. a token that is not a valid header value
+        raise UserError(f"status request to {address} could not be sent ({exc}); check --token") from None
+    try:
+        return RunSnapshot.from_proto(msg)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"status server at {address} sent a snapshot dsmath cannot read ({exc}); is it the same "
+                        f"dsmath version?") from None
 
 
 def read_address(run_dir: str | Path) -> str | None:
-    """The live job's ``host:port`` from ``RUN_DIR/status_address``, or None when there is none."""
+    """The live job's ``host:port`` from ``RUN_DIR/status_address``, or None when there is none.
+
+    A damaged file (binary junk, a directory, not ``HOST:PORT``) is a one-line :class:`UserError` naming it."""
+    from dsmath.userfiles import read_text
+
     path = Path(run_dir) / ADDRESS_FILE
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
+    if not path.exists() and not path.is_symlink():
         return None
-    return text or None
+    text = read_text(path, "status address file").strip()
+    if not text:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or "\n" in text or len(text) > 300:
+        raise UserError(f"{path}: expected HOST:PORT, found {text[:60]!r}; delete the file if the job has ended")
+    return text
 
 
 def load_status(run_dir: str | Path, token: str | None = None, timeout_s: float = 2.0) -> tuple[RunSnapshot, str]:

@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--stop-after: {args.stop_after} must be >= 1")
     check_run_dir(cfg, args.resume)  # before the slow imports: a user mistake fails in a second
     check_paths(cfg)
+    _probe_shards(cfg)
     from learner.pretrain import run_pretrain
 
     s = run_pretrain(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
@@ -75,3 +76,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipped records (counted each pass): {skipped}")
     print(f"summary: {cfg.run_dir}/summary.json  checkpoint: {s['checkpoint']}")
     return 0
+
+def _probe_shards(cfg) -> None:  # type: ignore[no-untyped-def]
+    """Open every shard and read its first record, before the model loads: a shard that cannot be opened (wrong
+    compression, UTF-16, not Parquet, a broken JSON file) is a one-line error in a second, not after set-up.
+    Damage further into a shard is found while training (an error, or counted with data.skip_bad)."""
+    from dsmath.pretrain.sources import expand_paths, iter_records
+
+    for sources in (cfg.data.sources, cfg.eval.heldout):
+        for src in sources.values():
+            for f in expand_paths(src.paths):
+                next(iter(iter_records(f)), None)
