@@ -75,7 +75,7 @@ def run_dsmath(spec: dict, *, asynchronous: bool) -> dict:
     run_dir = Path(spec["work_dir"]) / ("async" if asynchronous else "sync")
     overrides = list(spec["config_overrides"]) + match.dsmath_overrides() + [
         f"run_dir={run_dir}", f"steps={spec['steps']}", f"seed={spec['seed']}", f"eval_size={spec['eval_size']}",
-        "eval_every=0", "checkpoint_every=0", "status_port=0"]
+        "eval_every=0", "checkpoint_every=0", "status.port=0"]
     if asynchronous:
         overrides += ["async.enabled=true", "async.max_staleness=1"]
     cfg = load_config("tiny_cpu", overrides)

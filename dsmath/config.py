@@ -219,6 +219,28 @@ class LineageConfig:
 
 
 @dataclass(frozen=True)
+class StatusConfig:
+    """The run's live status service (gRPC), its Prometheus exporter and its Ray metrics.
+
+    ``token``: ``auto`` = ``$DSMATH_STATUS_TOKEN`` if set, else none on a loopback ``host`` and a generated one
+    (``RUN_DIR/status_token``, mode 0600) on any other; ``generate`` = always a generated one; ``env`` =
+    ``$DSMATH_STATUS_TOKEN`` (refused when unset); ``none`` = no check, loopback hosts only.
+    ``tls_cert``/``tls_key``: PEM files; with both, the service speaks TLS (clients dial ``grpcs://HOST:PORT``).
+    ``prometheus_port``: -1 off, 0 any free port; ``prometheus_host`` empty = ``host``.
+    ``ray_metrics``: also record the step figures through ``ray.util.metrics`` (Ray's own Prometheus/Grafana).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    token: Literal["auto", "generate", "env", "none"] = "auto"
+    tls_cert: str = ""
+    tls_key: str = ""
+    prometheus_port: int = -1
+    prometheus_host: str = ""
+    ray_metrics: bool = True
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The root of the tree."""
 
@@ -229,7 +251,6 @@ class TrainConfig:
     eval_size: int = 500
     checkpoint_every: int = 0
     ray_address: str = ""
-    status_port: int = 0
     max_actor_restarts: int = 3  # per pool (generators, reward workers) per run; a learner failure ends the run
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -241,8 +262,12 @@ class TrainConfig:
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     async_: AsyncConfig = field(default_factory=AsyncConfig)
     rm: RewardModelTrainConfig = field(default_factory=RewardModelTrainConfig)
+    status: StatusConfig = field(default_factory=StatusConfig)
     lineage: LineageConfig = field(default_factory=LineageConfig)
 
+
+# Keys that moved: the old dotted key -> the new one (refused in one line naming the new key).
+_RENAMED = {"status_port": "status.port"}
 
 # YAML key -> dataclass field name, for keys that are Python keywords.
 _ALIASES = {"async": "async_"}
@@ -324,6 +349,8 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
     for raw_key, value in data.items():
         name = _ALIASES.get(raw_key, raw_key)
         dotted = f"{prefix}.{raw_key}" if prefix else str(raw_key)
+        if dotted in _RENAMED and cls is TrainConfig:
+            raise ConfigError(f"{dotted!r} is now {_RENAMED[dotted]!r} (e.g. {_RENAMED[dotted]}={value!r})")
         if name not in known:
             allowed = sorted(_REVERSE_ALIASES.get(k, k) for k in known)
             close = difflib.get_close_matches(str(raw_key), allowed, n=1)
@@ -539,6 +566,16 @@ def validate(cfg: TrainConfig) -> None:
     need(0 <= cfg.rm.replay_fraction < 1, "rm.replay_fraction: must be in [0, 1)")
     need(cfg.rm.questions >= 1 and cfg.rm.samples_per_question >= 1 and cfg.rm.completions_per_prefix >= 1,
          "rm.questions, rm.samples_per_question, rm.completions_per_prefix: must be >= 1")
+    st = cfg.status
+    need(0 <= st.port <= 65535, "status.port: must be in [0, 65535] (0 = any free port)")
+    need(-1 <= st.prometheus_port <= 65535, "status.prometheus_port: must be in [-1, 65535] (-1 = off, 0 = any)")
+    need(bool(st.tls_cert) == bool(st.tls_key), "status.tls_cert, status.tls_key: give both PEM files or neither")
+    need(bool(st.host), "status.host: must not be empty (127.0.0.1 = this machine only, 0.0.0.0 = every interface)")
+    from dsmath.status.auth import is_loopback
+
+    need(st.token != "none" or is_loopback(st.host),
+         f"status.token=none with status.host={st.host}: anyone who reaches the port could read the run; "
+         "use status.token=auto (a generated token in RUN_DIR/status_token) or bind 127.0.0.1")
     b = cfg.bootstrap
     need(b.num_heldout_problems >= 1, "bootstrap.num_heldout_problems: must be >= 1")
     need(0 <= b.stepwise_fraction <= 1, "bootstrap.stepwise_fraction: must be in [0, 1]")
@@ -569,6 +606,7 @@ __all__ = [
     "RewardConfig",
     "RewardModelTrainConfig",
     "RolloutConfig",
+    "StatusConfig",
     "TrainConfig",
     "WeightSyncConfig",
     "load_config",

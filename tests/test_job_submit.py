@@ -58,10 +58,13 @@ def wait_http(url: str, proc: subprocess.Popen, deadline_s: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_head() -> Iterator[tuple[str, dict]]:
+def ray_head() -> Iterator[tuple[str, dict, int]]:
+    """(dashboard URL, the environment clients need, the metrics agent's export port)."""
     if not Path(RAY).exists():
         pytest.skip("ray CLI not installed next to this Python")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # Metrics reach the agent's export port every second (default 10 s): a 2-step job is short.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_metrics_report_interval_ms": "1000"}
     gcs, dash, client, agent_grpc, agent_http, metrics, rt_env, nm, om = free_ports(9)
     temp_dir = tempfile.mkdtemp(prefix="rayj", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     cmd = [
@@ -78,7 +81,7 @@ def ray_head() -> Iterator[tuple[str, dict]]:
     address = f"http://127.0.0.1:{dash}"
     try:
         wait_http(f"{address}/api/version", proc, deadline_s=120)
-        yield address, env
+        yield address, env, metrics
     finally:
         # SIGTERM to the blocking `ray start`: it shuts down the processes it started. Whatever of our own
         # process group is left after that gets SIGKILL.
@@ -97,8 +100,8 @@ def ray_head() -> Iterator[tuple[str, dict]]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_ray_job_submit_with_working_dir(ray_head: tuple[str, dict], tmp_path: Path) -> None:
-    address, env = ray_head
+def test_ray_job_submit_with_working_dir(ray_head: tuple[str, dict, int], tmp_path: Path) -> None:
+    address, env, _ = ray_head
     work = tmp_path / "job"
     work.mkdir()
     (work / "script.py").write_text(
@@ -120,47 +123,111 @@ def test_ray_job_submit_with_working_dir(ray_head: tuple[str, dict], tmp_path: P
     assert "succeeded" in out.stdout
 
 
-def test_ray_job_submit_runs_dsmath_train_and_status_shows_it(ray_head: tuple[str, dict], tmp_path: Path) -> None:
-    """`ray job submit -- dsmath train ...` on the head: the job joins that cluster (RAY_ADDRESS), trains,
-    and `dsmath status RUN_DIR` shows the run while it is live and after it finished."""
+def scrape(url: str) -> str:
+    """The text a Prometheus endpoint serves now, or "" when it does not answer."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.read().decode()
+    except OSError:
+        return ""
+
+
+def sample_values(text: str, name: str, **labels: str) -> list[float]:
+    """Values of the series ``name`` carrying ``labels`` (Ray's agent exports ``ray.util.metrics`` gauges as
+    ``ray_<name>``)."""
+    import re
+
+    out = []
+    for line in text.splitlines():
+        m = re.match(rf"^{re.escape(name)}{{(.*)}} (\S+)$", line)
+        if m and all(f'{k}="{v}"' in m.group(1) for k, v in labels.items()):
+            out.append(float(m.group(2)))
+    return out
+
+
+def test_ray_job_submit_runs_dsmath_train_and_status_shows_it(ray_head: tuple[str, dict, int], tmp_path: Path) -> None:
+    """`ray job submit -- dsmath train ...` on the head: the job joins that cluster (RAY_ADDRESS), trains, and
+    - `dsmath status RUN_DIR` shows the run while it is live (reading the generated RUN_DIR/status_token itself)
+      and after it finished;
+    - `dsmath status --job ID --address DASHBOARD` finds the live run through the Ray Jobs API; a wrong token is
+      one line; once the job ended it answers one line;
+    - the run's Prometheus exporter (status.prometheus_port) and Ray's metrics agent (ray.util.metrics) both
+      serve the step figures while it runs, equal to the metrics.jsonl rows."""
     import json
 
     from test_train_loop import TINY
 
-    address, env = ray_head
+    address, env, metrics_port = ray_head
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     dsmath = str(Path(sys.executable).with_name("dsmath"))
     # 2 CPUs on this head: shrink the actors' CPU requests so generator, learner and reward worker all fit.
     args = TINY + [f"run_dir={run_dir}", f"bootstrap.data_dir={cache}", "steps=2", "rollout.num_generators=1",
-                   "rollout.cpus_per_generator=0.5", "learner.cpus_per_rank=0.5"]
+                   "rollout.cpus_per_generator=0.5", "learner.cpus_per_rank=0.5", "status.token=generate",
+                   "status.prometheus_port=0"]
     out = subprocess.run([RAY, "job", "submit", "--address", address, "--no-wait", "--", dsmath, "train",
                           "--no-progress", *args], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     job_id = next(line.split("'")[1] for line in out.stdout.splitlines() if "submitted successfully" in line)
 
-    seen_live = None
+    def status(*argv: str, token: str | None = None) -> subprocess.CompletedProcess:
+        e = {k: v for k, v in env.items() if k != "DSMATH_STATUS_TOKEN"}
+        if token:
+            e["DSMATH_STATUS_TOKEN"] = token
+        return subprocess.run([dsmath, "status", *argv], capture_output=True, text=True, env=e, timeout=120)
+
+    seen_live = seen_job = wrong_token = None
+    prom = ray_metrics = ""
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        status = subprocess.run([RAY, "job", "status", "--address", address, job_id], capture_output=True,
-                                text=True, env=env, timeout=60)
-        state = (status.stdout + status.stderr).lower()  # the Ray CLI logs "Job '…' succeeded" to stderr
-        if (run_dir / "status_address").exists() and seen_live is None:
-            view = subprocess.run([dsmath, "status", str(run_dir), "--json"], capture_output=True, text=True,
-                                  env=env, timeout=60)
-            if view.returncode == 0:
-                seen_live = json.loads(view.stdout)
+        job = subprocess.run([RAY, "job", "status", "--address", address, job_id], capture_output=True,
+                             text=True, env=env, timeout=60)
+        state = (job.stdout + job.stderr).lower()  # the Ray CLI logs "Job '…' succeeded" to stderr
+        if (run_dir / "status_address").exists() and (run_dir / "status_endpoint.json").exists():
+            token = (run_dir / "status_token").read_text().strip()
+            endpoint = json.loads((run_dir / "status_endpoint.json").read_text())
+            if wrong_token is None:  # first: the server is up from set-up on, the run's end comes soon after
+                wrong_token = status("--address", endpoint["address"], "--token", "wrong")
+            if seen_live is None:
+                view = status(str(run_dir), "--json")
+                seen_live = json.loads(view.stdout) if view.returncode == 0 else None
+            if seen_job is None:
+                view = status("--job", job_id, "--address", address, "--json", token=token)
+                seen_job = json.loads(view.stdout) if view.returncode == 0 else None
+            if not sample_values(prom, "dsmath_reward_mean"):
+                prom = scrape(endpoint["prometheus"])
+        if not sample_values(ray_metrics, "ray_dsmath_reward_mean", run="run"):
+            ray_metrics = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
         if any(word in state for word in ("succeeded", "failed", "stopped")):
             break
         time.sleep(1.0)  # a status poll interval, not a synchronisation sleep
     logs = subprocess.run([RAY, "job", "logs", "--address", address, job_id], capture_output=True, text=True,
                           env=env, timeout=60).stdout
     assert "succeeded" in state, state[-500:] + logs[-3000:]
-    assert "joining Ray cluster" in logs
+    assert "joining Ray cluster" in logs and "[dsmath] status endpoint: {" in logs
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["samples_trained"] == 2 * 4 * 4
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rewards = {row["reward/mean"] for row in rows}
+
     assert seen_live is not None, "dsmath status never saw the live job"
     assert seen_live["run_name"] == "run" and seen_live["state"] == "running" and seen_live["total_steps"] == 2
-    final = subprocess.run([dsmath, "status", str(run_dir), "--json"], capture_output=True, text=True, env=env,
-                           timeout=60)
+    assert seen_job is not None, "dsmath status --job never found the live job through the Jobs API"
+    assert seen_job["run_name"] == "run" and seen_job["total_steps"] == 2
+    assert wrong_token is not None and wrong_token.returncode == 2 and wrong_token.stdout == ""
+    assert wrong_token.stderr.strip().count("\n") == 0 and "rejected the request (wrong token)" in wrong_token.stderr
+
+    assert sample_values(prom, "dsmath_total_steps", run="run") == [2.0], prom[-2000:]
+    assert sample_values(prom, "dsmath_reward_mean", run="run")[0] in rewards, prom[-2000:]
+    ray_reward = sample_values(ray_metrics, "ray_dsmath_reward_mean", run="run")
+    assert ray_reward and ray_reward[0] in rewards, ray_metrics[-3000:]
+    versions = sample_values(ray_metrics, "ray_dsmath_generator_weight_version", run="run", generator="0")
+    assert versions and versions[0] in {0.0, 1.0, 2.0}, ray_metrics[-3000:]
+    assert sample_values(ray_metrics, "ray_dsmath_stage_seconds", run="run", stage="update"), ray_metrics[-3000:]
+
+    final = status(str(run_dir), "--json")
     snap = json.loads(final.stdout)
     assert snap["state"] == "finished" and snap["step"] == 2
+    ended = status("--job", job_id, "--address", address)
+    assert ended.returncode == 0, ended.stderr
+    assert ended.stdout.strip() == (f"Ray job {job_id} is succeeded: its status server is gone; `dsmath status "
+                                    f"RUN_DIR` on the driver's node shows the final figures")

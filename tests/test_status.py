@@ -393,3 +393,167 @@ def test_committed_generated_code_matches_the_proto(tmp_path: Path) -> None:
     for name in ("status_pb2.py", "status_pb2.pyi", "status_pb2_grpc.py"):
         fresh = (tmp_path / "dsmath" / "proto" / name).read_text()
         assert fresh == (ROOT / "dsmath" / "proto" / name).read_text(), f"{name} is stale: regenerate (see proto/__init__)"
+
+
+# ---------------------------------------------------------------------------------------------- binding, tokens, TLS
+def _lan_ip() -> str | None:
+    """This machine's address on its first non-loopback interface, or None (a UDP connect sends nothing)."""
+    import socket
+
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.connect(("10.254.254.254", 1))
+        ip = s.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        s.close()
+    return None if ip.startswith("127.") else ip
+
+
+def test_non_loopback_bind_needs_a_token_and_a_wrong_token_is_one_line() -> None:
+    with pytest.raises(UserError, match="binding 0.0.0.0 without a token"):
+        StatusServer(host="0.0.0.0", port=0)
+    ip = _lan_ip()
+    host = ip or "0.0.0.0"
+    with pytest.raises(UserError, match=f"binding {host} without a token"):
+        StatusServer(host=host, port=0)
+    with StatusServer(host="0.0.0.0", port=0, token="right", advertise_host=ip or "127.0.0.1") as server:
+        server.update(example(step=5))
+        assert server.address == f"{ip or '127.0.0.1'}:{server.port}"
+        out = dsmath_cli("--address", server.address, "--token", "wrong", "--json")
+        assert out.returncode == 2 and out.stdout == ""
+        assert out.stderr.strip() == (f"dsmath status: error: status server at {server.address} rejected the "
+                                      "request (wrong token); pass --token or set DSMATH_STATUS_TOKEN"), out.stderr
+        out = dsmath_cli("--address", server.address, "--json", env={"DSMATH_STATUS_TOKEN": "right"})
+        assert out.returncode == 0 and json.loads(out.stdout)["step"] == 5
+
+
+def test_server_token_modes_and_the_generated_token_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stat
+
+    from dsmath.errors import ConfigError
+    from dsmath.status.auth import read_run_token, server_token
+
+    assert server_token("auto", "127.0.0.1", tmp_path) == (None, None)
+    assert not (tmp_path / "status_token").exists()
+    token, path = server_token("auto", "0.0.0.0", tmp_path)
+    assert path == tmp_path / "status_token" and len(token) >= 40
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text() == token + "\n"
+    assert read_run_token(tmp_path) == token
+    again, _ = server_token("generate", "127.0.0.1", tmp_path)  # a new run: a new token, still owner-only
+    assert again != token and stat.S_IMODE(path.stat().st_mode) == 0o600
+    with pytest.raises(ConfigError, match="status.token=none with status.host=10.0.0.5"):
+        server_token("none", "10.0.0.5", tmp_path)
+    with pytest.raises(ConfigError, match=r"\$DSMATH_STATUS_TOKEN is not set"):
+        server_token("env", "0.0.0.0", tmp_path)
+    monkeypatch.setenv("DSMATH_STATUS_TOKEN", "chosen")
+    assert server_token("env", "0.0.0.0", tmp_path) == ("chosen", None)
+    assert server_token("auto", "0.0.0.0", tmp_path) == ("chosen", None)
+
+
+def test_status_config_keys_and_the_old_key_refused_in_one_line() -> None:
+    from dsmath.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny_cpu", ["status_port=50051"])
+    assert str(err.value) == "'status_port' is now 'status.port' (e.g. status.port=50051)"
+    with pytest.raises(ConfigError, match="status.token=none with status.host=0.0.0.0"):
+        load_config("tiny_cpu", ["status.host=0.0.0.0", "status.token=none"])
+    with pytest.raises(ConfigError, match="give both PEM files or neither"):
+        load_config("tiny_cpu", ["status.tls_cert=/x.pem"])
+    with pytest.raises(ConfigError, match="status.prometheus_port"):
+        load_config("tiny_cpu", ["status.prometheus_port=-2"])
+    cfg = load_config("tiny_cpu", ["status.host=0.0.0.0", "status.port=50051", "status.prometheus_port=0"])
+    assert (cfg.status.host, cfg.status.port, cfg.status.token, cfg.status.prometheus_port) == ("0.0.0.0", 50051,
+                                                                                                 "auto", 0)
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_tls_status_server_with_token(tmp_path: Path) -> None:
+    pytest.importorskip("cryptography")
+    cert, key = _self_signed(tmp_path)
+    with StatusServer(host="localhost", port=0, token="t0k", tls_cert=cert, tls_key=key) as server:
+        server.update(example(step=21))
+        assert server.address == f"grpcs://localhost:{server.port}"
+        assert fetch_snapshot(server.address, "t0k", tls_ca=str(cert)).step == 21
+        out = dsmath_cli("--address", server.address, "--tls-ca", str(cert), "--json",
+                         env={"DSMATH_STATUS_TOKEN": "t0k"})
+        assert out.returncode == 0 and json.loads(out.stdout)["step"] == 21
+        with pytest.raises(UserError):  # plaintext to a TLS port: refused, one line
+            fetch_snapshot(f"localhost:{server.port}", "t0k", timeout_s=2)
+        with pytest.raises(UserError, match="wrong token"):
+            fetch_snapshot(server.address, "nope", tls_ca=str(cert))
+
+
+def test_run_dir_status_uses_the_generated_token(tmp_path: Path) -> None:
+    from dsmath.status.auth import server_token
+
+    run_dir = tmp_path / "run"
+    token, _ = server_token("generate", "127.0.0.1", run_dir)
+    with StatusServer(host="127.0.0.1", port=0, token=token, run_dir=run_dir) as server:
+        server.update(example(step=8))
+        out = dsmath_cli(str(run_dir), "--json")
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["step"] == 8
+
+
+def test_status_without_argument_shows_the_most_recent_run(tmp_path: Path) -> None:
+    from dsmath.status.client import latest_run_dir
+
+    runs = tmp_path / "runs"
+    with pytest.raises(UserError, match="no run under"):
+        latest_run_dir(runs)
+    for name, step, mtime in (("old", 3, 1_700_000_000), ("new", 7, 1_700_000_500)):
+        (runs / name).mkdir(parents=True)
+        _write_metrics(runs / name, step)
+        os.utime(runs / name / "metrics.jsonl", (mtime, mtime))
+    (runs / "empty").mkdir()  # newest folder, but no run in it
+    assert latest_run_dir(runs) == runs / "new"
+    out = subprocess.run([sys.executable, "-m", "wiring.cli", "status", "--json"], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["step"] == 7
+    (runs / "latest").symlink_to("old")  # the link the driver maintains wins over modification times
+    assert latest_run_dir(runs) == runs / "latest"
+    out = subprocess.run([sys.executable, "-m", "wiring.cli", "status", "--json"], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0 and json.loads(out.stdout)["step"] == 3
+
+
+def test_job_lookup_with_no_dashboard_is_one_line() -> None:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    out = dsmath_cli("--job", "raysubmit_x", "--address", f"http://127.0.0.1:{port}", timeout=120)
+    assert out.returncode == 2 and out.stdout == "", out.stdout
+    line = out.stderr.strip()
+    assert "\n" not in line, line
+    assert line.startswith(f"dsmath status: error: no Ray job server answers at http://127.0.0.1:{port}"), line
+    out = dsmath_cli("--job", "raysubmit_x")
+    assert out.returncode == 2 and "--job needs --address" in out.stderr

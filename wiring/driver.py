@@ -118,8 +118,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
 
 def setup(cfg: TrainConfig, *, resume: bool, timer: StageTimer) -> Run:
     """Data, the run directory, the cluster, the generators, reward workers and learner, the status server."""
-    from dsmath.status import StatusServer
     from dsmath.status.snapshot import SnapshotBuilder
+    from wiring.observability import start_status
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -139,10 +139,9 @@ def setup(cfg: TrainConfig, *, resume: bool, timer: StageTimer) -> Run:
     holder["learner"] = learner
     if resume_from is not None:
         learner.load_checkpoint(resume_from)
-    status = StatusServer(port=cfg.status_port, run_dir=run_dir)
+    status = start_status(cfg, run_dir)  # gRPC status (+ Prometheus, Ray metrics); where it is, printed and written
     builder = SnapshotBuilder(run_dir.name, cfg.steps)
     status.update(builder.step(state.step, {}))  # visible as "running, step N/total" from the start
-    log(f"status: dsmath status {run_dir}   (gRPC on {status.address})")
     return Run(cfg=cfg, task=task, run_dir=run_dir, state=state, timer=timer, tokenizer=tokenizer, gen_pool=gen_pool,
                reward_pool=reward_pool, learner=learner, placement=placement,
                stream=ProblemStream(task.train, seed=cfg.seed, position=state.data_position), status=status,

@@ -2,7 +2,7 @@
 
 Usage from the driver::
 
-    server = StatusServer(port=cfg.status_port, run_dir=cfg.run_dir, prometheus_port=9400)
+    server = StatusServer(port=cfg.status.port, run_dir=cfg.run_dir, prometheus_port=9400)
     for step in ...:
         server.update({"run_name": ..., "step": step, "total_steps": n, "reward_trend": [...], ...})
     server.update({..., "state": "finished"}); server.stop()
@@ -11,8 +11,10 @@ Guaranteed: ``update`` is thread-safe and cheap (a validated swap of one immutab
 see a half-written one); with ``run_dir`` the server writes ``RUN_DIR/status_address`` once serving,
 ``RUN_DIR/status.json`` atomically on every update, and removes ``status_address`` on ``stop``.
 With a token (argument, else env ``DSMATH_STATUS_TOKEN``) every RPC must carry metadata
-``authorization: Bearer <token>`` or is answered UNAUTHENTICATED. The Prometheus endpoint is never
-token-protected: bind it to 127.0.0.1 or a private network.
+``authorization: Bearer <token>`` or is answered UNAUTHENTICATED. A host other than loopback without a token is
+refused (:class:`UserError`): the figures would be open to anyone who reaches the port. With ``tls_cert`` and
+``tls_key`` (PEM) the port speaks TLS and :attr:`StatusServer.address` reads ``grpcs://HOST:PORT``.
+The Prometheus endpoint is never token-protected: bind it to 127.0.0.1 or a private network.
 Not guaranteed: the figures' freshness; that is the driver's ``update`` cadence.
 """
 
@@ -30,6 +32,7 @@ import grpc
 
 from dsmath.errors import UserError
 from dsmath.proto import status_pb2_grpc
+from dsmath.status.auth import TLS_SCHEME, is_loopback
 from dsmath.status.snapshot import ADDRESS_FILE, STATUS_FILE, RunSnapshot
 
 TOKEN_ENV = "DSMATH_STATUS_TOKEN"
@@ -63,10 +66,11 @@ class _BearerTokenInterceptor(grpc.ServerInterceptor):
         return self._reject
 
 
-def _advertised_host(host: str) -> str:
-    # A wildcard bind is not an address a client can dial; advertise this machine's name instead.
+def _advertised_host(host: str, advertise: str | None = None) -> str:
+    # A wildcard bind is not an address a client can dial; advertise ``advertise`` (e.g. the Ray node's IP),
+    # else this machine's name, instead.
     if host in ("0.0.0.0", "::", "[::]", ""):
-        return socket.getfqdn()
+        return advertise or socket.getfqdn()
     return host
 
 
@@ -90,9 +94,17 @@ class StatusServer:
         prometheus_host: str | None = None,
         initial: dict[str, Any] | RunSnapshot | None = None,
         max_workers: int = 4,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        advertise_host: str | None = None,
     ) -> None:
         self.host = host
         self.token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
+        if not self.token and not is_loopback(host):
+            raise UserError(f"status server: binding {host} without a token would let anyone who reaches the port "
+                            f"read the run; set a token (status.token=auto) or bind 127.0.0.1")
+        self.tls = bool(tls_cert and tls_key)
+        self._advertise = advertise_host
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._lock = threading.Lock()
         self._snapshot = RunSnapshot()
@@ -108,14 +120,21 @@ class StatusServer:
         status_pb2_grpc.add_StatusServiceServicer_to_server(_Servicer(self), self._server)
         bind = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
         try:
-            self.port = self._server.add_insecure_port(bind)
+            if self.tls:
+                pair = (Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())  # type: ignore[arg-type]
+                self.port = self._server.add_secure_port(bind, grpc.ssl_server_credentials([pair]))
+            else:
+                self.port = self._server.add_insecure_port(bind)
+        except OSError as exc:
+            raise UserError(f"status server: cannot read the TLS key/certificate ({exc})") from None
         except RuntimeError as exc:
-            raise UserError(f"status server: cannot listen on {bind} ({exc}); pick another train.status_port") from None
+            raise UserError(f"status server: cannot listen on {bind} ({exc}); pick another status.port") from None
         if self.port == 0:
-            raise UserError(f"status server: cannot listen on {bind}; pick another train.status_port")
+            raise UserError(f"status server: cannot listen on {bind}; pick another status.port")
         self._server.start()
 
         self.prometheus_port: int | None = None
+        self._prom_host = prometheus_host or host
         self._prom_server = None
         self._prom_thread = None
         if prometheus_port is not None:
@@ -133,8 +152,17 @@ class StatusServer:
 
     @property
     def address(self) -> str:
-        """``host:port`` a client on this network can dial."""
-        return f"{_advertised_host(self.host)}:{self.port}"
+        """``host:port`` a client on this network can dial (``grpcs://host:port`` with TLS)."""
+        host = _advertised_host(self.host, self._advertise)
+        return f"{TLS_SCHEME if self.tls else ''}{host}:{self.port}"
+
+    @property
+    def prometheus_address(self) -> str | None:
+        """``http://host:port/metrics`` of the exporter, or None without one."""
+        if self.prometheus_port is None:
+            return None
+        host = _advertised_host(self._prom_host, self._advertise)
+        return f"http://{host}:{self.prometheus_port}/metrics"
 
     @property
     def snapshot(self) -> RunSnapshot:

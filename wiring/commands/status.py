@@ -9,19 +9,27 @@ DESCRIPTION = """\
 Show step/total and ETA, reward and accuracy trends, tokens/s, generator health, queue depths,
 the time split per stage, and the last checkpoint and eval of a training run.
 
+  dsmath status                           the most recent run: runs/latest, else the newest under runs/
   dsmath status runs/latest               live if RUN_DIR/status_address answers, else from
                                           RUN_DIR/status.json + RUN_DIR/metrics.jsonl
-  dsmath status --address HOST:PORT       ask a running job directly
+  dsmath status --address HOST:PORT       ask a running job directly (grpcs://HOST:PORT: TLS)
+  dsmath status --job JOB_ID --address http://HEAD:8265
+                                          a job started with `ray job submit`: its status server is found
+                                          through the Ray Jobs API (the endpoint line in the job's log)
   dsmath status runs/latest --watch       refresh in place every --interval seconds (Ctrl-C stops)
   dsmath status runs/latest --json        the snapshot as JSON, for scripts
 
-If the job was started with a token, pass --token or set DSMATH_STATUS_TOKEN.
+If the job was started with a token, pass --token or set DSMATH_STATUS_TOKEN (a run's generated token,
+RUN_DIR/status_token, is read by itself when RUN_DIR is given and readable).
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", nargs="?", default=None, help="run directory (default: runs/latest)")
-    parser.add_argument("--address", default=None, metavar="HOST:PORT", help="status server of a running job")
+    parser.add_argument("--address", default=None, metavar="HOST:PORT",
+                        help="status server of a running job; with --job, the Ray dashboard (http://HEAD:8265)")
+    parser.add_argument("--job", default=None, metavar="JOB_ID", help="a Ray job's submission id (or job id)")
+    parser.add_argument("--tls-ca", default=None, metavar="PEM", help="CA certificate to trust for a TLS server")
     parser.add_argument("--watch", action="store_true", help="refresh in place until interrupted")
     parser.add_argument("--interval", type=float, default=2.0, metavar="S", help="seconds between refreshes (--watch)")
     parser.add_argument("--json", action="store_true", help="print the snapshot as JSON")
@@ -30,27 +38,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-    import time
-
     from dsmath.errors import UserError
-    from dsmath.status.client import fetch_snapshot, load_status, resolve_token
+    from dsmath.status.client import StatusUnreachable, fetch_snapshot, latest_run_dir, load_status, resolve_token
     from dsmath.status.view import render
 
     if args.address and args.run_dir:
         raise UserError("give either RUN_DIR or --address, not both")
+    if args.job and not args.address:
+        raise UserError("--job needs --address http://HEAD:8265 (the Ray dashboard / job server)")
     if args.interval <= 0:
         raise UserError("--interval must be > 0")
     token = resolve_token(args.token)
-    run_dir = args.run_dir or (None if args.address else "runs/latest")
+    run_dir = args.run_dir or (None if args.address else str(latest_run_dir("runs")))
+
+    found: dict[str, str] = {}  # --job: the endpoint, looked up once (the job's log is read whole)
+
+    def load_job() -> tuple[object, str]:
+        from wiring.observability import find_job_endpoint
+
+        if "address" not in found:
+            found["address"] = find_job_endpoint(args.job, args.address).address
+        try:
+            snap = fetch_snapshot(found["address"], token, args.timeout, args.tls_ca)
+        except StatusUnreachable:
+            found.clear()
+            find_job_endpoint(args.job, args.address)  # the job ended meanwhile: JobNotRunning says so in one line
+            raise
+        return snap, f"live {found['address']} (Ray job {args.job})"
 
     def load() -> tuple[object, str]:
+        if args.job:
+            return load_job()
         if args.address:
-            return fetch_snapshot(args.address, token, args.timeout), f"live {args.address}"
-        return load_status(run_dir, token, min(args.timeout, 2.0))
+            return fetch_snapshot(args.address, token, args.timeout, args.tls_ca), f"live {args.address}"
+        return load_status(run_dir, token, min(args.timeout, 2.0), args.tls_ca)
 
     def show(snap, source: str) -> str:  # type: ignore[no-untyped-def]
         return snap.to_json() if args.json else render(snap, source=source)
+
+    if args.job:
+        from wiring.observability import JobNotRunning
+
+        try:
+            return _run_views(args, load, show)
+        except JobNotRunning as exc:  # a finished job is an answer, not a mistake: one line, exit 0 (1 if it failed)
+            print(str(exc))
+            return 0 if exc.state == "succeeded" else 1
+    return _run_views(args, load, show)
+
+
+def _run_views(args: argparse.Namespace, load, show) -> int:  # type: ignore[no-untyped-def]
+    import sys
+    import time
 
     if not args.watch:
         snap, source = load()
