@@ -250,6 +250,7 @@ class TrainConfig:
     eval_every: int = 0
     eval_size: int = 500
     checkpoint_every: int = 0
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept (a damaged latest falls back to the one before)
     ray_address: str = ""
     max_actor_restarts: int = 3  # per pool (generators, reward workers) per run; a learner failure ends the run
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -483,6 +484,8 @@ def validate(cfg: TrainConfig) -> None:
 
     need(cfg.steps >= 0, "steps: must be >= 0")
     need(cfg.max_actor_restarts >= 0, "max_actor_restarts: must be >= 0")
+    need(cfg.keep_checkpoints >= 1, "keep_checkpoints: must be >= 1 (2 or more lets --resume fall back past a "
+                                    "damaged checkpoint)")
     need(not cfg.data.train or bool(cfg.model.path),
          "data.train: questions from files need the model that answers them: set model.path too")
     need(not cfg.data.heldout or bool(cfg.data.train), "data.heldout: set data.train too")

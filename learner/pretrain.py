@@ -97,6 +97,7 @@ def evaluate_model(model, tokenizer, cfg: PretrainConfig, *, device="cpu", log: 
 
 
 def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int | None = None, progress: bool = True,
+                 config_changes: list[dict] | None = None,
                  log: Callable[[str], None] = print) -> dict:
     """Train ``cfg.optim.steps`` steps on the mixture; returns (and writes) ``RUN_DIR/summary.json``.
 
@@ -106,6 +107,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int |
     Writes ``RUN_DIR/{config.yaml, metrics.jsonl, checkpoints/step-N, summary.json}``; with an empty
     ``model.path`` also ``RUN_DIR/init`` (the tokenizer and initial weights). A run folder that
     already has checkpoints needs ``resume=True`` (a fresh run never silently overwrites one).
+    ``config_changes`` (from :func:`dsmath.run_dir.resume_changes`) are recorded with the step they take effect.
     """
     import yaml
     from tqdm import tqdm
@@ -128,6 +130,9 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int |
     model_dir = Path(cfg.model.path) if cfg.model.path else build_initial_model(cfg, run_dir / "init", log)
     if rank == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        from dsmath.run_dir import link_latest
+
+        link_latest(run_dir)  # runs/latest: the most recent run directory
 
     o = cfg.optim
     lcfg = LearnerConfig(lr=o.lr, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps, grad_clip=o.grad_clip,
@@ -149,6 +154,9 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int |
         step, label_tokens = int(extra["step"]), {n: int(extra["label_tokens"].get(n, 0)) for n in names}
         if rank == 0:
             _truncate_metrics(metrics_path, step)
+            from dsmath.run_dir import record_changes
+
+            record_changes(run_dir, config_changes or [], from_step=step + 1)  # RUN_DIR/config_changes.jsonl
         log(f"pretrain: resumed at step {step} from {ckpt_dir} (data position restored)")
     elif rank == 0 and metrics_path.exists():
         metrics_path.unlink()  # a fresh run does not append to an old run's curve

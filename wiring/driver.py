@@ -72,21 +72,39 @@ class Run:
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
-          fault_hook: Callable[[str, int, Any, Any], None] | None = None) -> dict:
+          fault_hook: Callable[[str, int, Any, Any], None] | None = None, overwrite: bool = False) -> dict:
     """Run online GRPO (or the configured method) as configured; returns (and writes) the run summary.
+
+    A fresh run refuses a run directory holding a run unless ``overwrite`` (then that run's files go first). A
+    resume refuses a ``cfg`` that changes the run's saved config beyond :data:`dsmath.run_dir.MUTABLE_ON_RESUME`
+    (allowed changes go to ``config_changes.jsonl``), and returns the saved summary of a finished run without
+    setting anything up. Refusals come before anything is created or started; any later failure leaves
+    ``status.json`` ``failed``.
 
     ``fault_hook(event, step, gen_pool, reward_pool)`` is called at ``rollout_submitted`` (generation in flight),
     ``reward_pending`` (scoring in flight) and ``weight_sync`` of every step: tests kill actors at a known point.
     """
     from tqdm import tqdm
 
+    from dsmath.run_dir import claim_fresh, finished_summary, resume_changes
+
     wall_start = time.time()
+    changes: list[dict] = []
+    if resume:
+        changes = resume_changes(cfg.run_dir, to_dict(cfg))
+        done = finished_summary(cfg.run_dir, cfg.steps)
+        if done is not None:
+            log(f"{cfg.run_dir} already finished its {done['steps']} steps (summary.json): nothing to resume")
+            return done
+    else:
+        claim_fresh(cfg.run_dir, overwrite=overwrite)
     timer = StageTimer()
-    with timer.stage("setup"):
-        run = setup(cfg, resume=resume, timer=timer)
-    setup_s = timer.pop().get("time/setup", 0.0)
+    run: Run | None = None
     producer = None
     try:
+        with timer.stage("setup"):
+            run = setup(cfg, resume=resume, timer=timer, changes=changes)
+        setup_s = timer.pop().get("time/setup", 0.0)
         before = evaluate_before(run, resume)
         producer = start_producer(run, resume=resume, progress=progress, fault_hook=fault_hook)
         bar = tqdm(total=cfg.steps, initial=run.state.step, disable=not progress, desc="grpo", unit="step",
@@ -100,24 +118,41 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         summary = finish(run, before, wall_start=wall_start, setup_s=setup_s, resume=resume)
         return summary
     except BaseException as exc:
-        try:
-            run.status.update(run.builder.finish(failed=f"{type(exc).__name__}: {exc}"))
-        except Exception:  # noqa: BLE001 - reporting the failure must not mask it
-            pass
+        mark_failed(cfg, run, exc)
         raise
     finally:
         if producer is not None:
             producer.close()
-        run.metrics_out.close()
-        run.status.stop()
-        release_actors(run.gen_pool.actors + run.reward_pool.actors, run.learner, run.placement)
+        if run is not None:
+            run.metrics_out.close()
+            run.status.stop()
+            release_actors(run.gen_pool.actors + run.reward_pool.actors, run.learner, run.placement)
+
+
+def mark_failed(cfg: TrainConfig, run: Run | None, exc: BaseException) -> None:
+    """``status.json`` says ``failed`` with the reason — also when set-up failed before the status server started
+    (a resumed run's directory then still holds the previous attempt's ``running`` or ``finished``)."""
+    from dsmath.status.snapshot import STATUS_FILE, SnapshotBuilder
+    from learner.checkpoint import write_text_atomic
+
+    reason = f"{type(exc).__name__}: {exc}"
+    try:
+        if run is not None:
+            run.status.update(run.builder.finish(failed=reason))
+        elif Path(cfg.run_dir).is_dir():
+            snapshot = SnapshotBuilder(Path(cfg.run_dir).name, cfg.steps).finish(failed=reason)
+            write_text_atomic(Path(cfg.run_dir) / STATUS_FILE, snapshot.to_json() + "\n")
+    except Exception:  # noqa: BLE001 - reporting the failure must not mask it
+        pass
 
 
 # ------------------------------------------------------------------------------------------------ setup
 
 
-def setup(cfg: TrainConfig, *, resume: bool, timer: StageTimer) -> Run:
-    """Data, the run directory, the cluster, the generators, reward workers and learner, the status server."""
+def setup(cfg: TrainConfig, *, resume: bool, timer: StageTimer, changes: list[dict] | None = None) -> Run:
+    """Data, the run directory, the cluster, the generators, reward workers and learner, the status server.
+    ``changes``: the config changes a resume was allowed (recorded with the step they take effect)."""
+    from dsmath.run_dir import link_latest, record_changes
     from dsmath.status.snapshot import SnapshotBuilder
     from wiring.observability import start_status
 
@@ -125,9 +160,9 @@ def setup(cfg: TrainConfig, *, resume: bool, timer: StageTimer) -> Run:
     run_dir.mkdir(parents=True, exist_ok=True)
     task = load_task(cfg)
     state, resume_from = (resume_state(run_dir) if resume else (RunState(), None))
-    if not resume and (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").unlink()  # a fresh run does not append to an old run's curve
+    record_changes(run_dir, changes or [], from_step=state.step + 1)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    link_latest(run_dir)
     connect_ray(cfg)
     from transformers import AutoTokenizer
 
@@ -149,13 +184,15 @@ def setup(cfg: TrainConfig, *, resume: bool, timer: StageTimer) -> Run:
 
 
 def resume_state(run_dir: Path) -> tuple[RunState, Path]:
-    """The state saved with the newest checkpoint under ``run_dir/checkpoints``, and that checkpoint."""
-    from dsmath.model_folder import resolve
+    """The state saved with the newest intact checkpoint under ``run_dir/checkpoints`` (verified against its
+    manifest; damaged newer ones are said in one line and skipped), and that checkpoint."""
+    from learner.checkpoint import pick_intact
 
     ckpt_root = run_dir / "checkpoints"
-    latest = resolve(ckpt_root)
-    if not (latest / "trainer_state.json").exists():
-        raise UserError(f"--resume: no checkpoint under {ckpt_root} (run without --resume to start fresh)")
+    try:
+        latest = pick_intact(ckpt_root, log=log)
+    except UserError as exc:
+        raise UserError(f"--resume: {exc}; start the run again with --overwrite") from None
     saved = json.loads((latest / "trainer_state.json").read_text())["extra"]
     state = RunState(**{k: v for k, v in saved.items() if k in RunState.__dataclass_fields__})
     log(f"resuming from {latest} at step {state.step} (weight version {state.weight_version})")
@@ -376,13 +413,17 @@ def maybe_evaluate(run: Run, producer, row: dict, step: int) -> None:
 
 
 def maybe_checkpoint(run: Run, row: dict, step: int) -> None:
-    """Stage ``checkpoint`` every ``checkpoint_every`` steps and at the last."""
+    """Stage ``checkpoint`` every ``checkpoint_every`` steps and at the last; then only the newest
+    ``keep_checkpoints`` are kept (and none newer than this one: a resume abandoned them)."""
+    from learner.checkpoint import prune
+
     cfg = run.cfg
     if not (cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps)):
         return
     with run.timer.stage("checkpoint"):
         path = run.learner.save_checkpoint(run.run_dir / "checkpoints" / f"step-{step:06d}",
                                            extra=dataclasses_asdict(run.state))
+        prune(run.run_dir / "checkpoints", cfg.keep_checkpoints, Path(path))
     row.update(run.timer.pop())
     run.last_ckpt = {"step": step, "path": str(path)}
 

@@ -47,24 +47,30 @@ def _rm_round_remote(**kwargs) -> dict:
 
 
 def iterate(cfg: TrainConfig, *, iterations: int, kind: str = "process", progress: bool = True,
-            train_fn: Callable[..., dict] | None = None, rm_round_fn: Callable[..., dict] | None = None) -> dict:
+            train_fn: Callable[..., dict] | None = None, rm_round_fn: Callable[..., dict] | None = None,
+            overwrite: bool = False) -> dict:
     """Run ``iterations`` rounds of Algorithm 1 with ``cfg.steps`` GRPO steps each; returns (and writes) the summary.
 
     ``kind`` is the reward model trained between iterations (``process``: PRM + ``grpo.advantage=process``;
     ``outcome``: ORM + outcome advantages). ``train_fn`` / ``rm_round_fn`` default to the real driver and RM round.
+    A ``run_dir`` holding iterations is refused unless ``overwrite`` (then they are removed first); the run dir's
+    parent's ``latest`` link is pointed at it.
     """
     from wiring.cluster import connect_ray
     from wiring.driver import train
     from wiring.task import load_task
     from wiring.rm_pipeline import sample_problems
     from dsmath.model_folder import resolve
+    from dsmath.run_dir import claim_fresh, link_latest
 
     if iterations < 1:
         raise UserError("--iterations: must be >= 1")
     train_fn = train_fn or train
     rm_round_fn = rm_round_fn or _rm_round_remote
     run_dir = Path(cfg.run_dir)
+    claim_fresh(run_dir, overwrite=overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
+    link_latest(run_dir)
     task = load_task(cfg)
     connect_ray(cfg)
     policy = task.model_dir

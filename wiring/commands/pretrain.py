@@ -29,6 +29,10 @@ summary.json} and, when model.path is empty, RUN_DIR/init (tokenizer + initial w
 """
 
 
+# What `dsmath pretrain --resume` may change (recorded in RUN_DIR/config_changes.jsonl); the rest is refused.
+MUTABLE_ON_RESUME = ("run_dir", "optim.steps", "checkpoint_every", "eval.eval_every")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted config overrides, e.g. data.sources.math.weight=0.5 optim.steps=100")
@@ -37,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", help="where metrics, checkpoints and summary.json go (same as run_dir=...)")
     p.add_argument("--steps", type=int, help="optimizer steps in total (same as optim.steps=N)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the run dir's last checkpoint: weights, optimizer and data position")
+                   help="continue from the run dir's newest intact checkpoint (weights, optimizer, data position) "
+                        "with its saved config.yaml; only optim.steps, checkpoint_every, eval.eval_every may change")
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="stop after step N of the optim.steps schedule (checkpointed; --resume continues it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -55,14 +60,23 @@ def run(args: argparse.Namespace) -> int:
     from dsmath.errors import UserError
     from dsmath.pretrain.data import check_paths, check_run_dir
 
+    check_run_dir(cfg, args.resume)  # before the slow imports: a user mistake fails in a second
+    changes: list[dict] = []
+    if args.resume:  # the run as it was started: its saved config, changed only where a resume may change it
+        from dsmath.config import to_dict
+        from dsmath.run_dir import resume_changes, saved_config_path
+
+        cfg = load_pretrain_config(str(saved_config_path(cfg.run_dir)), overrides)
+        changes = resume_changes(cfg.run_dir, to_dict(cfg), mutable=MUTABLE_ON_RESUME)
+
     if args.stop_after is not None and args.stop_after < 1:
         raise UserError(f"--stop-after: {args.stop_after} must be >= 1")
-    check_run_dir(cfg, args.resume)  # before the slow imports: a user mistake fails in a second
     check_paths(cfg)
     _probe_shards(cfg)
     from learner.pretrain import run_pretrain
 
-    s = run_pretrain(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
+    s = run_pretrain(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress,
+                     config_changes=changes)
     shares = ", ".join(f"{n} {s['mixture_realised'][n]:.1%} (weight {w:.1%})" for n, w in s["mixture_weights"].items())
     print(f"pretrain: {s['steps']} steps, {s['label_tokens']:,} trained tokens, loss {s['first_loss']:.3f} -> "
           f"{s['final_loss']:.3f} (mean of the last 10); {s['wall_seconds']:.0f} s")

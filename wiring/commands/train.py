@@ -16,7 +16,9 @@ examples:
   dsmath train --config deepseekmath_7b model.path=/models/deepseek-math-7b-instruct data.train=q.jsonl
   dsmath train grpo.beta=0.0 rollout.group_size=16 steps=100
   dsmath train --config deepseekmath_7b --dry-run        # the memory plan per GPU; starts nothing
-  dsmath train --resume --run-dir runs/tiny_cpu
+  dsmath train --resume --run-dir runs/tiny_cpu          # the run as it was started (RUN_DIR/config.yaml)
+  dsmath train --resume --run-dir runs/tiny_cpu steps=40 # a resume may change steps, cadences, ports only
+  dsmath train --overwrite --run-dir runs/tiny_cpu       # start again in a directory that holds a run
   ray job submit --address http://HEAD:8265 --working-dir . -- dsmath train --config deepseekmath_7b
 
 On GPU configs (learner.gpus_per_rank > 0 or rollout.gpus_per_generator > 0) the memory plan
@@ -24,7 +26,15 @@ On GPU configs (learner.gpus_per_rank > 0 or rollout.gpus_per_generator > 0) the
 GPU) is checked before anything starts; a config whose estimate exceeds learner.gpu_memory_gb /
 rollout.gpu_memory_gb is refused in one line naming the biggest term and the setting that would fix it.
 
-writes RUN_DIR/{config.yaml, metrics.jsonl, tensorboard/, checkpoints/, summary.json, status.json}
+--resume runs the config saved in RUN_DIR/config.yaml (the --config preset is not read); an override that
+changes it is refused naming the key, except the keys a resume may change (steps, eval_every,
+checkpoint_every, keep_checkpoints, status settings, ray_address, ...: dsmath.run_dir.MUTABLE_ON_RESUME),
+which are recorded in RUN_DIR/config_changes.jsonl with the step they take effect. It starts from the newest
+checkpoint that matches its manifest (a damaged newer one is said and skipped); a finished run is said and
+left alone. A fresh run into a directory holding a run is refused unless --overwrite.
+
+writes RUN_DIR/{config.yaml, metrics.jsonl, tensorboard/, checkpoints/, summary.json, status.json} and points
+the run dir's parent's `latest` link (runs/latest) at RUN_DIR
 """
 
 
@@ -34,7 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", help="where metrics, checkpoints and summary.json go (default: the config's run_dir)")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start a local cluster)")
     p.add_argument("--steps", type=int, help="number of GRPO steps (same as steps=N)")
-    p.add_argument("--resume", action="store_true", help="continue from the run dir's last checkpoint, exactly")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir from its newest intact checkpoint, with its saved config")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start fresh in a run dir that holds a run (its files are removed first)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the memory plan per learner and generator GPU and exit (0 if it fits, 2 if not); "
@@ -43,6 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dsmath.config import load_config
+    from dsmath.errors import UserError
 
     overrides = list(args.overrides)
     if args.run_dir:
@@ -51,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"ray_address={args.address}")
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
-    cfg = load_config(args.config, overrides)
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite: choose one (continue the run, or replace it)")
+    cfg = resumed_config(args, overrides) if args.resume else load_config(args.config, overrides)
     if args.dry_run:
         return dry_run(cfg)
     if cfg.learner.gpus_per_rank > 0 or cfg.rollout.gpus_per_generator > 0:
@@ -60,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         check(cfg)  # a one-line ConfigError before Ray, vLLM or DeepSpeed start
     from wiring.driver import train
 
-    summary = train(cfg, resume=args.resume, progress=not args.no_progress)
+    summary = train(cfg, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     before, after = summary["heldout_accuracy_before"], summary["heldout_accuracy_after"]
     print(
         f"held-out greedy accuracy on {summary['heldout_size']} problems: "
@@ -68,6 +84,18 @@ def run(args: argparse.Namespace) -> int:
         f"({after - before:+.1%}); {summary['wall_seconds']:.0f} s; summary: {summary['summary_path']}"
     )
     return 0
+
+
+def resumed_config(args: argparse.Namespace, overrides: list[str]):
+    """The run's saved ``RUN_DIR/config.yaml`` with ``overrides`` applied (the driver refuses those that change
+    what may not change). RUN_DIR is --run-dir / ``run_dir=``, else the preset's; nothing is created."""
+    from dsmath.config import load_config, parse_overrides
+    from dsmath.run_dir import saved_config_path
+
+    run_dir = next((str(v) for k, v in reversed(parse_overrides(overrides)) if k == "run_dir"), None)
+    if run_dir is None:
+        run_dir = load_config(args.config, overrides).run_dir
+    return load_config(str(saved_config_path(run_dir)), overrides)
 
 
 def dry_run(cfg) -> int:
