@@ -23,6 +23,10 @@ from pathlib import Path
 import pytest
 
 DSMATH = Path(sys.executable).parent / "dsmath"
+REPO = Path(__file__).resolve().parents[1]
+# the subprocesses run this checkout's code, whatever checkout the venv's editable install points at
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+       "PYTHONWARNINGS": "ignore", "DSMATH_OVERRIDES": "", "DSMATH_STATUS_TOKEN": ""}
 N_RECORDS = 40
 
 
@@ -156,9 +160,8 @@ def _run_one(case: Case, d: Damaged, root: Path) -> Outcome:
     work = root / f"{case.command}{'-skip' if case.skip_bad else ''}" / d.name.replace(".", "_")
     work.mkdir(parents=True)
     argv, path = _argv(case, d, work)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "DSMATH_OVERRIDES": ""}
     p = subprocess.run([str(DSMATH), *argv], capture_output=True, text=True, errors="replace", timeout=60,
-                       cwd=work, env=env, stdin=subprocess.DEVNULL)
+                       cwd=work, env=ENV, stdin=subprocess.DEVNULL)
     return Outcome(case, d, path, work, p.returncode, p.stdout, p.stderr)
 
 
@@ -260,3 +263,69 @@ def test_no_half_written_output_is_left(outcomes):
     for o in outcomes:  # every decontam that exited 0 wrote both of its outputs
         if o.case.command == "corpus-decontam" and o.rc == 0:
             assert (o.work / "clean.jsonl").is_file() and (o.work / "clean.dropped.jsonl").is_file()
+
+
+# ---------------------------------------------------------------------- dsmath status --address: service errors
+import socket  # noqa: E402
+import threading  # noqa: E402
+
+
+class _TcpServer:
+    """A real TCP listener on 127.0.0.1 that is not a status server: it sends ``reply`` (junk) to whoever
+    connects, or nothing at all (a peer that never answers), and keeps the connection open."""
+
+    def __init__(self, reply: bytes | None) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.reply, self.conns = reply, []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            if self.reply is not None:
+                conn.sendall(self.reply)
+
+    def close(self) -> None:
+        for c in self.conns:
+            c.close()
+        self.sock.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("kind", ["dead port", "junk server", "silent server", "bad address", "bad port"])
+def test_status_address_failures_are_one_line_saying_what_to_do(kind):
+    server = None
+    if kind == "dead port":
+        address, expect = f"127.0.0.1:{_free_port()}", "no status server answers"
+    elif kind == "junk server":
+        server = _TcpServer(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello" + bytes(range(256)))
+        address, expect = f"127.0.0.1:{server.port}", "or HOST:PORT is another service"
+    elif kind == "silent server":
+        server = _TcpServer(None)
+        address, expect = f"127.0.0.1:{server.port}", "did not answer in time (raise --timeout"
+    elif kind == "bad address":
+        address, expect = "localhost", "must be HOST:PORT"
+    else:
+        address, expect = "127.0.0.1:99999", "must be HOST:PORT"
+    try:
+        p = subprocess.run([str(DSMATH), "status", "--address", address, "--timeout", "1.5"], capture_output=True,
+                           text=True, timeout=60, env=ENV)
+    finally:
+        if server is not None:
+            server.close()
+    lines = _stderr_lines(p.stderr)
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert lines[0].startswith("dsmath status: error: ") and expect in lines[0], lines[0]
+    assert "Traceback" not in p.stderr

@@ -35,8 +35,9 @@ def _rpc_error(address: str, token: str | None, exc: grpc.RpcError) -> UserError
     if code == grpc.StatusCode.PERMISSION_DENIED:
         return UserError(f"status server at {address} refused access ({details}); check --token / {TOKEN_ENV}")
     if code == grpc.StatusCode.UNAVAILABLE:
-        return StatusUnreachable(f"no status server answers at {address} (the job may have ended; check the address "
-                                 f"in RUN_DIR/status_address, or read the run's files: dsmath status RUN_DIR)")
+        return StatusUnreachable(f"no status server answers at {address} (the job may have ended, or HOST:PORT is "
+                                 f"another service; check RUN_DIR/status_address, or read the run's files: "
+                                 f"dsmath status RUN_DIR)")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return StatusUnreachable(f"status server at {address} did not answer in time (raise --timeout, or check "
                                  f"that HOST:PORT is the job's status server and not another service)")
