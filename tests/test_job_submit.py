@@ -17,7 +17,8 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,23 @@ def scrape(url: str) -> str:
         return ""
 
 
+class Scraper(threading.Thread):
+    """Scrapes ``url()`` every 0.3 s until stopped, keeping the last answer that holds a ``name`` series: a 2-step
+    run's figures exist for a few seconds only, too short for the main loop's slower subprocess polls."""
+
+    def __init__(self, url: Callable[[], str | None], name: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.name, self.text = url, name, ""
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.3):
+            url = self.url()
+            text = scrape(url) if url else ""
+            if sample_values(text, self.name, run="run"):
+                self.text = text
+
+
 def sample_values(text: str, name: str, **labels: str) -> list[float]:
     """Values of the series ``name`` carrying ``labels`` (Ray's agent exports ``ray.util.metrics`` gauges as
     ``ray_<name>``)."""
@@ -176,7 +194,18 @@ def test_ray_job_submit_runs_dsmath_train_and_status_shows_it(ray_head: tuple[st
         return subprocess.run([dsmath, "status", *argv], capture_output=True, text=True, env=e, timeout=120)
 
     seen_live = seen_job = wrong_token = None
-    prom = ray_metrics = ""
+    endpoint_file = run_dir / "status_endpoint.json"
+
+    def prometheus_url() -> str | None:
+        try:
+            return json.loads(endpoint_file.read_text())["prometheus"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    scrapers = [Scraper(prometheus_url, "dsmath_reward_mean"),
+                Scraper(lambda: f"http://127.0.0.1:{metrics_port}/metrics", "ray_dsmath_reward_mean")]
+    for scraper in scrapers:
+        scraper.start()
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         job = subprocess.run([RAY, "job", "status", "--address", address, job_id], capture_output=True,
@@ -184,7 +213,7 @@ def test_ray_job_submit_runs_dsmath_train_and_status_shows_it(ray_head: tuple[st
         state = (job.stdout + job.stderr).lower()  # the Ray CLI logs "Job '…' succeeded" to stderr
         if (run_dir / "status_address").exists() and (run_dir / "status_endpoint.json").exists():
             token = (run_dir / "status_token").read_text().strip()
-            endpoint = json.loads((run_dir / "status_endpoint.json").read_text())
+            endpoint = json.loads(endpoint_file.read_text())
             if wrong_token is None:  # first: the server is up from set-up on, the run's end comes soon after
                 wrong_token = status("--address", endpoint["address"], "--token", "wrong")
             if seen_live is None:
@@ -193,13 +222,13 @@ def test_ray_job_submit_runs_dsmath_train_and_status_shows_it(ray_head: tuple[st
             if seen_job is None:
                 view = status("--job", job_id, "--address", address, "--json", token=token)
                 seen_job = json.loads(view.stdout) if view.returncode == 0 else None
-            if not sample_values(prom, "dsmath_reward_mean"):
-                prom = scrape(endpoint["prometheus"])
-        if not sample_values(ray_metrics, "ray_dsmath_reward_mean", run="run"):
-            ray_metrics = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
         if any(word in state for word in ("succeeded", "failed", "stopped")):
             break
         time.sleep(1.0)  # a status poll interval, not a synchronisation sleep
+    for scraper in scrapers:
+        scraper.stop.set()
+        scraper.join(timeout=30)
+    prom, ray_metrics = scrapers[0].text, scrapers[1].text
     logs = subprocess.run([RAY, "job", "logs", "--address", address, job_id], capture_output=True, text=True,
                           env=env, timeout=60).stdout
     assert "succeeded" in state, state[-500:] + logs[-3000:]

@@ -255,3 +255,20 @@ def test_audit_sample_is_a_fixed_share_and_off_at_zero():
     finally:
         worker.close()
     assert not results[0].audited and results[0].no_answer
+
+
+def test_math_verify_as_the_second_check_flags_what_strict_grading_missed():
+    """``reward.audit_check=math_verify`` (on this, the main, thread): it reads the bare final number that strict
+    grading refuses, so that sample is the one disagreement; the boxed right and wrong answers agree."""
+    pytest.importorskip("math_verify")
+    worker = RewardWorker(RewardConfig(audit_fraction=1.0, audit_check="math_verify"))
+    try:
+        results = worker.score([rollout("a", "The answer is \\boxed{42}.", "42"),
+                                rollout("b", "6 times 7, so we get 42", "42"),
+                                rollout("c", "The answer is \\boxed{41}.", "42")])
+    finally:
+        worker.close()
+    assert [r.correct for r in results] == [True, False, False]
+    assert [r.audited for r in results] == [True, True, True]
+    assert [r.audit_disagrees for r in results] == [False, True, False]
+    assert [r.audit_reason for r in results] == ["math_verify: equal", "math_verify: equal", "math_verify: not equal"]
