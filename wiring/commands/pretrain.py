@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"summary: {cfg.run_dir}/summary.json  checkpoint: {s['checkpoint']}")
     return 0
 
+
 def _probe_shards(cfg) -> None:  # type: ignore[no-untyped-def]
     """Open every shard and read its first record, before the model loads: a shard that cannot be opened (wrong
     compression, UTF-16, not Parquet, a broken JSON file) is a one-line error in a second, not after set-up.
