@@ -34,7 +34,6 @@ MUTABLE_ON_RESUME = (
     "eval_every",
     "checkpoint_every",
     "keep_checkpoints",
-    "status_port",
     "status.*",
     "ray_address",
     "run_dir",
