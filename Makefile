@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/dsmath train
+	$(VENV)/bin/dsmath train --overwrite   # the default job, from scratch each time (runs/tiny_cpu)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
