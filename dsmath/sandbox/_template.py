@@ -479,12 +479,14 @@ NEW_ROOT = "/tmp"  # where the view is assembled, in the template's private moun
 _BIND_KINDS = ("stdlib", "site-packages", "interpreter", "shared-library", "device")
 
 
-def build_root(view: list[tuple[str, str, str]]) -> None:
+def build_root(view: list[tuple[str, str, str]]) -> dict:
     """Assemble ``view`` on a fresh tmpfs and pivot into it (this process's private mount namespace only).
 
     Every host source is opened (O_PATH) before the tmpfs covers anything, so a source under NEW_ROOT (a CI
     checkout in /tmp) still binds. Afterwards the old root is detached: nothing outside the view is reachable
-    by any path, from the template or from anything it forks."""
+    by any path, from the template or from anything it forks. Returns what of the view lies under /tmp
+    (``{"links": [(link, target)], "binds": [(path, is_dir)]}``): each run mounts a fresh /tmp over it and
+    puts those back on top (:func:`_restore_tmp_entries`)."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE, None)
     binds = []
     for path, kind, src in view:
@@ -520,16 +522,38 @@ def build_root(view: list[tuple[str, str, str]]) -> None:
             os.chmod(new(path), 0o644)
         elif kind in ("tmp", "shm", "proc"):
             os.makedirs(new(path), mode=0o755, exist_ok=True)
+    in_tmp = lambda p: p == "/tmp" or p.startswith("/tmp/")  # noqa: E731
+    tmp_keep = {"links": sorted({(link, target) for links, _, _, _ in binds for link, target in links if in_tmp(link)}),
+                "binds": [(real, kind in ("stdlib", "site-packages")) for _, real, kind, _ in binds if in_tmp(real)]}
     _mount(None, NEW_ROOT, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
     os.chdir(NEW_ROOT)
     _check(_libc.syscall(ctypes.c_long(_PIVOT_ROOT[os.uname().machine]), b".", b"."), "pivot_root")
     _check(_libc.umount2(b".", ctypes.c_int(2)), "detach the old root")  # MNT_DETACH
     os.chdir("/")
+    return tmp_keep
+
+
+def _restore_tmp_entries(tmp_keep: dict, fds: list[int]) -> None:
+    """Inside a run, after its fresh /tmp is mounted: the view's entries under /tmp (e.g. the site-packages of a
+    virtualenv checked out under /tmp) bound back read-only, from ``fds`` opened (O_PATH) before the tmpfs
+    covered them. Needs this namespace's /proc (the binds go through /proc/self/fd)."""
+    for link, target in tmp_keep["links"]:
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        if not os.path.lexists(link):
+            os.symlink(target, link)
+    for (path, is_dir), fd in zip(tmp_keep["binds"], fds):
+        os.makedirs(path if is_dir else os.path.dirname(path), exist_ok=True)
+        if not is_dir and not os.path.lexists(path):
+            open(path, "w").close()
+        _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND, None)
+        _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+        os.close(fd)
 
 
 
 
-def _init_main(req: dict, out_w: int, err_w: int, uid: int | None, status_w: int, lifeline: int) -> None:
+def _init_main(req: dict, out_w: int, err_w: int, uid: int | None, status_w: int, lifeline: int,
+               tmp_keep: dict | None = None) -> None:
     """B: PID 1 of the run's PID namespace; gives the run its own mount namespace. Never returns.
 
     B dies with its template (PR_SET_PDEATHSIG=SIGKILL; ``lifeline`` is a pidfd of the template, checked once
@@ -545,14 +569,22 @@ def _init_main(req: dict, out_w: int, err_w: int, uid: int | None, status_w: int
         _mount(None, "/", None, MS_REC | MS_PRIVATE, None)
         owner = f"uid={uid or 0},gid={uid or 0}"
         size = f"size={int(req['limits']['scratch_mb'])}m"
+        tmp_keep = tmp_keep or {"links": [], "binds": []}
+        kept = [os.open(path, os.O_PATH | os.O_CLOEXEC) for path, _ in tmp_keep["binds"]]  # before /tmp is covered
         _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"{size},mode=0700,{owner}")
         # POSIX semaphores / shared memory (multiprocessing) need a writable /dev/shm: a private one
         _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, f"{size},mode=1777,{owner}")
         _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)  # this namespace's pids only
+        _restore_tmp_entries(tmp_keep, kept)
+        scratch = "/tmp"
+        if tmp_keep["binds"]:  # /tmp also holds the view's entries: the run's cwd/HOME/TMPDIR is an empty subfolder
+            scratch = "/tmp/.run"
+            os.mkdir(scratch, 0o700)
+            os.chown(scratch, uid or 0, uid or 0)
         child = os.fork()
         if child == 0:
             os.close(status_w)
-            _child_main(req, out_w, err_w, "/tmp", uid)
+            _child_main(req, out_w, err_w, scratch, uid)
         os.close(out_w)
         os.close(err_w)
         while True:
@@ -627,7 +659,7 @@ class Template:
         _unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
         self.net_isolated = True
         _check(_libc.sethostname(SANDBOX_HOSTNAME, ctypes.c_size_t(len(SANDBOX_HOSTNAME))), "sethostname")
-        build_root(self.view)
+        self.tmp_keep = build_root(self.view)
 
     def serve(self) -> None:
         try:
@@ -691,7 +723,7 @@ class Template:
             if pid == 0:
                 os.close(status_r)
                 self.sock.close()
-                _init_main(req, out_w, err_w, self.uid, status_w, self.lifeline)
+                _init_main(req, out_w, err_w, self.uid, status_w, self.lifeline, self.tmp_keep)
         finally:
             _check(_libc.setns(self.pidns_fd, CLONE_NEWPID), "setns")  # back, so the next unshare works
             os.close(status_w)
