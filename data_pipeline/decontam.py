@@ -82,7 +82,7 @@ def ngram_hashes(tokens: list[str], n: int) -> np.ndarray:
     return acc
 
 
-def ngram_hashes_reference(tokens: list[str], n: int) -> list[int]:
+def ngram_hashes_loop(tokens: list[str], n: int) -> list[int]:
     """Plain-loop reference for :func:`ngram_hashes` (Python ints, explicit mod 2^64)."""
     out = []
     for i in range(len(tokens) - n + 1):

@@ -1,6 +1,6 @@
 """Exact-URL dedup and MinHash-LSH near-duplicate removal (pure numpy; no distributed imports).
 
-``minhash_signature`` is the vectorised kernel; ``minhash_signature_reference`` is the plain-loop version it
+``minhash_signature`` is the vectorised kernel; ``minhash_signature_loop`` is the plain-loop version it
 must agree with (tested). ``near_duplicates`` bands the signatures (``bands`` × ``num_perm/bands`` rows),
 verifies each candidate pair by the estimated Jaccard (fraction of equal signature slots) ≥ ``threshold``, and
 keeps the first page (input order) of every connected group. Guaranteed: deterministic for a given seed and
@@ -49,7 +49,7 @@ def minhash_signature(text: str, a: np.ndarray, b: np.ndarray, k: int) -> np.nda
     return (vals & np.uint64(_MAX32)).min(axis=0).astype(np.uint32)
 
 
-def minhash_signature_reference(text: str, a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
+def minhash_signature_loop(text: str, a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
     """Plain-loop reference for :func:`minhash_signature` (Python ints, exact arithmetic)."""
     p = (1 << 61) - 1
     hs = [_hash32(s) for s in set(shingles(text, k))]

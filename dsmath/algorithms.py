@@ -23,12 +23,13 @@ the loss below). In this code base every method trains through :func:`dsmath.grp
 the coefficients as "advantages", on-policy ``old_logp`` (ratio 1: the clip is inactive) and β = 0
 except for GRPO, so the loss gradient *is* the table's.
 
-Pure torch: no Ray, no DeepSpeed. Every kernel has a plain loop twin in
-:mod:`dsmath.algorithms_reference`; tests hold them equal to 1e-6.
+Pure torch: no Ray, no DeepSpeed. Every kernel ``f`` has its plain-loop twin ``f_loop`` right below it (lists
+of floats in, lists of floats out, token by token as the formulas read); tests hold them equal to 1e-6.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -92,6 +93,19 @@ def sequence_log_ratio(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
     return ((logp - ref_logp) * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)  # [N]
 
 
+def sequence_log_ratio_loop(logp: list[list[float]], ref_logp: list[list[float]], mask: list[list[float]]) -> list[float]:
+    """Plain-loop twin of :func:`sequence_log_ratio` (tests hold them equal)."""
+    out = []
+    for lp, rp, m in zip(logp, ref_logp, mask):
+        total, count = 0.0, 0.0
+        for a, b, k in zip(lp, rp, m):
+            if k:
+                total += (a - b) * k
+                count += k
+        out.append(total / count if count else 0.0)
+    return out
+
+
 def dpo_loss(chosen_ratio: Tensor, rejected_ratio: Tensor, beta: float) -> tuple[Tensor, dict[str, float]]:
     """The DPO loss of the paper (A.1.4), mean over pairs:  −log σ(β·(ρ(o⁺) − ρ(o⁻))).
 
@@ -109,11 +123,25 @@ def dpo_loss(chosen_ratio: Tensor, rejected_ratio: Tensor, beta: float) -> tuple
     return loss, metrics
 
 
+def dpo_loss_loop(chosen_ratio: list[float], rejected_ratio: list[float], beta: float) -> float:
+    """Plain-loop twin of :func:`dpo_loss` (tests hold them equal)."""
+    losses = []
+    for c, r in zip(chosen_ratio, rejected_ratio):
+        margin = beta * (c - r)
+        losses.append(-math.log(1.0 / (1.0 + math.exp(-margin))))
+    return sum(losses) / len(losses) if losses else 0.0
+
+
 def dpo_coefficients(chosen_ratio: Tensor, rejected_ratio: Tensor, beta: float) -> Tensor:
     """GC_DPO = β·σ(β·ρ(o⁻) − β·ρ(o⁺)) per pair, ``[P]``: the gradient of :func:`dpo_loss` (summed
     over pairs, not averaged) is ``−Σ_pairs GC · (∇ρ(o⁺) − ∇ρ(o⁻))``. Multiply by ``+1`` on the chosen
     and ``−1`` on the rejected completion's tokens to get the table's per-token coefficient."""
     return beta * torch.sigmoid(beta * (rejected_ratio - chosen_ratio))  # [P]
+
+
+def dpo_coefficients_loop(chosen_ratio: list[float], rejected_ratio: list[float], beta: float) -> list[float]:
+    """Plain-loop twin of :func:`dpo_coefficients` (tests hold them equal)."""
+    return [beta / (1.0 + math.exp(-beta * (r - c))) for c, r in zip(chosen_ratio, rejected_ratio)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,6 +171,24 @@ def ppo_token_rewards(final_reward: Tensor, old_logp: Tensor, ref_logp: Tensor |
     return rewards
 
 
+def ppo_token_rewards_loop(final_reward: list[float], old_logp: list[list[float]], ref_logp: list[list[float]] | None,
+                          mask: list[list[float]], beta: float) -> list[list[float]]:
+    """Plain-loop twin of :func:`ppo_token_rewards` (tests hold them equal)."""
+    out = []
+    for i, m in enumerate(mask):
+        row = [0.0] * len(m)
+        last = None
+        for t, k in enumerate(m):
+            if k:
+                if beta:
+                    row[t] -= beta * (old_logp[i][t] - ref_logp[i][t])
+                last = t
+        if last is not None:
+            row[last] += final_reward[i]
+        out.append(row)
+    return out
+
+
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation over each row's loss tokens (``[N, T]`` in, ``[N, T]`` out):
 
@@ -165,6 +211,27 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
         next_adv = torch.where(on, a, next_adv)
     returns = (adv + values) * m  # [N, T]
     return adv, returns
+
+
+def gae_loop(rewards: list[list[float]], values: list[list[float]], mask: list[list[float]], gamma: float,
+            lam: float) -> tuple[list[list[float]], list[list[float]]]:
+    """Plain-loop twin of :func:`gae` (tests hold them equal)."""
+    advs, rets = [], []
+    for r, v, m in zip(rewards, values, mask):
+        steps = [t for t, k in enumerate(m) if k]  # the row's loss positions, in order
+        adv_row = [0.0] * len(m)
+        ret_row = [0.0] * len(m)
+        running = 0.0
+        for j in range(len(steps) - 1, -1, -1):
+            t = steps[j]
+            next_v = v[steps[j + 1]] if j + 1 < len(steps) else 0.0
+            delta = r[t] + gamma * next_v - v[t]
+            running = delta + gamma * lam * running
+            adv_row[t] = running
+            ret_row[t] = running + v[t]
+        advs.append(adv_row)
+        rets.append(ret_row)
+    return advs, rets
 
 
 def whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
@@ -195,6 +262,23 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
                    "value/mean": float(values[sel].mean()) if sel.any() else 0.0,
                    "value/abs_err": float((values - returns).abs()[sel].mean()) if sel.any() else 0.0}
     return loss, metrics
+
+
+def value_loss_loop(values: list[list[float]], old_values: list[list[float]], returns: list[list[float]],
+                   mask: list[list[float]], clip: float) -> float:
+    """Plain-loop twin of :func:`value_loss` (tests hold them equal)."""
+    total, count = 0.0, 0.0
+    for v_row, o_row, r_row, m_row in zip(values, old_values, returns, mask):
+        for v, o, r, k in zip(v_row, o_row, r_row, m_row):
+            if not k:
+                continue
+            err = (v - r) ** 2
+            if clip > 0:
+                vc = o + min(max(v - o, -clip), clip)
+                err = max(err, (vc - r) ** 2)
+            total += 0.5 * err
+            count += 1
+    return total / max(count, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------

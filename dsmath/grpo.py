@@ -1,7 +1,9 @@
 """GRPO math (DeepSeekMath §4.1): group-relative advantages, the k3 KL estimator, the clipped loss.
 
-Pure torch: no Ray, no DeepSpeed, no model code. Every vectorised kernel has a plain per-token
-Python loop twin in :mod:`dsmath.grpo_reference`; tests hold them equal to 1e-6 in float64.
+Pure torch: no Ray, no DeepSpeed, no model code. Every vectorised kernel ``f`` has its plain-loop twin
+``f_loop`` right below it: slow, obvious, sample by sample and token by token as the paper's formulas read,
+the ground truth ``f`` is tested against (tests hold them equal to 1e-6 in float64; ``tests/test_twins.py``
+checks every twin has its kernel and a test). Twins are not for production use.
 
 Conventions used throughout:
 
@@ -15,6 +17,7 @@ Conventions used throughout:
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Literal, Sequence
 
 import torch
@@ -29,6 +32,16 @@ KL_LOG_RATIO_CLAMP = 20.0
 # ----------------------------------------------------------------------------------------------
 # Advantages
 # ----------------------------------------------------------------------------------------------
+
+
+def _mean_std_loop(values: list[float]) -> tuple[float, float]:
+    """Mean and unbiased standard deviation of a list (a helper of the loop twins below)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)  # unbiased
+    return mean, math.sqrt(var)
 
 
 def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
@@ -57,6 +70,17 @@ def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Ten
     same = (r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True))  # [B, 1]
     adv = torch.where(same, torch.zeros_like(adv), adv)  # [B, G]
     return adv.reshape(shape)
+
+
+def group_advantages_loop(rewards: list[float], group_size: int, eps: float = 1e-6) -> list[float]:
+    """Plain-loop twin of :func:`group_advantages` (tests hold them equal)."""
+    out = []
+    for start in range(0, len(rewards), group_size):
+        group = rewards[start : start + group_size]
+        mean, std = _mean_std_loop(group)
+        for r in group:
+            out.append(0.0 if max(group) == min(group) else (r - mean) / (std + eps))
+    return out
 
 
 def process_advantages(
@@ -121,6 +145,34 @@ def process_advantages(
     return adv * response_mask.to(dtype)
 
 
+def process_advantages_loop(
+    step_rewards: Sequence[Sequence[float]],
+    step_end_positions: Sequence[Sequence[int]],
+    response_mask: list[list[float]],
+    group_ids: Sequence[int],
+    eps: float = 1e-6,
+) -> list[list[float]]:
+    """Plain-loop twin of :func:`process_advantages` (tests hold them equal)."""
+    n, t = len(response_mask), len(response_mask[0])
+    all_steps: dict[int, list[float]] = {}
+    for i in range(n):
+        all_steps.setdefault(group_ids[i], []).extend(step_rewards[i])
+    out = []
+    for i in range(n):
+        steps = all_steps[group_ids[i]]
+        mean, std = _mean_std_loop(steps) if steps else (0.0, 0.0)
+        degenerate = len(steps) < 2 or max(steps) == min(steps)
+        row = []
+        for pos in range(t):
+            total = 0.0
+            for r, end in zip(step_rewards[i], step_end_positions[i]):
+                if end >= pos and not degenerate:
+                    total += (r - mean) / (std + eps)
+            row.append(total * response_mask[i][pos])
+        out.append(row)
+    return out
+
+
 def online_rft_advantages(correct: Tensor) -> Tensor:
     """Online RFT in the paper's unified paradigm (§5.2.1): gradient coefficient 1 for a correct
     sample, 0 otherwise. Used as the advantages of :func:`grpo_loss` with ``beta=0`` and on-policy
@@ -156,6 +208,21 @@ def token_logprobs(logits: Tensor, labels: Tensor, chunk_size: int = 4096) -> Te
     return torch.cat(out).reshape(n, t)
 
 
+def token_logprobs_loop(logits: Tensor, labels: Tensor) -> list[list[float]]:
+    """Plain-loop twin of :func:`token_logprobs` (tests hold them equal)."""
+    n, t, v = logits.shape
+    out = []
+    for i in range(n):
+        row = []
+        for j in range(t):
+            values = [float(x) for x in logits[i, j]]
+            m = max(values)
+            lse = m + math.log(sum(math.exp(x - m) for x in values))
+            row.append(values[int(labels[i, j])] - lse)
+        out.append(row)
+    return out
+
+
 def entropy(logits: Tensor, chunk_size: int = 4096) -> Tensor:
     """Per-token entropy of ``softmax(logits)``: ``[N, T, V]`` → ``[N, T]`` (chunked like
     :func:`token_logprobs`)."""
@@ -169,6 +236,22 @@ def entropy(logits: Tensor, chunk_size: int = 4096) -> Tensor:
     if not out:
         return logits.new_zeros(n, t)
     return torch.cat(out).reshape(n, t).to(logits.dtype if logits.is_floating_point() else torch.float32)
+
+
+def entropy_loop(logits: Tensor) -> list[list[float]]:
+    """Plain-loop twin of :func:`entropy` (tests hold them equal)."""
+    n, t, v = logits.shape
+    out = []
+    for i in range(n):
+        row = []
+        for j in range(t):
+            values = [float(x) for x in logits[i, j]]
+            m = max(values)
+            z = sum(math.exp(x - m) for x in values)
+            probs = [math.exp(x - m) / z for x in values]
+            row.append(-sum(p * math.log(p) for p in probs if p > 0))
+        out.append(row)
+    return out
 
 
 def _head_chunk(head: Callable[[Tensor], Tensor], hidden: Tensor, labels: Tensor,
@@ -225,6 +308,22 @@ def head_token_logprobs(hidden: Tensor, head: Callable[[Tensor], Tensor], labels
     return lp, (torch.cat(ents).reshape(n, t) if with_entropy else None)  # [N, T]
 
 
+def head_token_logprobs_loop(hidden: Tensor, head, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Plain-loop twin of :func:`head_token_logprobs`: the LM head on one token's hidden state at a time.
+
+    Returns ``(logprobs [N, T], entropy [N, T])`` as float32 tensors built token by token, so autograd gives the
+    reference gradient (w.r.t. ``hidden`` and the head's parameters)."""
+    n, t, _ = hidden.shape
+    lps, ents = [], []
+    for i in range(n):
+        for j in range(t):
+            logits = head(hidden[i, j][None])[0].float()  # [V] one token's logits
+            logp = logits - torch.logsumexp(logits, dim=0)  # [V]
+            lps.append(logp[int(labels[i, j])])
+            ents.append(-(logp.exp() * logp).sum())
+    return torch.stack(lps).reshape(n, t), torch.stack(ents).reshape(n, t)
+
+
 # ----------------------------------------------------------------------------------------------
 # KL and the loss
 # ----------------------------------------------------------------------------------------------
@@ -241,6 +340,12 @@ def kl_k3(logp: Tensor, ref_logp: Tensor, clamp: float = KL_LOG_RATIO_CLAMP) -> 
     """
     log_ratio = (ref_logp - logp).clamp(min=-clamp, max=clamp)  # [N, T]
     return torch.exp(log_ratio) - log_ratio - 1.0  # [N, T]
+
+
+def kl_k3_loop(logp: float, ref_logp: float, clamp: float = 20.0) -> float:
+    """Plain-loop twin of :func:`kl_k3` (tests hold them equal)."""
+    log_ratio = min(max(ref_logp - logp, -clamp), clamp)
+    return math.exp(log_ratio) - log_ratio - 1.0
 
 
 def loss_normalizer(mask: Tensor, loss_agg: str, max_tokens: int | None = None) -> float:
@@ -375,6 +480,52 @@ def grpo_loss(
                 metrics["is_weight_mean"] = float(is_weights[sel].mean())
         metrics["loss"] = float(loss)
     return loss, metrics
+
+
+def grpo_loss_loop(
+    logp: Tensor,
+    old_logp: Tensor,
+    ref_logp: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_eps_low: float,
+    clip_eps_high: float,
+    beta: float,
+    loss_agg: str,
+    max_tokens: int | None = None,
+    is_weights: Tensor | None = None,
+) -> Tensor:
+    """The loss as a 0-d tensor built token by token (so autograd gives the reference gradient)."""
+    n, t = logp.shape
+    seq_terms = []
+    all_terms = []
+    for i in range(n):
+        terms = []
+        for j in range(t):
+            if mask[i, j] == 0:
+                continue
+            a = advantages[i] if advantages.dim() == 1 else advantages[i, j]
+            ratio = torch.exp(logp[i, j] - old_logp[i, j])
+            unclipped = ratio * a
+            clipped = torch.clamp(ratio, 1 - clip_eps_low, 1 + clip_eps_high) * a
+            term = -torch.minimum(unclipped, clipped)
+            if is_weights is not None:
+                term = term * is_weights[i, j]
+            if beta != 0 and ref_logp is not None:
+                lr = torch.clamp(ref_logp[i, j] - logp[i, j], -20.0, 20.0)
+                term = term + beta * (torch.exp(lr) - lr - 1)
+            terms.append(term)
+        all_terms.extend(terms)
+        if not terms:
+            continue
+        if loss_agg == "seq_mean_token_mean":
+            seq_terms.append(sum(terms) / len(terms))
+        elif loss_agg == "seq_mean_token_sum_norm":
+            seq_terms.append(sum(terms) / max_tokens)
+    if loss_agg == "token_mean":
+        return sum(all_terms) / len(all_terms)
+    return sum(seq_terms) / len(seq_terms)
 
 
 def sft_loss(logp: Tensor, mask: Tensor, *, normalizer: float | None = None) -> Tensor:

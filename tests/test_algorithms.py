@@ -12,7 +12,6 @@ import torch
 
 from dsmath import algorithms as A
 from dsmath import methods
-from dsmath import algorithms_reference as R
 from dsmath import grpo
 from dsmath.methods import sample_advantages
 from dsmath.config import ConfigError, GRPOConfig, load_config
@@ -174,11 +173,11 @@ def test_gae_and_ppo_rewards_match_the_loops():
     mask, old, ref, values = _random()
     final = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0], dtype=torch.float64)
     rew = A.ppo_token_rewards(final, old, ref, mask, beta=0.05)
-    rew_ref = R.ppo_token_rewards_ref(final.tolist(), old.tolist(), ref.tolist(), mask.tolist(), 0.05)
+    rew_ref = A.ppo_token_rewards_loop(final.tolist(), old.tolist(), ref.tolist(), mask.tolist(), 0.05)
     assert torch.allclose(rew, torch.tensor(rew_ref, dtype=torch.float64), atol=1e-6)
     for gamma, lam in ((1.0, 0.95), (0.9, 0.5), (1.0, 1.0), (1.0, 0.0)):
         adv, ret = A.gae(rew, values, mask, gamma, lam)
-        adv_r, ret_r = R.gae_ref(rew.tolist(), values.tolist(), mask.tolist(), gamma, lam)
+        adv_r, ret_r = A.gae_loop(rew.tolist(), values.tolist(), mask.tolist(), gamma, lam)
         assert torch.allclose(adv, torch.tensor(adv_r, dtype=torch.float64), atol=1e-6)
         assert torch.allclose(ret, torch.tensor(ret_r, dtype=torch.float64), atol=1e-6)
     # λ = γ = 1: the advantage is the return-to-go minus the value (Monte Carlo).
@@ -191,13 +190,13 @@ def test_gae_and_ppo_rewards_match_the_loops():
 def test_dpo_kernels_match_the_loops():
     mask, logp, ref, _ = _random(n=6, seed=2)
     rho = A.sequence_log_ratio(logp, ref, mask)
-    assert torch.allclose(rho, torch.tensor(R.sequence_log_ratio_ref(logp.tolist(), ref.tolist(), mask.tolist()),
+    assert torch.allclose(rho, torch.tensor(A.sequence_log_ratio_loop(logp.tolist(), ref.tolist(), mask.tolist()),
                                             dtype=torch.float64), atol=1e-6)
     assert float(rho[0]) == 0.0  # no loss tokens
     c, r = rho[[1, 2, 3]], rho[[4, 5, 0]]
     loss, _ = A.dpo_loss(c, r, beta=0.3)
-    assert float(loss) == pytest.approx(R.dpo_loss_ref(c.tolist(), r.tolist(), 0.3), abs=1e-6)
-    assert A.dpo_coefficients(c, r, 0.3).tolist() == pytest.approx(R.dpo_coefficients_ref(c.tolist(), r.tolist(), 0.3),
+    assert float(loss) == pytest.approx(A.dpo_loss_loop(c.tolist(), r.tolist(), 0.3), abs=1e-6)
+    assert A.dpo_coefficients(c, r, 0.3).tolist() == pytest.approx(A.dpo_coefficients_loop(c.tolist(), r.tolist(), 0.3),
                                                                    abs=1e-6)
     # Equal policy and reference: loss log 2, coefficient β/2.
     zero = torch.zeros(3, dtype=torch.float64)
@@ -210,7 +209,7 @@ def test_value_loss_matches_the_loop_and_clips():
     for clip in (0.2, 0.0):
         loss, _ = A.value_loss(values, old_values, returns, mask, clip=clip)
         assert float(loss) == pytest.approx(
-            R.value_loss_ref(values.tolist(), old_values.tolist(), returns.tolist(), mask.tolist(), clip), abs=1e-6)
+            A.value_loss_loop(values.tolist(), old_values.tolist(), returns.tolist(), mask.tolist(), clip), abs=1e-6)
     # One token, V moved 1.0 past V_old towards nothing: the clipped error (0.2 step) dominates.
     m = torch.ones(1, 1, dtype=torch.float64)
     loss, _ = A.value_loss(torch.tensor([[1.0]]).double(), torch.zeros(1, 1).double(), torch.tensor([[2.0]]).double(),

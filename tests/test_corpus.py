@@ -117,11 +117,11 @@ def test_truncated_warc_is_reported_with_offset_and_does_not_stop(tmp_path):
 
 
 def test_minhash_vectorised_agrees_with_plain_loop_reference():
-    from data_pipeline.dedup import minhash_signature, minhash_signature_reference, permutations
+    from data_pipeline.dedup import minhash_signature, minhash_signature_loop, permutations
 
     a, b = permutations(64, seed=3)
     for text in ["", "one two", "the cat sat on the mat " * 7 + " ".join(map(str, range(200)))]:
-        np.testing.assert_array_equal(minhash_signature(text, a, b, 5), minhash_signature_reference(text, a, b, 5))
+        np.testing.assert_array_equal(minhash_signature(text, a, b, 5), minhash_signature_loop(text, a, b, 5))
 
 
 def test_near_duplicates_removed_distinct_kept_and_exact_url_dedup():
@@ -150,11 +150,11 @@ def _bench(name: str) -> list[dict]:
 
 
 def test_rolling_ngram_hash_agrees_with_reference():
-    from data_pipeline.decontam import ngram_hashes, ngram_hashes_reference, normalise_tokens
+    from data_pipeline.decontam import ngram_hashes, ngram_hashes_loop, normalise_tokens
 
     toks = normalise_tokens("Let $f(x)=\\dfrac{x^2}{3}$ for all x in R; 求 函数 的 最大值 and more words here " * 3)
     for n in (1, 3, 10):
-        assert ngram_hashes(toks, n).tolist() == ngram_hashes_reference(toks, n)
+        assert ngram_hashes(toks, n).tolist() == ngram_hashes_loop(toks, n)
 
 
 @needs_shared

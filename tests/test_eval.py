@@ -15,7 +15,7 @@ import pytest
 
 from dsmath.evaluation import (EvalSettings, SampleVerdict, format_table, majority_vote, pass_at_k, run_eval,
                                score_completions, summarize)
-from dsmath.evaluation.aggregate import pass_at_k_reference
+from dsmath.evaluation.aggregate import pass_at_k_loop
 from dsmath.evaluation.fewshot import FEWSHOT_STOP, fewshot_prefix, load_shots, worked_solution
 from dsmath.grading import GradingPool, math_equal
 from dsmath.records import Problem, RewardResult, Rollout
@@ -76,7 +76,7 @@ def test_pass_at_k_vectorised_matches_the_loop_reference():
         n = [rng.randint(k, 40) for _ in range(rng.randint(1, 12))]
         c = [rng.randint(0, x) for x in n]
         got = pass_at_k(np.array(n), np.array(c), k)
-        np.testing.assert_allclose(got, pass_at_k_reference(n, c, k), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(got, pass_at_k_loop(n, c, k), rtol=0, atol=1e-12)
     # hand values: n=4, c=1 -> pass@1 = 1/4, pass@2 = 1 - C(3,2)/C(4,2) = 1/2, pass@4 = 1; c=0 -> 0
     np.testing.assert_allclose(pass_at_k(np.array([4, 4, 4]), np.array([1, 0, 4]), 2), [0.5, 0.0, 1.0])
     assert pass_at_k(np.array([4]), np.array([1]), 1)[0] == pytest.approx(0.25)

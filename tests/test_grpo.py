@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from dsmath import grpo
-from dsmath import grpo_reference as ref
 
 
 
@@ -57,7 +56,7 @@ def test_group_advantages_matches_loop():
     for g in (2, 3, 8):
         rewards = [float(rng.choice([0, 1, 0.5])) for _ in range(g * 5)]
         vec = grpo.group_advantages(torch.tensor(rewards), group_size=g)
-        assert torch.allclose(vec, torch.tensor(ref.group_advantages_ref(rewards, g)), atol=1e-9)
+        assert torch.allclose(vec, torch.tensor(grpo.group_advantages_loop(rewards, g)), atol=1e-9)
 
 
 def test_process_advantages_hand_values():
@@ -90,7 +89,7 @@ def test_process_advantages_matches_loop_ragged():
         ends.append(sorted(rng.randrange(t) for _ in range(k)))
     groups = [0, 0, 0, 1, 1, 1, 2, 2, 2]
     vec = grpo.process_advantages(rewards, ends, torch.tensor(mask), groups)
-    loop = ref.process_advantages_ref(rewards, ends, mask, groups)
+    loop = grpo.process_advantages_loop(rewards, ends, mask, groups)
     assert torch.allclose(vec, torch.tensor(loop), atol=1e-9)
 
 
@@ -112,10 +111,10 @@ def test_token_logprobs_and_entropy_match_loop_with_chunking():
     torch.manual_seed(0)
     logits = torch.randn(3, 5, 11) * 3
     labels = torch.randint(0, 11, (3, 5))
-    expected = torch.tensor(ref.token_logprobs_ref(logits, labels))
+    expected = torch.tensor(grpo.token_logprobs_loop(logits, labels))
     for chunk in (1, 4, 4096):
         assert torch.allclose(grpo.token_logprobs(logits, labels, chunk_size=chunk), expected, atol=1e-10)
-        assert torch.allclose(grpo.entropy(logits, chunk_size=chunk), torch.tensor(ref.entropy_ref(logits)), atol=1e-10)
+        assert torch.allclose(grpo.entropy(logits, chunk_size=chunk), torch.tensor(grpo.entropy_loop(logits)), atol=1e-10)
 
 
 def _head_case(seed: int = 0, n: int = 3, t: int = 7, h: int = 8, v: int = 50, dtype=torch.float32):
@@ -153,7 +152,7 @@ def test_head_token_logprobs_equal_the_full_logits_and_the_loop_fp32(chunk):
     lp_f, ent_f, g_f = _values_and_grads(full, hidden, head, w_lp, w_ent)
     lp_c, ent_c, g_c = _values_and_grads(lambda: grpo.head_token_logprobs(hidden, head, labels, chunk),
                                          hidden, head, w_lp, w_ent)
-    lp_r, ent_r, g_r = _values_and_grads(lambda: ref.head_token_logprobs_ref(hidden, head, labels),
+    lp_r, ent_r, g_r = _values_and_grads(lambda: grpo.head_token_logprobs_loop(hidden, head, labels),
                                          hidden, head, w_lp, w_ent)
     assert lp_c.dtype == ent_c.dtype == torch.float32
     assert float(lp_f.abs().max()) > 1.0 and float(ent_f.mean()) > 0.5  # a non-degenerate case
@@ -279,7 +278,7 @@ def test_grpo_loss_and_gradient_equal_loop(agg, with_is, seq_adv):
     loss_a, _ = grpo.grpo_loss(logp_a, old, ref_logp, adv, mask, **kwargs)
     loss_a.backward()
     logp_b = logp0.clone().requires_grad_(True)
-    loss_b = ref.grpo_loss_ref(logp_b, old, ref_logp, adv, mask, **kwargs)
+    loss_b = grpo.grpo_loss_loop(logp_b, old, ref_logp, adv, mask, **kwargs)
     loss_b.backward()
     assert loss_a.item() == pytest.approx(loss_b.item(), abs=1e-6)
     assert torch.allclose(logp_a.grad, logp_b.grad, atol=1e-6)
@@ -313,3 +312,12 @@ def test_online_rft_coefficients_give_the_unified_paradigm_gradient():
     loss.backward()
     # d/dlogp of −mean(coef · ratio) at ratio 1 = −coef / #tokens
     assert torch.allclose(logp.grad, -coef[:, None].expand(3, 2) / 6)
+
+
+def test_kl_k3_matches_loop_including_the_clamp():
+    logp = torch.tensor([[-1.0, -0.2, -30.0], [-2.5, -0.01, -0.5]], dtype=torch.float64)
+    ref_logp = torch.tensor([[-1.3, -0.2, -1.0], [-0.5, -40.0, -0.7]], dtype=torch.float64)  # two beyond ±20
+    vec = grpo.kl_k3(logp, ref_logp)
+    loop = [[grpo.kl_k3_loop(float(a), float(b)) for a, b in zip(ra, rb)] for ra, rb in zip(logp, ref_logp)]
+    assert torch.allclose(vec, torch.tensor(loop, dtype=torch.float64), atol=1e-9)
+    assert vec[0, 1] == 0 and vec[0, 2] > 1e8 / 2  # equal log-probs: 0; the clamp caps exp(29) at exp(20)

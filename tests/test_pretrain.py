@@ -19,7 +19,7 @@ from dsmath.errors import UserError
 from dsmath.pretrain.config import load_pretrain_config
 from dsmath.pretrain.data import tokenize_fn
 from dsmath.pretrain.mixture import MixtureSampler, source_of_key
-from dsmath.pretrain.packing import PAD_KEY, Packer, label_mask, label_mask_reference, pack_documents
+from dsmath.pretrain.packing import PAD_KEY, Packer, label_mask, label_mask_loop, pack_documents
 from dsmath.pretrain.sources import TokenStream, expand_paths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def test_label_mask_vectorised_matches_loop():
     keys = rng.integers(0, 4, size=(50, 33))  # [50, 33] runs of equal keys, random boundaries
     keys = np.sort(keys, axis=1)
     keys[::3, -7:] = PAD_KEY  # padded tails
-    assert label_mask(keys).tolist() == label_mask_reference(keys.tolist())
+    assert label_mask(keys).tolist() == label_mask_loop(keys.tolist())
 
 
 def test_pack_documents_labels_stay_inside_documents_long_doc_and_tail():

@@ -97,7 +97,7 @@ def pass_at_k(num_samples: np.ndarray, num_correct: np.ndarray, k: int) -> np.nd
     """Unbiased pass@k per problem, vectorised: 1 − C(n−c, k)/C(n, k) for arrays n, c of shape [P].
 
     Computed as 1 − Π_{i=n−c+1}^{n} (1 − k/i) (numerically stable; no big binomials). Requires n ≥ k ≥ 1 and
-    0 ≤ c ≤ n elementwise; raises ValueError otherwise. See :func:`pass_at_k_reference` for the plain loop.
+    0 ≤ c ≤ n elementwise; raises ValueError otherwise. See :func:`pass_at_k_loop` for the plain loop.
     """
     n = np.asarray(num_samples, dtype=np.int64)  # [P]
     c = np.asarray(num_correct, dtype=np.int64)  # [P]
@@ -116,7 +116,7 @@ def pass_at_k(num_samples: np.ndarray, num_correct: np.ndarray, k: int) -> np.nd
     return 1.0 - miss
 
 
-def pass_at_k_reference(num_samples: Sequence[int], num_correct: Sequence[int], k: int) -> list[float]:
+def pass_at_k_loop(num_samples: Sequence[int], num_correct: Sequence[int], k: int) -> list[float]:
     """Plain-loop reference for :func:`pass_at_k` (exact binomials)."""
     out = []
     for n, c in zip(num_samples, num_correct):

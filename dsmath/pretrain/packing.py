@@ -28,7 +28,7 @@ PAD_KEY = -1
 def label_mask(doc_keys: np.ndarray) -> np.ndarray:
     """``[N, L]`` 0/1 float32 mask: 1 at t when tokens t and t+1 are real and of the same document.
 
-    Vectorised; :func:`label_mask_reference` is the plain loop it must agree with.
+    Vectorised; :func:`label_mask_loop` is the plain loop it must agree with.
     """
     keys = np.asarray(doc_keys, dtype=np.int64)  # [N, L]
     mask = np.zeros(keys.shape, dtype=np.float32)  # [N, L]; the last column is never a target
@@ -37,7 +37,7 @@ def label_mask(doc_keys: np.ndarray) -> np.ndarray:
     return mask
 
 
-def label_mask_reference(doc_keys) -> list[list[float]]:
+def label_mask_loop(doc_keys) -> list[list[float]]:
     """Plain-loop reference for :func:`label_mask`."""
     out = []
     for row in doc_keys:
