@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from dsmath.errors import UserError
-from dsmath.userfiles import BadLine, StreamError, check_readable, iter_lines, iter_parquet_rows
+from dsmath.userfiles import BadLine, StreamError, check_readable, iter_lines, iter_parquet_rows, until_broken
 
 
 @dataclass(frozen=True)
@@ -134,15 +134,10 @@ def read_jsonl(path: str | Path, errors: list[ReadError], *, source: str = "", l
     compressed stream that breaks mid-file is one read error for the rest of the file (the lines before it are
     kept). A file that cannot be opened at all (a directory, wrong magic) is a one-line ``UserError``."""
     path = Path(path)
-    lines = iter_lines(path, "input file")
-    while True:
-        try:
-            lineno, line = next(lines)
-        except StopIteration:
-            return
-        except StreamError as exc:
-            errors.append(ReadError(str(path), exc.lines_read + 1, f"{exc}; rest of the file skipped"))
-            return
+    def on_break(exc: StreamError) -> None:
+        errors.append(ReadError(str(path), exc.lines_read + 1, f"{exc}; rest of the file skipped"))
+
+    for lineno, line in until_broken(iter_lines(path, "input file"), on_break):
         if isinstance(line, BadLine):
             errors.append(ReadError(str(path), lineno, line.why))
             continue
@@ -161,15 +156,10 @@ def read_jsonl(path: str | Path, errors: list[ReadError], *, source: str = "", l
 
 def read_parquet(path: str | Path, errors: list[ReadError], *, source: str = "", label: str = "") -> Iterator[dict]:
     """Rows of a Parquet file; a damaged row group is one read error (the rows before it are kept)."""
-    rows = iter_parquet_rows(path, what="input file")
-    while True:
-        try:
-            i, obj = next(rows)
-        except StopIteration:
-            return
-        except StreamError as exc:
-            errors.append(ReadError(str(path), exc.lines_read, f"{exc}; rest of the file skipped"))
-            return
+    def on_break(exc: StreamError) -> None:
+        errors.append(ReadError(str(path), exc.lines_read, f"{exc}; rest of the file skipped"))
+
+    for i, obj in until_broken(iter_parquet_rows(path, what="input file"), on_break):
         try:
             yield _row_to_page(obj, f"{path}#{i}", source, label)
         except (ValueError, TypeError, AttributeError) as exc:

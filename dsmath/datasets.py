@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from dsmath.records import Problem
-from dsmath.userfiles import BadLine, FileError, StreamError, atomic_path, iter_lines
+from dsmath.userfiles import BadLine, FileError, StreamError, atomic_path, iter_lines, until_broken
 
 
 class DataError(FileError):
@@ -51,17 +51,13 @@ def iter_jsonl(
     """
     path = Path(path)
     report = report if report is not None else ReadReport(str(path))
-    lines = iter_lines(path, "JSONL file")
-    while True:
-        try:
-            lineno, line = next(lines)
-        except StopIteration:
-            return
-        except StreamError as exc:
-            if not skip_bad:
-                raise
-            report.skipped.append((exc.lines_read + 1, f"rest of the file unreadable: {exc}"))
-            return
+
+    def on_break(exc: StreamError) -> None:
+        if not skip_bad:
+            raise exc
+        report.skipped.append((exc.lines_read + 1, f"rest of the file unreadable: {exc}"))
+
+    for lineno, line in until_broken(iter_lines(path, "JSONL file"), on_break):
         report.lines_read += 1
         if isinstance(line, str) and not line.strip():
             continue

@@ -25,9 +25,11 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from dsmath.errors import UserError
+
+T = TypeVar("T")
 
 MAX_LINE_BYTES = 64 * 1024 * 1024  # a longer "line" is junk (or a file without newlines), never a record
 
@@ -253,6 +255,20 @@ def iter_parquet_rows(path: str | Path, *, start: int = 0, what: str = "Parquet 
             if first + j >= start:
                 yield first + j, obj
         first += n
+
+
+def until_broken(items: Iterator[T], on_break: Callable[[StreamError], T | None]) -> Iterator[T]:
+    """``items`` until its stream breaks: a :class:`StreamError` calls ``on_break(exc)`` and ends the iteration.
+
+    ``on_break`` may raise (no ``--skip-bad``), record the break and return ``None``, or return one last item to
+    yield (e.g. a "rest of the file unreadable" entry). Everything read before the break has been yielded.
+    """
+    try:
+        yield from items
+    except StreamError as exc:
+        last = on_break(exc)
+        if last is not None:
+            yield last
 
 
 def _first_line(exc: BaseException) -> str:

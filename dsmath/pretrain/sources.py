@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Sequence
 
 from dsmath.datasets import DataError
 from dsmath.errors import UserError
-from dsmath.userfiles import BadLine, StreamError, iter_lines, iter_parquet_rows, read_json
+from dsmath.userfiles import BadLine, iter_lines, iter_parquet_rows, read_json, until_broken
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".json")
 # With no explicit text fields: the first of these that a record has is its text ...
@@ -94,15 +94,7 @@ def iter_records(path: Path, *, start: int = 0) -> Iterator[tuple[int, dict | st
     if name.endswith((".jsonl", ".jsonl.gz")):
         yield from _jsonl_records(path, start)
     elif name.endswith(".parquet"):
-        rows = iter_parquet_rows(path, start=start, what="shard")
-        while True:
-            try:
-                yield next(rows)
-            except StopIteration:
-                return
-            except StreamError as exc:
-                yield max(exc.lines_read, start), f"rest of the shard unreadable: {exc}"
-                return
+        yield from until_broken(iter_parquet_rows(path, start=start, what="shard"), _rest_unreadable(start))
     elif name.endswith(".json"):
         data = read_json(path, "shard")
         items = list(data.values()) if isinstance(data, dict) else data
@@ -115,16 +107,14 @@ def iter_records(path: Path, *, start: int = 0) -> Iterator[tuple[int, dict | st
         raise UserError(f"{path}: unknown shard format")
 
 
+def _rest_unreadable(start: int):
+    """The shard's last entry when its stream breaks: the rest of it, as one bad record."""
+    return lambda exc: (max(exc.lines_read, start), f"rest of the shard unreadable: {exc}")
+
+
 def _jsonl_records(path: Path, start: int) -> Iterator[tuple[int, dict | str]]:
-    lines = iter_lines(path, "shard")
-    while True:
-        try:
-            lineno, line = next(lines)
-        except StopIteration:
-            return
-        except StreamError as exc:
-            yield max(exc.lines_read, start), f"rest of the shard unreadable: {exc}"
-            return
+    broke: list = []  # the StreamError that ended the file, if one did
+    for lineno, line in until_broken(iter_lines(path, "shard"), broke.append):
         i = lineno - 1
         if i < start:
             continue  # skipping to a saved position parses nothing
@@ -142,6 +132,8 @@ def _jsonl_records(path: Path, start: int) -> Iterator[tuple[int, dict | str]]:
             yield i, "not valid JSON: nested too deeply"
             continue
         yield i, obj if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
+    if broke:
+        yield _rest_unreadable(start)(broke[0])
 
 
 @dataclass
