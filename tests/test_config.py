@@ -13,16 +13,17 @@ def test_default_preset_is_tiny_cpu():
 def test_deepseekmath_7b_matches_the_paper():
     cfg = load_config("deepseekmath_7b")
     assert cfg.learner.lr == 1e-6
-    assert cfg.grpo.beta == 0.04
+    assert cfg.algorithm.beta == 0.04
     assert cfg.rollout.group_size == 64
     assert cfg.rollout.max_new_tokens == 1024
     assert cfg.rollout.questions_per_step * cfg.rollout.group_size == 1024
-    assert cfg.grpo.updates_per_step == 1
+    assert cfg.algorithm.updates_per_step == 1
 
 
 def test_dotted_overrides_are_typed():
-    cfg = load_config("tiny_cpu", ["grpo.beta=0.1", "rollout.group_size=4", "rollout.stop=[a, b]", "async.enabled=true"])
-    assert cfg.grpo.beta == 0.1 and isinstance(cfg.grpo.beta, float)
+    cfg = load_config("tiny_cpu", ["algorithm.beta=0.1", "rollout.group_size=4", "rollout.stop=[a, b]",
+                                   "async.enabled=true"])
+    assert cfg.algorithm.beta == 0.1 and isinstance(cfg.algorithm.beta, float)
     assert cfg.rollout.group_size == 4
     assert cfg.rollout.stop == ("a", "b")
     assert cfg.async_.enabled is True
@@ -32,14 +33,14 @@ def test_dotted_overrides_are_typed():
 @pytest.mark.parametrize(
     "override, words",
     [
-        (["grpo.betta=0.1"], ["grpo.betta", "did you mean 'beta'"]),
+        (["algorithm.betta=0.1"], ["algorithm.betta", "did you mean 'beta'"]),
         (["rollout.group_size=abc"], ["rollout.group_size", "integer"]),
-        (["grpo.loss_agg=sum"], ["grpo.loss_agg", "seq_mean_token_mean"]),
+        (["algorithm.loss_agg=sum"], ["algorithm.loss_agg", "seq_mean_token_mean"]),
         (["learner.num_ranks=3"], ["learner.num_ranks", "divide"]),
         (["weight_sync.transport=nccl"], ["weight_sync.transport", "GPU"]),
         (["rollout.group_size=1"], ["rollout.group_size", "GRPO"]),
         (["nosuchsection.x=1"], ["unknown key 'nosuchsection'"]),
-        (["grpo"], ["section.key=value"]),
+        (["algorithm"], ["section.key=value"]),
     ],
 )
 def test_bad_input_is_one_line_naming_the_key(override, words):
@@ -55,7 +56,7 @@ def test_unknown_preset_lists_presets(tmp_path):
     with pytest.raises(ConfigError, match="tiny_cpu"):
         load_config("nope")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("grpo: [1, 2\n")
+    bad.write_text("algorithm: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(str(bad))
 
@@ -63,6 +64,7 @@ def test_unknown_preset_lists_presets(tmp_path):
 def test_config_is_frozen():
     cfg = load_config()
     with pytest.raises(Exception):
-        cfg.grpo.beta = 1.0  # type: ignore[misc]
+        cfg.algorithm.beta = 1.0  # type: ignore[misc]
     assert with_overrides(cfg, ["steps=3"]).steps == 3
     assert load_config().steps == cfg.steps
+
