@@ -57,6 +57,20 @@ def test_a_changed_beta_on_resume_is_refused_in_one_line_naming_the_key(tmp_path
     assert not (tmp_path / "latest").exists()
 
 
+def test_resume_of_a_run_saved_with_the_old_grpo_section_is_refused_naming_the_rename(tmp_path, capsys):
+    run = saved_run(tmp_path / "run", "steps=2")
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    section = saved.pop("algorithm")
+    saved["grpo"] = {"algorithm": section.pop("name"), **section}  # as an earlier version wrote it
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    before = sorted(p.name for p in run.iterdir())
+    rc, err = cli(capsys, "train", "--resume", "--run-dir", str(run))
+    assert rc == 2 and len(err) == 1, err
+    assert f"{run / 'config.yaml'}: the section 'grpo:' is now 'algorithm:' (grpo.algorithm -> algorithm.name; " \
+           f"its other {len(section)} keys keep their names, e.g. grpo.beta -> algorithm.beta)" in err[0], err
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
 def test_an_allowed_change_is_recorded_with_the_step_it_takes_effect(tmp_path):
     run = saved_run(tmp_path / "run", "steps=2", "eval_every=0")
     cfg = load_config(str(run / "config.yaml"), ["steps=6", "eval_every=2"])
