@@ -105,7 +105,7 @@ class RewardModelWorker:
     """Rule reward + reward-model score for each rollout, combined as ``RewardConfig.combine`` says.
 
     ``kind="outcome"`` fills ``RewardResult.reward``; ``kind="process"`` also fills ``step_rewards`` and
-    ``step_end_token_index`` (what ``grpo.advantage=process`` consumes). Same contract as ``RewardWorker.score``:
+    ``step_end_token_index`` (what ``algorithm.advantage=process`` consumes). Same contract as ``RewardWorker.score``:
     exactly one result per rollout, in order.
     """
 
@@ -148,16 +148,16 @@ class RewardModelWorker:
 
 def reward_model_worker_actor_class(cfg, num_cpus: float = 0.5):
     """``RewardModelWorker`` as a Ray actor class for the training config ``cfg``, constructed like the rule
-    worker: ``.remote(cfg.reward, worker_id=..., mode=...)`` (the step delimiter comes from ``cfg.grpo``).
+    worker: ``.remote(cfg.reward, worker_id=..., mode=...)`` (the step delimiter comes from ``cfg.algorithm``).
 
     Raises ``UserError`` when process supervision is asked for without a process reward model.
     """
     import ray
 
-    if cfg.grpo.advantage == "process" and not (cfg.reward.model_path and cfg.reward.model_kind == "process"):
-        raise UserError("grpo.advantage=process needs a process reward model: set reward.model_path (dsmath rm train "
-                        "--kind process) and reward.model_kind=process")
-    delimiter = cfg.grpo.step_delimiter
+    if cfg.algorithm.advantage == "process" and not (cfg.reward.model_path and cfg.reward.model_kind == "process"):
+        raise UserError("algorithm.advantage=process needs a process reward model: set reward.model_path "
+                        "(dsmath rm train --kind process) and reward.model_kind=process")
+    delimiter = cfg.algorithm.step_delimiter
 
     class ConfiguredRewardModelWorker(RewardModelWorker):
         def __init__(self, reward_cfg: RewardConfig, *, worker_id: str = "rm-0", mode: str = "cot"):

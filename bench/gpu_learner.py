@@ -141,12 +141,12 @@ def _peak_memory(device) -> tuple[float, str]:
 
 def dsmath_arm(model_dir: Path, w: Workload, settings: dict):
     """(step function, device) for the dsmath learner with ``settings`` on ``learner.LearnerConfig``."""
-    from dsmath.config import GRPOConfig, LearnerConfig
+    from dsmath.config import AlgorithmConfig, LearnerConfig
     from learner.policy import PolicyLearner
 
     cfg = LearnerConfig(lr=1e-6, zero_stage=1, num_ranks=1, micro_batch_size=w.micro_batch, grad_clip=1.0,
                         **settings)
-    learner = PolicyLearner(model_dir, cfg, GRPOConfig(beta=w.beta), seed=0)
+    learner = PolicyLearner(model_dir, cfg, AlgorithmConfig(beta=w.beta), seed=0)
     return (lambda batch: learner.grpo_step(batch)["loss"]), learner.device
 
 

@@ -10,7 +10,7 @@ from the policy so that the clip and the k3 KL are both active) goes through
 
 on identical tensors. Guaranteed: both losses come from the libraries' own code paths on the same model
 folder; nothing is re-implemented here but the batch. Not covered: generation, reward plumbing and the
-advantage formula (the bench sets dsmath's ``grpo.adv_eps`` to TRL's 1e-4 instead).
+advantage formula (the bench sets dsmath's ``algorithm.adv_eps`` to TRL's 1e-4 instead).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-# dsmath grpo.loss_agg -> TRL loss_type with the same aggregation over one optimizer step's batch.
+# dsmath algorithm.loss_agg -> TRL loss_type with the same aggregation over one optimizer step's batch.
 LOSS_TYPE_FOR_AGG = {"seq_mean_token_mean": "grpo", "seq_mean_token_sum_norm": "dr_grpo"}
 
 
@@ -28,17 +28,17 @@ LOSS_TYPE_FOR_AGG = {"seq_mean_token_mean": "grpo", "seq_mean_token_sum_norm": "
 class MatchedSettings:
     """What both sides of the bench share (dsmath config names in comments)."""
 
-    beta: float = 0.04  # grpo.beta (k3 KL in the loss)
-    clip_eps_low: float = 0.2  # grpo.clip_eps_low
-    clip_eps_high: float = 0.2  # grpo.clip_eps_high
+    beta: float = 0.04  # algorithm.beta (k3 KL in the loss)
+    clip_eps_low: float = 0.2  # algorithm.clip_eps_low
+    clip_eps_high: float = 0.2  # algorithm.clip_eps_high
     lr: float = 3e-4  # learner.lr (constant, no warm-up, AdamW, weight decay 0)
     grad_clip: float = 1.0  # learner.grad_clip
     group_size: int = 8  # rollout.group_size
     questions_per_step: int = 16  # rollout.questions_per_step
     max_new_tokens: int = 96  # rollout.max_new_tokens
     micro_batch_size: int = 32  # learner.micro_batch_size
-    loss_agg: str = "seq_mean_token_mean"  # grpo.loss_agg
-    adv_eps: float = 1e-4  # grpo.adv_eps (TRL's constant)
+    loss_agg: str = "seq_mean_token_mean"  # algorithm.loss_agg
+    adv_eps: float = 1e-4  # algorithm.adv_eps (TRL's constant)
     temperature: float = 1.0  # rollout.temperature
 
     @property
@@ -53,9 +53,9 @@ class MatchedSettings:
         return LOSS_TYPE_FOR_AGG[self.loss_agg]
 
     def dsmath_overrides(self) -> list[str]:
-        return [f"grpo.beta={self.beta}", f"grpo.clip_eps_low={self.clip_eps_low}",
-                f"grpo.clip_eps_high={self.clip_eps_high}", f"grpo.loss_agg={self.loss_agg}",
-                f"grpo.adv_eps={self.adv_eps}", "grpo.updates_per_step=1", f"learner.lr={self.lr}",
+        return [f"algorithm.beta={self.beta}", f"algorithm.clip_eps_low={self.clip_eps_low}",
+                f"algorithm.clip_eps_high={self.clip_eps_high}", f"algorithm.loss_agg={self.loss_agg}",
+                f"algorithm.adv_eps={self.adv_eps}", "algorithm.updates_per_step=1", f"learner.lr={self.lr}",
                 "learner.warmup_steps=0", "learner.weight_decay=0.0", f"learner.grad_clip={self.grad_clip}",
                 f"learner.micro_batch_size={self.micro_batch_size}", f"rollout.group_size={self.group_size}",
                 f"rollout.questions_per_step={self.questions_per_step}",
@@ -193,15 +193,15 @@ def _zero_reward(completions, **_kwargs) -> list[float]:
 
 def dsmath_batch_loss(model_dir: str | Path, batch: GateBatch, match: MatchedSettings) -> float:
     """The loss of ``batch`` through dsmath's collator and a real one-rank ``PolicyLearner.grpo_step``."""
-    from dsmath.config import GRPOConfig, LearnerConfig
+    from dsmath.config import AlgorithmConfig, LearnerConfig
     from learner.batch import collate_rollouts
     from learner.policy import PolicyLearner
 
-    grpo_cfg = GRPOConfig(beta=match.beta, clip_eps_low=match.clip_eps_low, clip_eps_high=match.clip_eps_high,
+    algo_cfg = AlgorithmConfig(beta=match.beta, clip_eps_low=match.clip_eps_low, clip_eps_high=match.clip_eps_high,
                           loss_agg=match.loss_agg, adv_eps=match.adv_eps)
     learner_cfg = LearnerConfig(lr=match.lr, zero_stage=0, micro_batch_size=match.micro_batch_size,
                                 grad_clip=match.grad_clip)
-    learner = PolicyLearner(model_dir, learner_cfg, grpo_cfg, with_reference=False,
+    learner = PolicyLearner(model_dir, learner_cfg, algo_cfg, with_reference=False,
                             max_tokens=match.max_new_tokens)
     train_batch = collate_rollouts(batch.prompt_ids, batch.completion_ids, pad_id=learner.tokenizer.pad_token_id,
                                    advantages=batch.advantages, old_logprobs=batch.old_logprobs,

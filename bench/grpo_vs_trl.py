@@ -109,8 +109,8 @@ def prepare(args: argparse.Namespace, work: Path) -> dict:
     match = MatchedSettings(beta=args.beta, lr=args.lr, group_size=args.group_size,
                             questions_per_step=args.questions, max_new_tokens=args.max_new_tokens,
                             micro_batch_size=cfg.learner.micro_batch_size,
-                            clip_eps_low=cfg.grpo.clip_eps_low, clip_eps_high=cfg.grpo.clip_eps_high,
-                            loss_agg=cfg.grpo.loss_agg, grad_clip=cfg.learner.grad_clip,
+                            clip_eps_low=cfg.algorithm.clip_eps_low, clip_eps_high=cfg.algorithm.clip_eps_high,
+                            loss_agg=cfg.algorithm.loss_agg, grad_clip=cfg.learner.grad_clip,
                             temperature=cfg.rollout.temperature)
     # The driver draws RL questions from the train split after the SFT ones, through this stream: TRL gets the
     # very same questions in the same order (its sampler does not shuffle; each is repeated G times).

@@ -1,7 +1,7 @@
 """One typed, frozen config tree for every dsmath job.
 
 Loaded from YAML (a preset name such as ``tiny_cpu`` or a path) plus dotted overrides
-(``grpo.beta=0.04 rollout.group_size=64``). Every error a user can cause is a
+(``algorithm.beta=0.04 rollout.group_size=64``). Every error a user can cause is a
 :class:`ConfigError` whose one-line message names the key and what is allowed.
 
 Guaranteed: the returned tree is immutable and has passed :func:`validate`.
@@ -92,10 +92,11 @@ class RolloutConfig:
 
 
 @dataclass(frozen=True)
-class GRPOConfig:
-    """Paper defaults: β = 0.04 with the k3 estimator in the loss, one update per sampling stage."""
+class AlgorithmConfig:
+    """The RL method and its knobs (the ``algorithm:`` section). Paper defaults: GRPO, β = 0.04 with the k3
+    estimator in the loss, one update per sampling stage."""
 
-    algorithm: str = "grpo"  # a method of dsmath.methods: grpo | online_rft | rft | ppo | dpo
+    name: str = "grpo"  # a method of dsmath.methods: grpo | online_rft | rft | ppo | dpo
     beta: float = 0.04
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
@@ -257,7 +258,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
@@ -267,8 +268,9 @@ class TrainConfig:
     lineage: LineageConfig = field(default_factory=LineageConfig)
 
 
-# Keys that moved: the old dotted key -> the new one (refused in one line naming the new key).
-_RENAMED = {"status_port": "status.port"}
+# Keys that moved: the old dotted key or section -> the new one (refused in one line naming the new key). A key
+# under a moved section moves with it (grpo.beta -> algorithm.beta) unless it is listed itself.
+_RENAMED = {"status_port": "status.port", "grpo": "algorithm", "grpo.algorithm": "algorithm.name"}
 
 # YAML key -> dataclass field name, for keys that are Python keywords.
 _ALIASES = {"async": "async_"}
@@ -350,8 +352,6 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
     for raw_key, value in data.items():
         name = _ALIASES.get(raw_key, raw_key)
         dotted = f"{prefix}.{raw_key}" if prefix else str(raw_key)
-        if dotted in _RENAMED and cls is TrainConfig:
-            raise ConfigError(f"{dotted!r} is now {_RENAMED[dotted]!r} (e.g. {_RENAMED[dotted]}={value!r})")
         if name not in known:
             allowed = sorted(_REVERSE_ALIASES.get(k, k) for k in known)
             close = difflib.get_close_matches(str(raw_key), allowed, n=1)
@@ -392,8 +392,47 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def new_name(dotted: str, renamed: dict[str, str] = _RENAMED) -> str | None:
+    """The current name of an old dotted key (``grpo.beta`` -> ``algorithm.beta``); None when it did not move."""
+    if dotted in renamed:
+        return renamed[dotted]
+    section, _, rest = dotted.partition(".")
+    return f"{renamed[section]}.{rest}" if rest and section in renamed else None
+
+
+def refuse_renamed_overrides(overrides: list[str], renamed: dict[str, str] = _RENAMED) -> None:
+    """A one-line :class:`ConfigError` for the first override whose key moved, naming the new key with the value as
+    typed: ``grpo.beta=0.0`` -> ``'grpo.beta' is now 'algorithm.beta' (e.g. algorithm.beta=0.0)``."""
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        new = new_name(key.strip(), renamed) if eq else None  # no "=": parse_overrides says what an override is
+        if new is not None:
+            raise ConfigError(f"{key.strip()!r} is now {new!r} (e.g. {new}={raw.strip()})")
+
+
+def refuse_renamed_keys(data: dict, where: str, renamed: dict[str, str] = _RENAMED) -> None:
+    """A one-line :class:`ConfigError` naming ``where`` (the YAML file) when ``data`` holds a key or section that
+    moved; a moved section's message maps its keys to their new names. Nothing is rewritten."""
+    for key, value in data.items():
+        key = str(key)
+        if key not in renamed:
+            continue
+        if not isinstance(value, dict) or not value:
+            raise ConfigError(f"{where}: {key!r} is now {renamed[key]!r}; rename it in that file")
+        moves = [(f"{key}.{k}", new_name(f"{key}.{k}", renamed)) for k in value]
+        # Every key when there are a few; else the keys whose own name changes, one example, and a count.
+        shown = moves if len(moves) <= 3 else [m for m in moves if m[0].split(".")[-1] != m[1].split(".")[-1]]
+        rest = [m for m in moves if m not in shown]
+        text = ", ".join(f"{old} -> {new}" for old, new in shown)
+        if rest:
+            text += (f"{'; its other' if shown else 'its'} {len(rest)} keys keep their names, "
+                     f"e.g. {rest[0][0]} -> {rest[0][1]}")
+        raise ConfigError(f"{where}: the section '{key}:' is now '{renamed[key]}:' ({text}); rename it in that file")
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """``["grpo.beta=0.04", "rollout.stop=[a,b]"]`` -> ``[("grpo.beta", 0.04), ...]`` (YAML-typed values)."""
+    """``["algorithm.beta=0.04", "rollout.stop=[a,b]"]`` -> ``[("algorithm.beta", 0.04), ...]`` (YAML-typed
+    values)."""
     parsed = []
     for item in overrides:
         if "=" not in item:
@@ -455,13 +494,18 @@ def env_overrides(env_var: str | None) -> list[str]:
 
 
 def load_tree(cls: type, name_or_path: str | None, overrides: list[str] | None, *, preset_dir: Path,
-              check: Callable[[Any], None], env_var: str | None = None) -> Any:
+              check: Callable[[Any], None], env_var: str | None = None, renamed: dict[str, str] | None = None) -> Any:
     """Any frozen config tree ``cls``: a preset in ``preset_dir`` or a YAML path, dotted overrides, then those of
-    ``$env_var`` (:func:`env_overrides`), ``check``."""
+    ``$env_var`` (:func:`env_overrides`), ``check``. A key of ``renamed`` (old -> new) in the file or an override
+    is refused in one line naming the new key."""
     data: dict = {}
     if name_or_path:
-        data = read_yaml_mapping(resolve_preset(name_or_path, preset_dir))
-    for key, value in parse_overrides(list(overrides or []) + env_overrides(env_var)):
+        path = resolve_preset(name_or_path, preset_dir)
+        data = read_yaml_mapping(path)
+        refuse_renamed_keys(data, str(path), renamed or {})
+    items = list(overrides or []) + env_overrides(env_var)
+    refuse_renamed_overrides(items, renamed or {})
+    for key, value in parse_overrides(items):
         _set_dotted(data, key, value)
     cfg = _build(cls, data)
     check(cfg)
@@ -471,12 +515,12 @@ def load_tree(cls: type, name_or_path: str | None, overrides: list[str] | None, 
 def load_config(name_or_path: str | None = "tiny_cpu", overrides: list[str] | None = None) -> TrainConfig:
     """Load a preset or YAML file, apply dotted overrides, validate, and freeze."""
     return load_tree(TrainConfig, name_or_path, overrides, preset_dir=PRESET_DIR, check=validate,
-                     env_var="DSMATH_OVERRIDES")
+                     env_var="DSMATH_OVERRIDES", renamed=_RENAMED)
 
 
 def validate(cfg: TrainConfig) -> None:
     """Reject impossible combinations with one line each."""
-    r, g, lr = cfg.rollout, cfg.grpo, cfg.learner
+    r, g, lr = cfg.rollout, cfg.algorithm, cfg.learner
 
     def need(cond: bool, msg: str) -> None:
         if not cond:
@@ -495,18 +539,18 @@ def validate(cfg: TrainConfig) -> None:
     need(r.temperature >= 0, "rollout.temperature: must be >= 0")
     need(0 < r.top_p <= 1, "rollout.top_p: must be in (0, 1]")
     need(r.num_generators >= 1, "rollout.num_generators: must be >= 1")
-    need(g.beta >= 0, "grpo.beta: must be >= 0")
-    need(0 <= g.clip_eps_low < 1, "grpo.clip_eps_low: must be in [0, 1)")
-    need(g.clip_eps_high >= 0, "grpo.clip_eps_high: must be >= 0")
-    need(g.updates_per_step >= 1, "grpo.updates_per_step: must be >= 1")
+    need(g.beta >= 0, "algorithm.beta: must be >= 0")
+    need(0 <= g.clip_eps_low < 1, "algorithm.clip_eps_low: must be in [0, 1)")
+    need(g.clip_eps_high >= 0, "algorithm.clip_eps_high: must be >= 0")
+    need(g.updates_per_step >= 1, "algorithm.updates_per_step: must be >= 1")
     from dsmath import methods
 
-    refusal = methods.get(g.algorithm).check(cfg)  # the method's own rules (dsmath/methods/<name>.py)
+    refusal = methods.get(g.name).check(cfg)  # the method's own rules (dsmath/methods/<name>.py)
     need(refusal is None, refusal or "")
-    need(g.dpo_beta > 0, "grpo.dpo_beta: must be > 0")
-    need(0 <= g.gae_gamma <= 1, "grpo.gae_gamma: must be in [0, 1]")
-    need(0 <= g.gae_lambda <= 1, "grpo.gae_lambda: must be in [0, 1]")
-    need(g.value_lr > 0, "grpo.value_lr: must be > 0")
+    need(g.dpo_beta > 0, "algorithm.dpo_beta: must be > 0")
+    need(0 <= g.gae_gamma <= 1, "algorithm.gae_gamma: must be in [0, 1]")
+    need(0 <= g.gae_lambda <= 1, "algorithm.gae_lambda: must be in [0, 1]")
+    need(g.value_lr > 0, "algorithm.value_lr: must be > 0")
     need(lr.lr > 0, "learner.lr: must be > 0")
     need(lr.zero_stage in (0, 1, 2, 3), f"learner.zero_stage: {lr.zero_stage} is not one of 0, 1, 2, 3")
     need(lr.num_ranks >= 1, "learner.num_ranks: must be >= 1")
@@ -563,9 +607,10 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.lineage.keep_full_steps >= 0, "lineage.keep_full_steps: must be >= 0 (0 = keep every step in full)")
     need(
         g.advantage != "process" or cfg.reward.model_kind == "process",
-        "grpo.advantage=process needs step rewards: set reward.model_kind=process and reward.model_path to a PRM",
+        "algorithm.advantage=process needs step rewards: set reward.model_kind=process and reward.model_path to a "
+        "PRM",
     )
-    need(bool(g.step_delimiter), "grpo.step_delimiter: must not be empty")
+    need(bool(g.step_delimiter), "algorithm.step_delimiter: must not be empty")
     need(0 <= cfg.rm.replay_fraction < 1, "rm.replay_fraction: must be in [0, 1)")
     need(cfg.rm.questions >= 1 and cfg.rm.samples_per_question >= 1 and cfg.rm.completions_per_prefix >= 1,
          "rm.questions, rm.samples_per_question, rm.completions_per_prefix: must be >= 1")
@@ -591,6 +636,7 @@ def validate(cfg: TrainConfig) -> None:
 
 def with_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     """Apply dotted overrides to an existing config (re-validated)."""
+    refuse_renamed_overrides(overrides)
     data = to_dict(cfg)
     for key, value in parse_overrides(overrides):
         _set_dotted(data, key, value)
@@ -600,10 +646,10 @@ def with_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
 
 
 __all__ = [
+    "AlgorithmConfig",
     "AsyncConfig",
     "BootstrapConfig",
     "ConfigError",
-    "GRPOConfig",
     "LearnerConfig",
     "ModelConfig",
     "RewardConfig",

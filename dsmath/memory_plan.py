@@ -12,7 +12,7 @@ state over the N ranks, 2 also the gradients, 3 also the weights):
 * gradients: in the compute dtype (4·P or 2·P), /N at s >= 2; in bf16 mode plus the float32 gradient of this
   rank's optimizer partition the optimizer steps on (4·P, /N at s >= 1).
 * optimizer: Adam's float32 m and v (8·P), plus the float32 master weights in bf16 mode (4·P); /N at s >= 1.
-* reference: none unless grpo.beta > 0 or the algorithm is DPO; then 4·P (fp32) or 2·P (bf16), /N at s = 3,
+* reference: none unless algorithm.beta > 0 or the algorithm is DPO; then 4·P (fp32) or 2·P (bf16), /N at s = 3,
   and 0 on the device with learner.reference=host (it lives in host memory: shown, not counted).
 * activations, for one micro-batch of b = micro_batch_size sequences of s = max_prompt_tokens + max_new_tokens
   tokens (capped by max_tokens_per_micro_batch): Korthikanti et al. 2022 ("Reducing Activation Recomputation in
@@ -191,7 +191,7 @@ def needs_reference(cfg: TrainConfig) -> bool:
     ``dsmath.methods.needs_reference``)."""
     from dsmath.methods import needs_reference as method_needs_reference
 
-    return method_needs_reference(cfg.grpo)
+    return method_needs_reference(cfg.algorithm)
 
 
 def learner_plan(cfg: TrainConfig, shape: ModelShape) -> DevicePlan:

@@ -4,7 +4,7 @@ Math-Shepherd style (Wang et al. 2023; DeepSeekMath §4.1.3).
 Outcome: sample completions, grade them (``actors.reward_worker.RewardWorker``: dsmath.grading or the sandbox),
 label the completion's last token 1/0.
 
-Process: for each sampled completion with steps s1..sn (``grpo.step_delimiter``), complete K times from the
+Process: for each sampled completion with steps s1..sn (``algorithm.step_delimiter``), complete K times from the
 prompt + s1..sj for every j < n with the same policy, grade prefix + continuation, and label step j with
 ``dsmath.reward_models.shepherd_label`` (``any``: hard estimation, ``most``: a majority). The last step's label is
 the completion's own grade.

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from dsmath import algorithms, grpo, methods
-from dsmath.config import GRPOConfig, LearnerConfig
+from dsmath.config import AlgorithmConfig, LearnerConfig
 from dsmath.errors import UserError
 from dsmath.model_folder import model_folder
 from dsmath.utils.net import free_port
@@ -176,7 +176,7 @@ class PolicyLearner:
         self,
         model_dir: str | Path,
         learner_cfg: LearnerConfig,
-        grpo_cfg: GRPOConfig | None = None,
+        algo_cfg: AlgorithmConfig | None = None,
         *,
         rank: int = 0,
         world_size: int = 1,
@@ -189,18 +189,18 @@ class PolicyLearner:
         """``total_steps`` turns on cosine decay (to 10 % of ``lr``) after warm-up; None keeps the
         lr constant after warm-up. ``max_tokens`` is Dr. GRPO's constant for
         ``loss_agg='seq_mean_token_sum_norm'`` (e.g. ``rollout.max_new_tokens``). ``with_reference`` None builds
-        the frozen reference only where ``grpo_cfg`` reads it (:func:`dsmath.methods.needs_reference`)."""
+        the frozen reference only where ``algo_cfg`` reads it (:func:`dsmath.methods.needs_reference`)."""
         import deepspeed
 
         self.model_dir = model_folder(model_dir, str(model_dir))
         self.cfg = learner_cfg
-        self.grpo_cfg = grpo_cfg or GRPOConfig()
+        self.algo_cfg = algo_cfg or AlgorithmConfig()
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.max_tokens = max_tokens
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch or (
             getattr(learner_cfg, "max_tokens_per_micro_batch", 0) or None)
-        if self.grpo_cfg.loss_agg == "seq_mean_token_sum_norm" and not max_tokens:
-            raise UserError("grpo.loss_agg=seq_mean_token_sum_norm (Dr. GRPO) needs the learner's max_tokens "
+        if self.algo_cfg.loss_agg == "seq_mean_token_sum_norm" and not max_tokens:
+            raise UserError("algorithm.loss_agg=seq_mean_token_sum_norm (Dr. GRPO) needs the learner's max_tokens "
                             "(pass rollout.max_new_tokens)")
         precision = getattr(learner_cfg, "precision", "fp32")
         if precision == "bf16" and learner_cfg.zero_stage == 0:
@@ -220,7 +220,7 @@ class PolicyLearner:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.tokenizer = _load_tokenizer(self.model_dir)
         if with_reference is None:
-            with_reference = methods.needs_reference(self.grpo_cfg)
+            with_reference = methods.needs_reference(self.algo_cfg)
         self._reference_reset = False
         self.reference = self._build_reference(model) if with_reference else None
 
@@ -346,10 +346,10 @@ class PolicyLearner:
         return None
 
     @classmethod
-    def from_env(cls, model_dir: str | Path, learner_cfg: LearnerConfig, grpo_cfg: GRPOConfig | None = None,
+    def from_env(cls, model_dir: str | Path, learner_cfg: LearnerConfig, algo_cfg: AlgorithmConfig | None = None,
                  **kwargs) -> "PolicyLearner":
         """Under ``torchrun``: rank and world size from ``RANK``/``WORLD_SIZE``."""
-        return cls(model_dir, learner_cfg, grpo_cfg, rank=int(os.environ.get("RANK", "0")),
+        return cls(model_dir, learner_cfg, algo_cfg, rank=int(os.environ.get("RANK", "0")),
                    world_size=int(os.environ.get("WORLD_SIZE", "1")), **kwargs)
 
     # ------------------------------------------------------------------ forward helpers
@@ -461,7 +461,7 @@ class PolicyLearner:
         """One GRPO optimizer step on this rank's shard. Returns metrics reduced over all ranks."""
         if batch.advantages is None:
             raise ValueError("grpo_step needs batch.advantages")
-        g = self.grpo_cfg
+        g = self.algo_cfg
         beta = methods.loss_beta(g)  # PPO pays the KL as a per-token reward, not as a loss term
         need_ref = beta > 0
         if need_ref and batch.ref_logprobs is None and self.reference is None:

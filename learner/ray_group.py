@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from dsmath.config import GRPOConfig, LearnerConfig
+from dsmath.config import AlgorithmConfig, LearnerConfig
 from dsmath.errors import UserError
 from learner.batch import TrainBatch
 
@@ -33,8 +33,8 @@ class LearnerRank:
 
         return ray.util.get_node_ip_address(), free_port()
 
-    def setup(self, model_dir: str, learner_cfg: LearnerConfig, grpo_cfg: GRPOConfig, *, rank: int, world_size: int,
-              master_addr: str, master_port: int, seed: int, env: dict[str, str], kwargs: dict,
+    def setup(self, model_dir: str, learner_cfg: LearnerConfig, algo_cfg: AlgorithmConfig, *, rank: int,
+              world_size: int, master_addr: str, master_port: int, seed: int, env: dict[str, str], kwargs: dict,
               kind: str = "policy") -> bool:
         os.environ.update(env)
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
@@ -47,7 +47,7 @@ class LearnerRank:
 
             self.learner = ValueLearner(model_dir, learner_cfg, rank=rank, world_size=world_size, seed=seed, **kwargs)
             return True
-        self.learner = PolicyLearner(model_dir, learner_cfg, grpo_cfg, rank=rank, world_size=world_size, seed=seed,
+        self.learner = PolicyLearner(model_dir, learner_cfg, algo_cfg, rank=rank, world_size=world_size, seed=seed,
                                      **kwargs)
         return True
 
@@ -149,7 +149,7 @@ class LearnerGroup:
         self,
         model_dir: str | Path,
         learner_cfg: LearnerConfig,
-        grpo_cfg: GRPOConfig | None = None,
+        algo_cfg: AlgorithmConfig | None = None,
         *,
         seed: int = 0,
         num_ranks: int | None = None,
@@ -177,8 +177,8 @@ class LearnerGroup:
                                                  "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM") if k in os.environ}
         worker_env.update(env or {})
         self._get([
-            a.setup.remote(str(model_dir), learner_cfg, grpo_cfg or GRPOConfig(), rank=r, world_size=self.num_ranks,
-                           master_addr=addr, master_port=port, seed=seed, env=worker_env, kwargs=learner_kwargs,
+            a.setup.remote(str(model_dir), learner_cfg, algo_cfg or AlgorithmConfig(), rank=r,
+                           world_size=self.num_ranks, master_addr=addr, master_port=port, seed=seed, env=worker_env, kwargs=learner_kwargs,
                            kind=kind)
             for r, a in enumerate(self.actors)
         ])

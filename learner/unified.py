@@ -2,10 +2,10 @@
 
 The driver builds every step's batch the same way: ``advantages`` from :func:`dsmath.methods.sample_advantages`
 (PPO: the outcome reward r_φ(o); DPO: I(o), whether o's answer is right), ``old_logprobs`` from the current
-policy, ``ref_logprobs`` when ``grpo.beta > 0``. These wrappers turn that into the algorithm's update:
+policy, ``ref_logprobs`` when ``algorithm.beta > 0``. These wrappers turn that into the algorithm's update:
 
 * :class:`PPOLearner`: values V_ψ from the value model's own Ray group, per-token rewards r_φ − β·log π_old/π_ref,
-  GAE advantages (whitened when ``grpo.whiten_advantages``), the clipped policy step without a KL term, then the
+  GAE advantages (whitened when ``algorithm.whiten_advantages``), the clipped policy step without a KL term, then the
   value step on the GAE returns.
 * :class:`DPOLearner`: pairs (a right and a wrong completion of one question) and the DPO step against the frozen
   reference (:meth:`learner.policy.PolicyLearner.dpo_step`).
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from dsmath import algorithms
-from dsmath.config import GRPOConfig, TrainConfig
+from dsmath.config import AlgorithmConfig, TrainConfig
 from learner.batch import TrainBatch
 
 
@@ -43,9 +43,9 @@ class _Wrapper:
 class DPOLearner(_Wrapper):
     """DPO on the pairs of each step's graded groups (``group_size`` contiguous samples per question)."""
 
-    def __init__(self, group, grpo_cfg: GRPOConfig, *, group_size: int) -> None:
+    def __init__(self, group, algo_cfg: AlgorithmConfig, *, group_size: int) -> None:
         super().__init__(group)
-        self.beta = grpo_cfg.dpo_beta
+        self.beta = algo_cfg.dpo_beta
         self.group_size = group_size
 
     def grpo_step(self, batch: TrainBatch) -> dict[str, float]:
@@ -71,7 +71,7 @@ class PPOLearner(_Wrapper):
 
         super().__init__(group)
         self.cfg = cfg
-        g, lr = cfg.grpo, cfg.learner
+        g, lr = cfg.algorithm, cfg.learner
         # On a small local cluster the placement group holds the generators' and policy ranks' CPUs; the value
         # ranks then share what is left (sync mode runs one stage at a time, so they do not compete).
         free = float(ray.available_resources().get("CPU", 0.0))
@@ -81,7 +81,7 @@ class PPOLearner(_Wrapper):
                                   **value_options)
 
     def grpo_step(self, batch: TrainBatch) -> dict[str, float]:
-        g = self.cfg.grpo
+        g = self.cfg.algorithm
         if batch.old_logprobs is None:
             raise ValueError("PPO needs the policy's old log-probs in the batch (the driver's old_logprobs stage)")
         t0 = time.perf_counter()
@@ -117,7 +117,7 @@ class PPOLearner(_Wrapper):
         """Refused: checkpoints hold the policy only, and a fresh value model would change the run."""
         from dsmath.errors import UserError
 
-        raise UserError("--resume with grpo.algorithm=ppo: the value model is not checkpointed in this version; "
+        raise UserError("--resume with algorithm.name=ppo: the value model is not checkpointed in this version; "
                         "start the run again")
 
     def shutdown(self) -> None:

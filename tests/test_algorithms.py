@@ -1,6 +1,6 @@
 """The unified paradigm (DeepSeekMath §5.2.1, Table 10 / Appendix A.1) as switches.
 
-For one hand-built batch, each ``grpo.algorithm`` must make the learner's loss produce the gradient
+For one hand-built batch, each ``algorithm.name`` must make the learner's loss produce the gradient
 coefficient the paper's table gives: GC(q, o, t) = −∂loss/∂log π_θ(o_t) · (sequences) · |o| under the
 paper's per-sequence token mean. Plus every kernel of dsmath.algorithms against its loop twin.
 """
@@ -14,7 +14,7 @@ from dsmath import algorithms as A
 from dsmath import methods
 from dsmath import grpo
 from dsmath.methods import sample_advantages
-from dsmath.config import ConfigError, GRPOConfig, load_config
+from dsmath.config import ConfigError, AlgorithmConfig, load_config
 from dsmath.records import Problem, RewardResult, Rollout
 
 P = Problem(uid="p", question="q", answer="1")
@@ -60,7 +60,7 @@ def _per_token(values: list[float], mask: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("algorithm", ["online_rft", "rft"])
 def test_rft_switches_give_coefficient_one_for_right_answers_zero_otherwise(algorithm):
     logp, ref, mask, rollouts, results = _batch()
-    adv = torch.tensor(sample_advantages(GRPOConfig(algorithm=algorithm, beta=0.0), rollouts, results, G),
+    adv = torch.tensor(sample_advantages(AlgorithmConfig(name=algorithm, beta=0.0), rollouts, results, G),
                        dtype=torch.float64)
     assert adv.tolist() == [1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
     loss, _ = grpo.grpo_loss(logp, logp.detach(), None, adv, mask, beta=0.0)
@@ -79,7 +79,7 @@ def test_rft_and_online_rft_differ_only_in_the_sampling_source():
 def test_grpo_switch_gives_normalised_advantage_plus_the_kl_term():
     logp, ref, mask, rollouts, results = _batch()
     beta = 0.04
-    adv = torch.tensor(sample_advantages(GRPOConfig(beta=beta), rollouts, results, G), dtype=torch.float64)
+    adv = torch.tensor(sample_advantages(AlgorithmConfig(beta=beta), rollouts, results, G), dtype=torch.float64)
     # Group [1,0,0]: mean 1/3, unbiased std 1/√3 → +1.1547, −0.5774; group [1,1,0]: +0.5774, −1.1547.
     s = 1 / math.sqrt(3)
     hand = [(2 / 3) / s, (-1 / 3) / s, (-1 / 3) / s, (1 / 3) / s, (1 / 3) / s, (-2 / 3) / s]
@@ -150,11 +150,11 @@ def test_ppo_and_dpo_advantage_stage_hands_on_what_their_learners_need():
     results = [RewardResult(request_id=r.request_id, sample_index=r.sample_index, reward=x, correct=r.correct,
                             reason="") for r, x in zip(results, rewards)]
     # PPO: the outcome reward r_φ(o) (GAE needs the values, so the learner wrapper finishes the job).
-    assert sample_advantages(GRPOConfig(algorithm="ppo"), rollouts, results, G) == rewards
+    assert sample_advantages(AlgorithmConfig(name="ppo"), rollouts, results, G) == rewards
     # DPO: I(o), from which the right/wrong pairs are built.
-    assert sample_advantages(GRPOConfig(algorithm="dpo", beta=0.0), rollouts, results, G) == [1, 0, 0, 1, 1, 0]
+    assert sample_advantages(AlgorithmConfig(name="dpo", beta=0.0), rollouts, results, G) == [1, 0, 0, 1, 1, 0]
     with pytest.raises(ValueError):
-        sample_advantages(GRPOConfig(algorithm="ppo", advantage="process"), rollouts, results, G)
+        sample_advantages(AlgorithmConfig(name="ppo", advantage="process"), rollouts, results, G)
 
 
 # --------------------------------------------------------------------------- kernels vs loops
@@ -236,13 +236,13 @@ def test_whiten_is_zero_mean_unit_std_on_the_mask():
 
 
 @pytest.mark.parametrize("overrides, key", [
-    (["grpo.algorithm=rft", "grpo.beta=0", "grpo.sampling=online"], "grpo.sampling"),
-    (["grpo.algorithm=ppo", "grpo.sampling=offline"], "grpo.sampling"),
-    (["grpo.algorithm=online_rft"], "grpo.beta"),
-    (["grpo.algorithm=dpo", "grpo.beta=0", "rollout.group_size=1"], "rollout.group_size"),
-    (["grpo.algorithm=dpo", "grpo.beta=0", "grpo.dpo_beta=0"], "grpo.dpo_beta"),
-    (["grpo.algorithm=ppo", "grpo.gae_lambda=1.5"], "grpo.gae_lambda"),
-    (["grpo.sampling=sometimes"], "grpo.sampling"),
+    (["algorithm.name=rft", "algorithm.beta=0", "algorithm.sampling=online"], "algorithm.sampling"),
+    (["algorithm.name=ppo", "algorithm.sampling=offline"], "algorithm.sampling"),
+    (["algorithm.name=online_rft"], "algorithm.beta"),
+    (["algorithm.name=dpo", "algorithm.beta=0", "rollout.group_size=1"], "rollout.group_size"),
+    (["algorithm.name=dpo", "algorithm.beta=0", "algorithm.dpo_beta=0"], "algorithm.dpo_beta"),
+    (["algorithm.name=ppo", "algorithm.gae_lambda=1.5"], "algorithm.gae_lambda"),
+    (["algorithm.sampling=sometimes"], "algorithm.sampling"),
 ])
 def test_impossible_combinations_are_one_line_errors_naming_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:
@@ -256,5 +256,6 @@ def test_every_sensible_table_10_combination_loads():
                                 ("online_rft", "offline"), ("rft", "offline"), ("dpo", "offline"), ("dpo", "online"),
                                 ("ppo", "online")):
         beta = "0.04" if algorithm in ("grpo", "ppo") else "0"
-        cfg = load_config("tiny_cpu", [f"grpo.algorithm={algorithm}", f"grpo.sampling={sampling}", f"grpo.beta={beta}"])
-        assert methods.resolve_sampling(cfg.grpo.algorithm, cfg.grpo.sampling) == sampling
+        cfg = load_config("tiny_cpu", [f"algorithm.name={algorithm}", f"algorithm.sampling={sampling}",
+                                       f"algorithm.beta={beta}"])
+        assert methods.resolve_sampling(cfg.algorithm.name, cfg.algorithm.sampling) == sampling

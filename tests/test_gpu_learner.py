@@ -21,7 +21,7 @@ import torch
 # cuBLAS needs this for deterministic GEMMs (exact resume); set before the first CUDA call of the process.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-from dsmath.config import GRPOConfig, LearnerConfig  # noqa: E402
+from dsmath.config import AlgorithmConfig, LearnerConfig  # noqa: E402
 from learner.batch import TrainBatch, collate_rollouts  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -58,7 +58,7 @@ def make_learner(model_dir, **kw):
 
     base = dict(lr=1e-3, zero_stage=1, micro_batch_size=4, grad_clip=1.0, warmup_steps=0)
     base.update(kw)
-    return PolicyLearner(model_dir, LearnerConfig(**base), GRPOConfig(beta=0.04, clip_eps_low=0.2,
+    return PolicyLearner(model_dir, LearnerConfig(**base), AlgorithmConfig(beta=0.04, clip_eps_low=0.2,
                                                                      clip_eps_high=0.28), seed=0)
 
 

@@ -52,7 +52,8 @@ def test_two_iterations_reset_the_reference_and_replay_ten_percent(tmp_path, ray
     # Iteration 2's run started from (and built its reference from) iteration 1's final policy.
     cfg2 = yaml.safe_load((run / "iter-2" / "config.yaml").read_text())
     assert cfg2["model"]["path"] == str(end1)
-    assert cfg2["grpo"]["advantage"] == "process" and cfg2["reward"]["model_path"] == records[1]["rm"]["checkpoint"]
+    assert cfg2["algorithm"]["advantage"] == "process"
+    assert cfg2["reward"]["model_path"] == records[1]["rm"]["checkpoint"]
 
     # Iteration 1 changed the policy, so "reference = end of iteration 1" differs from "reference = initial".
     w0, w1 = _weights(Path(initial)), _weights(end1)
@@ -63,10 +64,10 @@ def test_two_iterations_reset_the_reference_and_replay_ten_percent(tmp_path, ray
     def reference_vs(start: str, others: list[str]) -> list[float]:
         from safetensors.torch import load_file
 
-        from dsmath.config import GRPOConfig, LearnerConfig
+        from dsmath.config import AlgorithmConfig, LearnerConfig
         from learner.policy import PolicyLearner
 
-        learner = PolicyLearner(start, LearnerConfig(lr=1e-3, zero_stage=0), GRPOConfig(), with_reference=True)
+        learner = PolicyLearner(start, LearnerConfig(lr=1e-3, zero_stage=0), AlgorithmConfig(), with_reference=True)
         ref = {k: v.detach() for k, v in learner.reference.state_dict().items()}
         saved = [load_file(f"{o}/model.safetensors") for o in others]
         return [max(float((ref[k] - w[k]).abs().max()) for k in w) for w in saved]

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsmath.config import GRPOConfig, LearnerConfig
+from dsmath.config import AlgorithmConfig, LearnerConfig
 from learner.batch import TrainBatch, collate_rollouts, micro_batches
 
 VOCAB = 64
@@ -51,8 +51,8 @@ def learner_cfg(**kw) -> LearnerConfig:
 def make_learner(model_dir, **kw):
     from learner.policy import PolicyLearner
 
-    grpo_cfg = kw.pop("grpo_cfg", GRPOConfig(beta=0.04, clip_eps_low=0.2, clip_eps_high=0.28))
-    return PolicyLearner(model_dir, learner_cfg(**kw), grpo_cfg, seed=0)
+    algo_cfg = kw.pop("algo_cfg", AlgorithmConfig(beta=0.04, clip_eps_low=0.2, clip_eps_high=0.28))
+    return PolicyLearner(model_dir, learner_cfg(**kw), algo_cfg, seed=0)
 
 
 def rl_batch(learner, seed: int) -> TrainBatch:
@@ -256,7 +256,7 @@ def test_world_size_mismatch_is_a_user_error(model_dir, tmp_path):
     with pytest.raises(UserError, match="not a dsmath learner checkpoint"):
         learner.load_checkpoint(tmp_path / "empty")
     with pytest.raises(UserError, match="Dr. GRPO"):
-        make_learner(model_dir, grpo_cfg=GRPOConfig(loss_agg="seq_mean_token_sum_norm"))
+        make_learner(model_dir, algo_cfg=AlgorithmConfig(loss_agg="seq_mean_token_sum_norm"))
 
 
 # ---------------------------------------------------------------- memory-light options (issue: learner efficiency)

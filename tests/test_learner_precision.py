@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dsmath import methods
-from dsmath.config import GRPOConfig
+from dsmath.config import AlgorithmConfig
 from dsmath.errors import UserError
 from learner.batch import TrainBatch
 from test_learner import make_learner, make_tiny_model, rl_batch
@@ -164,12 +164,12 @@ def test_all_switches_train_and_resume_exactly(model_dir, tmp_path, zero_stage):
 # ---------------------------------------------------------------- the reference only where it is read
 
 def test_needs_reference_reads_beta_and_the_algorithm():
-    assert methods.needs_reference(GRPOConfig(beta=0.04))
-    assert not methods.needs_reference(GRPOConfig(beta=0.0))
-    assert methods.needs_reference(GRPOConfig(algorithm="dpo", beta=0.0))  # DPO's loss is relative to π_ref
-    assert methods.needs_reference(GRPOConfig(algorithm="ppo", beta=0.04))  # PPO's KL reward
-    assert not methods.needs_reference(GRPOConfig(algorithm="ppo", beta=0.0))
-    assert not methods.needs_reference(GRPOConfig(algorithm="online_rft", beta=0.0))
+    assert methods.needs_reference(AlgorithmConfig(beta=0.04))
+    assert not methods.needs_reference(AlgorithmConfig(beta=0.0))
+    assert methods.needs_reference(AlgorithmConfig(name="dpo", beta=0.0))  # DPO's loss is relative to π_ref
+    assert methods.needs_reference(AlgorithmConfig(name="ppo", beta=0.04))  # PPO's KL reward
+    assert not methods.needs_reference(AlgorithmConfig(name="ppo", beta=0.0))
+    assert not methods.needs_reference(AlgorithmConfig(name="online_rft", beta=0.0))
 
 
 def test_beta_zero_builds_no_reference_and_the_loss_is_unchanged(model_dir, monkeypatch):
@@ -179,8 +179,8 @@ def test_beta_zero_builds_no_reference_and_the_loss_is_unchanged(model_dir, monk
     from learner.ray_group import LearnerRank
     from test_learner import learner_cfg
 
-    g = GRPOConfig(beta=0.0, clip_eps_high=0.28)
-    lean = make_learner(model_dir, grpo_cfg=g)
+    g = AlgorithmConfig(beta=0.0, clip_eps_high=0.28)
+    lean = make_learner(model_dir, algo_cfg=g)
     assert lean.reference is None
     with pytest.raises(RuntimeError, match="with_reference=False"):
         lean.ref_logprobs(rl_batch(lean, 1))
@@ -199,7 +199,7 @@ def test_beta_zero_builds_no_reference_and_the_loss_is_unchanged(model_dir, monk
                seed=0, env={}, kwargs={})
     assert rank.learner.reference is None
     dpo = LearnerRank()
-    dpo.setup(str(model_dir), learner_cfg(), GRPOConfig(algorithm="dpo", beta=0.0), rank=0, world_size=1,
+    dpo.setup(str(model_dir), learner_cfg(), AlgorithmConfig(name="dpo", beta=0.0), rank=0, world_size=1,
               master_addr="127.0.0.1", master_port=0, seed=0, env={}, kwargs={})
     assert dpo.learner.reference is not None
 

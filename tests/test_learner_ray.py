@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dsmath.config import GRPOConfig
+from dsmath.config import AlgorithmConfig
 from learner.batch import TrainBatch, collate_rollouts
 from test_learner import assert_same_update, learner_cfg, make_learner, make_tiny_model, random_rollouts
 
@@ -32,7 +32,7 @@ def test_two_ray_ranks_equal_one_rank(ray_local, tmp_path):
     from learner.ray_group import LearnerGroup
 
     model_dir = make_tiny_model(tmp_path / "model")
-    grpo_cfg = GRPOConfig(beta=0.04, clip_eps_high=0.28)
+    algo_cfg = AlgorithmConfig(beta=0.04, clip_eps_high=0.28)
     cfg = learner_cfg(zero_stage=2, micro_batch_size=3, cpus_per_rank=1.0)
 
     single = make_learner(model_dir, zero_stage=2, micro_batch_size=3)
@@ -42,7 +42,7 @@ def test_two_ray_ranks_equal_one_rank(ray_local, tmp_path):
         batch = batches_for(single.logprobs, seed)
         losses_1 += [single.grpo_step(batch)["loss"], single.grpo_step(batch)["loss"]]
 
-    group = LearnerGroup(model_dir, cfg, grpo_cfg, num_ranks=2, seed=0)
+    group = LearnerGroup(model_dir, cfg, algo_cfg, num_ranks=2, seed=0)
     try:
         losses_2, metrics = [], None
         for seed in (30, 31):

@@ -29,14 +29,14 @@ WORKER = textwrap.dedent(
     import json, os, sys
     sys.path.insert(0, sys.argv[1])
     import torch
-    from dsmath.config import GRPOConfig
+    from dsmath.config import AlgorithmConfig
     from learner.batch import TrainBatch, collate_rollouts
     from learner.policy import PolicyLearner
     from test_learner import learner_cfg, random_rollouts
 
     model_dir, out = sys.argv[2], sys.argv[3]
     learner = PolicyLearner.from_env(model_dir, learner_cfg(zero_stage=2, micro_batch_size=3),
-                                     GRPOConfig(beta=0.04, clip_eps_high=0.28), seed=0)
+                                     AlgorithmConfig(beta=0.04, clip_eps_high=0.28), seed=0)
     losses = []
     for seed in (40, 41):
         prompts, comps, adv = random_rollouts(seed, n=8, group=4)

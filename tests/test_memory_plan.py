@@ -81,11 +81,11 @@ def test_bf16_zero3_shards_everything_and_keeps_fp32_master_and_gradient_partiti
 
 
 def test_reference_costs_nothing_on_the_device_with_beta_0_or_on_the_host():
-    assert terms(cfg7b("grpo.beta=0"))["reference"] == 0
+    assert terms(cfg7b("algorithm.beta=0"))["reference"] == 0
     host = mp.plan(cfg7b("learner.reference=host")).devices[0]
     assert terms(cfg7b("learner.reference=host"))["reference"] == 0
     assert any("13.82 GB in host memory" in n for n in host.notes)
-    assert terms(cfg7b("grpo.beta=0", "grpo.algorithm=dpo"))["reference"] == 2 * P7B  # DPO needs it
+    assert terms(cfg7b("algorithm.beta=0", "algorithm.name=dpo"))["reference"] == 2 * P7B  # DPO needs it
 
 
 def test_activations_and_logits_follow_the_stated_formula():
@@ -217,9 +217,9 @@ def test_train_on_a_gpu_config_checks_the_plan_before_starting_anything():
 def test_reference_rule_and_bf16_stage0_match_the_learner():
     from dsmath.methods import needs_reference
 
-    for overrides in ([], ["grpo.beta=0"], ["grpo.beta=0", "grpo.algorithm=dpo"], ["grpo.algorithm=ppo"]):
+    for overrides in ([], ["algorithm.beta=0"], ["algorithm.beta=0", "algorithm.name=dpo"], ["algorithm.name=ppo"]):
         cfg = cfg7b(*overrides)
-        assert mp.needs_reference(cfg) == needs_reference(cfg.grpo), overrides
+        assert mp.needs_reference(cfg) == needs_reference(cfg.algorithm), overrides
     with pytest.raises(ConfigError, match="bf16 needs learner.zero_stage >= 1"):
         mp.check(cfg7b("learner.zero_stage=0"))
     fix = mp.suggest_fix(cfg7b("learner.zero_stage=0", "learner.num_ranks=1", "learner.precision=fp32"), "learner")

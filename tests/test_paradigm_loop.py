@@ -27,8 +27,8 @@ def test_compare_runs_rft_and_online_rft_with_one_budget_and_writes_table_and_pl
                                                                                    capsys):
     from wiring.cli import main
 
-    (tmp_path / "online_rft.yaml").write_text("grpo: {algorithm: online_rft, beta: 0.0}\n")
-    (tmp_path / "rft.yaml").write_text("grpo: {algorithm: rft, beta: 0.0}\n")
+    (tmp_path / "online_rft.yaml").write_text("algorithm: {name: online_rft, beta: 0.0}\n")
+    (tmp_path / "rft.yaml").write_text("algorithm: {name: rft, beta: 0.0}\n")
     out = tmp_path / "cmp"
     rc = main(["compare", "--config", str(tmp_path / "online_rft.yaml"), "--config", str(tmp_path / "rft.yaml"),
                "--samples", str(SAMPLES), "--eval-every", "1", "--out", str(out), "--no-progress",
@@ -62,7 +62,7 @@ def test_dpo_trains_on_right_wrong_pairs_against_the_frozen_reference(tmp_path, 
     from wiring.driver import train
 
     cfg = load_config("tiny_cpu", TINY + [f"run_dir={tmp_path / 'run'}", f"bootstrap.data_dir={cache_dir}",
-                                          "grpo.algorithm=dpo", "grpo.beta=0", "grpo.dpo_beta=0.5",
+                                          "algorithm.name=dpo", "algorithm.beta=0", "algorithm.dpo_beta=0.5",
                                           "rollout.group_size=8"])
     summary = train(cfg, progress=False)
     rows = read_metrics(tmp_path / "run")
@@ -83,7 +83,7 @@ def test_ppo_learns_a_value_model_beside_the_policy(tmp_path, ray_cluster, cache
     from wiring.driver import train
 
     cfg = load_config("tiny_cpu", TINY + [f"run_dir={tmp_path / 'run'}", f"bootstrap.data_dir={cache_dir}",
-                                          "grpo.algorithm=ppo", "grpo.beta=0.04", "grpo.value_lr=1e-3"])
+                                          "algorithm.name=ppo", "algorithm.beta=0.04", "algorithm.value_lr=1e-3"])
     summary = train(cfg, progress=False)
     rows = read_metrics(tmp_path / "run")
     assert summary["samples_trained"] == SAMPLES and [r["step"] for r in rows] == [1, 2]

@@ -39,22 +39,36 @@ def test_resume_with_no_overrides_runs_the_saved_steps_lr_and_beta(tmp_path):
     from wiring.cli import build_parser
     from wiring.commands.train import resumed_config
 
-    run = saved_run(tmp_path / "run", "steps=2", "learner.lr=1e-4", "grpo.beta=0.1")
+    run = saved_run(tmp_path / "run", "steps=2", "learner.lr=1e-4", "algorithm.beta=0.1")
     args = build_parser().parse_args(["train", "--resume", "--run-dir", str(run)])  # preset default: 20 steps
     cfg = resumed_config(args, [f"run_dir={run}"])
-    assert (cfg.steps, cfg.learner.lr, cfg.grpo.beta) == (2, 1e-4, 0.1)
-    assert load_config("tiny_cpu").steps != 2 and load_config("tiny_cpu").grpo.beta != 0.1
+    assert (cfg.steps, cfg.learner.lr, cfg.algorithm.beta) == (2, 1e-4, 0.1)
+    assert load_config("tiny_cpu").steps != 2 and load_config("tiny_cpu").algorithm.beta != 0.1
     assert resume_changes(run, to_dict(cfg)) == []
 
 
 def test_a_changed_beta_on_resume_is_refused_in_one_line_naming_the_key(tmp_path, capsys):
-    run = saved_run(tmp_path / "run", "steps=2", "grpo.beta=0.1")
+    run = saved_run(tmp_path / "run", "steps=2", "algorithm.beta=0.1")
     before = sorted(p.name for p in run.iterdir())
-    rc, err = cli(capsys, "train", "--resume", "--run-dir", str(run), "grpo.beta=0.5")
+    rc, err = cli(capsys, "train", "--resume", "--run-dir", str(run), "algorithm.beta=0.5")
     assert rc == 2 and len(err) == 1, err
-    assert "grpo.beta was 0.1 in this run, not 0.5" in err[0] and "start a new run" in err[0]
+    assert "algorithm.beta was 0.1 in this run, not 0.5" in err[0] and "start a new run" in err[0]
     assert sorted(p.name for p in run.iterdir()) == before  # no status.json, no checkpoints/, no latest link
     assert not (tmp_path / "latest").exists()
+
+
+def test_resume_of_a_run_saved_with_the_old_grpo_section_is_refused_naming_the_rename(tmp_path, capsys):
+    run = saved_run(tmp_path / "run", "steps=2")
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    section = saved.pop("algorithm")
+    saved["grpo"] = {"algorithm": section.pop("name"), **section}  # as an earlier version wrote it
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    before = sorted(p.name for p in run.iterdir())
+    rc, err = cli(capsys, "train", "--resume", "--run-dir", str(run))
+    assert rc == 2 and len(err) == 1, err
+    assert f"{run / 'config.yaml'}: the section 'grpo:' is now 'algorithm:' (grpo.algorithm -> algorithm.name; " \
+           f"its other {len(section)} keys keep their names, e.g. grpo.beta -> algorithm.beta)" in err[0], err
+    assert sorted(p.name for p in run.iterdir()) == before
 
 
 def test_an_allowed_change_is_recorded_with_the_step_it_takes_effect(tmp_path):
@@ -134,7 +148,7 @@ def test_resume_past_a_truncated_checkpoint_through_the_cli(tmp_path, ray_cluste
     run = tmp_path / "runs" / "r"
     cfg = load_config("tiny_cpu", TINY_LOOP + [f"run_dir={run}", f"bootstrap.data_dir={cache_dir}", "steps=3",
                                                "checkpoint_every=1", "eval_size=8", "learner.lr=2e-3",
-                                               "grpo.beta=0.02"])
+                                               "algorithm.beta=0.02"])
     train(cfg, progress=False)
     original = read_metrics(run)
     ckpts = run / "checkpoints"
@@ -156,7 +170,7 @@ def test_resume_past_a_truncated_checkpoint_through_the_cli(tmp_path, ray_cluste
     for key in ("reward/mean", "response_length/mean", "train/loss", "train/kl", "train/grad_norm"):
         assert resumed[2][key] == original[2][key], key
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert (saved["steps"], saved["learner"]["lr"], saved["grpo"]["beta"]) == (3, 2e-3, 0.02)
+    assert (saved["steps"], saved["learner"]["lr"], saved["algorithm"]["beta"]) == (3, 2e-3, 0.02)
     assert not (run / CHANGES_FILE).exists()
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
     assert ckpts.joinpath("latest").read_text().strip() == "step-000003" and ckpts.joinpath("step-000003").is_dir()

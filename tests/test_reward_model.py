@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsmath.config import GRPOConfig, RewardConfig
+from dsmath.config import AlgorithmConfig, RewardConfig
 from dsmath.records import Problem, RewardResult, Rollout
 from dsmath.reward_models import (combine_rewards, completion_step_ends, gather_scores, gather_scores_loop,
                                   replay_count, replay_mix, shepherd_label, split_steps, step_end_token_indices,
@@ -73,7 +73,7 @@ def test_prm_step_scores_land_on_the_step_end_tokens_in_the_advantages_and_the_b
     scores = [[0.9, 0.2, 0.6], [0.5, 0.8]]
     results = [combine_rewards(r, cfg, step_scores=s, step_ends=e) for r, s, e in zip(rule, scores, ends)]
     assert results[0].step_end_token_index == (5, 11, 15) and results[0].step_rewards == pytest.approx((0.9, 0.2, 0.6))
-    adv = sample_advantages(GRPOConfig(advantage="process", adv_eps=0.0), ros, results, group_size=2)
+    adv = sample_advantages(AlgorithmConfig(advantage="process", adv_eps=0.0), ros, results, group_size=2)
     flat = torch.tensor([0.9, 0.2, 0.6, 0.5, 0.8])
     norm = ((flat - flat.mean()) / flat.std()).tolist()  # the group's 5 step rewards, normalised together
     # Sample 0: tokens 0..5 see all three steps, 6..11 the last two, 12..15 the last one.
@@ -223,7 +223,7 @@ def test_cli_mistakes_are_one_line_errors(tmp_path, capsys):
     assert "rm.replay_fraction" in capsys.readouterr().err
     assert main(["iterate", "--iterations", "0"]) == 2
     assert "--iterations" in capsys.readouterr().err
-    assert main(["train", "grpo.advantage=process"]) == 2  # process supervision without a PRM is refused up front
+    assert main(["train", "algorithm.advantage=process"]) == 2  # process supervision without a PRM is refused up front
     assert "reward.model_kind=process" in capsys.readouterr().err
 
 

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from dsmath.config import GRPOConfig, RolloutConfig, WeightSyncConfig
+from dsmath.config import AlgorithmConfig, RolloutConfig, WeightSyncConfig
 from learner.batch import TrainBatch, collate_rollouts
 from test_generator import request, tiny_model_dir
 from test_learner import learner_cfg, random_rollouts
@@ -38,7 +38,7 @@ def setup(tmp_path_factory):
     gen = generator_actor_class(num_cpus=1).remote(str(path), RolloutConfig(kv_cache_space_gib=1),
                                                    generator_id="gen-0", seed=0)
     cfg = learner_cfg(zero_stage=3, micro_batch_size=4, cpus_per_rank=1.0, lr=1e-2, warmup_steps=0)
-    group = LearnerGroup(path, cfg, GRPOConfig(beta=0.0), num_ranks=2, seed=0, with_reference=False)
+    group = LearnerGroup(path, cfg, AlgorithmConfig(beta=0.0), num_ranks=2, seed=0, with_reference=False)
     ray.get(gen.health.remote())
     yield ray, group, gen, tok, path
     group.shutdown()

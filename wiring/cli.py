@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dsmath",
         description="DeepSeekMath on Ray: math-corpus mining and online GRPO (vLLM generators, DeepSpeed learner).",
-        epilog="Run 'dsmath COMMAND --help' for a command's options. Config overrides are dotted: grpo.beta=0.04",
+        epilog="Run 'dsmath COMMAND --help' for a command's options. Config overrides are dotted: algorithm.beta=0.04",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, mod in _available().items():

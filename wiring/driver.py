@@ -228,7 +228,7 @@ def start_actor_pools(cfg: TrainConfig, task: TaskData, state: RunState, resume_
         return actor
 
     reward_cls = reward_worker_actor_class()
-    if cfg.reward.model_path or cfg.grpo.advantage == "process":  # rule + reward-model score in one actor
+    if cfg.reward.model_path or cfg.algorithm.advantage == "process":  # rule + reward-model score in one actor
         from actors.reward_model import reward_model_worker_actor_class
 
         reward_cls = reward_model_worker_actor_class(cfg)
@@ -257,7 +257,8 @@ def start_learner(cfg: TrainConfig, task: TaskData, placement):
     from wiring.paradigm import wrap_learner
 
     roles = role_resources()
-    learner = LearnerGroup(task.model_dir, cfg.learner, cfg.grpo, seed=cfg.seed, max_tokens=cfg.rollout.max_new_tokens,
+    learner = LearnerGroup(task.model_dir, cfg.learner, cfg.algorithm, seed=cfg.seed,
+                           max_tokens=cfg.rollout.max_new_tokens,
                            actor_resources=roles.get("learner", {}).get("resources"),
                            rank_options=[placement.learner(r) for r in range(cfg.learner.num_ranks)])
     learner = wrap_learner(learner, cfg, model_dir=task.model_dir, seed=cfg.seed)
@@ -292,7 +293,7 @@ def start_producer(run: Run, *, resume: bool, progress: bool, fault_hook):
     cfg, state = run.cfg, run.state
     chunk = max(1, cfg.rollout.questions_per_step // (2 * len(run.gen_pool.actors)))
     offline_pool, kind = None, "async" if cfg.async_.enabled else "sync"
-    if resolve_sampling(cfg.grpo.algorithm, cfg.grpo.sampling) == "offline":
+    if resolve_sampling(cfg.algorithm.name, cfg.algorithm.sampling) == "offline":
         kind = "offline"
         if state.step < cfg.steps:
             offline_pool = OfflinePool.draw(cfg, gen_pool=run.gen_pool, reward_pool=run.reward_pool, stream=run.stream,
@@ -330,7 +331,7 @@ def train_step(run: Run, producer) -> dict:
     with timer.stage("advantages"):
         batch = advantages_batch(run, samples)
     batch, old_lp, gap = logprob_inputs(run, samples, batch, off_policy=producer.kind == "async")
-    if cfg.grpo.beta > 0:
+    if cfg.algorithm.beta > 0:
         with timer.stage("ref_logprobs"):
             batch = dataclasses_replace(batch, ref_logprobs=learner.ref_logprobs(batch))
     with timer.stage("update"):
@@ -367,7 +368,8 @@ def advantages_batch(run: Run, samples: StepSamples):
     from dsmath.methods import sample_advantages
 
     cfg = run.cfg
-    adv = sample_advantages(cfg.grpo, samples.rollouts, samples.results, cfg.rollout.group_size)  # B*G floats/lists
+    adv = sample_advantages(cfg.algorithm, samples.rollouts, samples.results,
+                            cfg.rollout.group_size)  # B*G floats/lists
     max_len = cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens
     return build_train_batch(samples.rollouts, adv, run.tokenizer.pad_token_id, max_len,
                              mask_truncated=cfg.rollout.overlong == "mask")
@@ -382,7 +384,7 @@ def logprob_inputs(run: Run, samples: StepSamples, batch, *, off_policy: bool):
 
     cfg = run.cfg
     old_lp, gap = None, None
-    if needs_old_logprobs(cfg.grpo, off_policy=off_policy):
+    if needs_old_logprobs(cfg.algorithm, off_policy=off_policy):
         with run.timer.stage("old_logprobs"):
             old_lp = run.learner.logprobs(batch)  # [N, T]
         gap = logprob_gap(samples.rollouts, batch, old_lp)

@@ -51,7 +51,7 @@ def iterate(cfg: TrainConfig, *, iterations: int, kind: str = "process", progres
             overwrite: bool = False) -> dict:
     """Run ``iterations`` rounds of Algorithm 1 with ``cfg.steps`` GRPO steps each; returns (and writes) the summary.
 
-    ``kind`` is the reward model trained between iterations (``process``: PRM + ``grpo.advantage=process``;
+    ``kind`` is the reward model trained between iterations (``process``: PRM + ``algorithm.advantage=process``;
     ``outcome``: ORM + outcome advantages). ``train_fn`` / ``rm_round_fn`` default to the real driver and RM round.
     A ``run_dir`` holding iterations is refused unless ``overwrite`` (then they are removed first); the run dir's
     parent's ``latest`` link is pointed at it.
@@ -98,7 +98,7 @@ def iterate(cfg: TrainConfig, *, iterations: int, kind: str = "process", progres
     for k in range(1, iterations + 1):
         it_dir = run_dir / f"iter-{k}"
         cfg_k = with_overrides(cfg, [f"run_dir={it_dir}", f"model.path={policy}", f"reward.model_path={rm}",
-                                     f"reward.model_kind={kind}", f"grpo.advantage={advantage}",
+                                     f"reward.model_kind={kind}", f"algorithm.advantage={advantage}",
                                      f"checkpoint_every={every}"])
         log(f"iteration {k}: {cfg.steps} GRPO steps from {policy} (also the reference) with RM {rm}")
         summary = train_fn(cfg_k, progress=progress)

@@ -1,4 +1,4 @@
-"""Wiring for the unified-paradigm switches (``grpo.algorithm``, ``grpo.sampling``) in the training driver.
+"""Wiring for the unified-paradigm switches (``algorithm.name``, ``algorithm.sampling``) in the training driver.
 
 * :class:`OfflinePool` — the offline data source: every step's samples are drawn once, up front, from the
   starting policy (the SFT model), then handed to the loop one step at a time. Step s uses the same questions
@@ -48,8 +48,8 @@ class OfflinePool:
         from dsmath.utils.timing import StageTimer
 
         if resume:
-            raise UserError("--resume: offline sampling (grpo.sampling=offline, the default for rft and dpo) draws "
-                            "its samples from the starting policy at the start of a run; start the run again instead")
+            raise UserError("--resume: offline sampling (algorithm.sampling=offline, the default for rft and dpo) "
+                            "draws its samples from the starting policy at the start of a run; start the run again instead")
         pool = cls()
         start = time.perf_counter()
         q, g, r = cfg.rollout.questions_per_step, cfg.rollout.group_size, cfg.rollout
@@ -80,15 +80,15 @@ def wrap_learner(learner, cfg: TrainConfig, *, model_dir, seed: int, value_optio
     (:class:`learner.unified.DPOLearner`). The wrappers answer every other attribute from ``learner``."""
     from dsmath.methods import get
 
-    kind = get(cfg.grpo.algorithm).learner
+    kind = get(cfg.algorithm.name).learner
     if kind == "policy":
         return learner
     if kind == "dpo":
         from learner.unified import DPOLearner
 
-        return DPOLearner(learner, cfg.grpo, group_size=cfg.rollout.group_size)
+        return DPOLearner(learner, cfg.algorithm, group_size=cfg.rollout.group_size)
     if kind == "ppo":
         from learner.unified import PPOLearner
 
         return PPOLearner(learner, cfg, model_dir=model_dir, seed=seed, value_options=value_options or {})
-    raise UserError(f"grpo.algorithm={cfg.grpo.algorithm}: its learner {kind!r} is not wired into the training loop")
+    raise UserError(f"algorithm.name={cfg.algorithm.name}: its learner {kind!r} is not wired into the training loop")

@@ -5,7 +5,7 @@
 * :class:`AsyncProducer` — one step ahead (``async.enabled``): at the top of step k the generators (idle) are
   synced, then step k+1's rollout runs in a thread while the learner trains on step k, so every sample is
   exactly one version behind (IS-corrected in the loss).
-* :class:`OfflineProducer` — the offline pool (``rft``, ``dpo``, ``grpo.sampling=offline``): every step's samples
+* :class:`OfflineProducer` — the offline pool (``rft``, ``dpo``, ``algorithm.sampling=offline``): every step's samples
   were drawn once, from the starting policy, before the loop; generators are still synced after each update
   (the evaluations sample from them).
 

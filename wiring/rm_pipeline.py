@@ -71,7 +71,7 @@ def _label_in_this_process(cfg: TrainConfig, policy_dir: str, problems: list[Pro
         return label_examples(
             gen, grader, problems, kind=kind, samples_per_question=cfg.rm.samples_per_question,
             completions_per_prefix=cfg.rm.completions_per_prefix, label_rule=cfg.rm.label,
-            delimiter=cfg.grpo.step_delimiter, prompt_mode=prompt_mode, temperature=cfg.rollout.temperature,
+            delimiter=cfg.algorithm.step_delimiter, prompt_mode=prompt_mode, temperature=cfg.rollout.temperature,
             max_new_tokens=cfg.rollout.max_new_tokens, stop=cfg.rollout.stop,
             decode=lambda ids: tok.decode(list(ids), skip_special_tokens=True))
     finally:

@@ -30,41 +30,41 @@ def names() -> list[str]:
 def get(name: str) -> Method:
     """The method called ``name``; a ``ConfigError`` naming the choices for any other name."""
     if name not in REGISTRY:
-        raise ConfigError(f"grpo.algorithm: {name!r} is not one of {', '.join(names())}")
+        raise ConfigError(f"algorithm.name: {name!r} is not one of {', '.join(names())}")
     return REGISTRY[name]
 
 
 def sample_advantages(cfg, rollouts: Sequence, results: Sequence, group_size: int) -> list:
-    """The driver's ``advantages`` stage: the method's coefficient per sample (``cfg`` a GRPOConfig).
+    """The driver's ``advantages`` stage: the method's coefficient per sample (``cfg`` an AlgorithmConfig).
 
     Guaranteed: one entry per rollout, in order — a float, or ``len(completion_ids)`` floats (process
     supervision). Raises ``ValueError`` for a method / supervision pair without a rule (PPO with process rewards).
     """
     if len(rollouts) != len(results):
         raise ValueError(f"{len(rollouts)} rollouts but {len(results)} rewards")
-    return get(cfg.algorithm).advantages(cfg, rollouts, results, group_size)
+    return get(cfg.name).advantages(cfg, rollouts, results, group_size)
 
 
 def resolve_sampling(algorithm: str, sampling: str) -> Sampling:
-    """``online`` or ``offline`` for ``grpo.algorithm`` / ``grpo.sampling`` (``auto`` → the method's own)."""
+    """``online`` or ``offline`` for ``algorithm.name`` / ``algorithm.sampling`` (``auto`` → the method's own)."""
     return get(algorithm).sampling if sampling == "auto" else sampling  # type: ignore[return-value]
 
 
-def needs_reference(grpo_cfg) -> bool:
-    """Whether training with ``grpo_cfg`` ever reads the frozen reference: when β enters somewhere (β > 0 and the
+def needs_reference(algo_cfg) -> bool:
+    """Whether training with ``algo_cfg`` ever reads the frozen reference: when β enters somewhere (β > 0 and the
     method has a KL term) or the method always does (DPO). With False no reference model is built."""
-    method = get(grpo_cfg.algorithm)
-    return method.always_reference or (grpo_cfg.beta > 0 and method.kl != "none")
+    method = get(algo_cfg.name)
+    return method.always_reference or (algo_cfg.beta > 0 and method.kl != "none")
 
 
-def loss_beta(grpo_cfg) -> float:
+def loss_beta(algo_cfg) -> float:
     """β in the policy loss: the configured β where the method pays the KL in its loss, else 0."""
-    return grpo_cfg.beta if get(grpo_cfg.algorithm).kl == "loss" else 0.0
+    return algo_cfg.beta if get(algo_cfg.name).kl == "loss" else 0.0
 
 
-def needs_old_logprobs(grpo_cfg, *, off_policy: bool) -> bool:
+def needs_old_logprobs(algo_cfg, *, off_policy: bool) -> bool:
     """Whether an update needs a separate pass for the sampling policy's log-probs before it: off-policy samples
     (async: the IS weights), several updates per batch (μ > 1), or a method whose update reads them. One
     on-policy update otherwise uses its own detached log-probs (ratio exactly 1)."""
-    return off_policy or grpo_cfg.updates_per_step > 1 or get(grpo_cfg.algorithm).reads_old_logprobs
+    return off_policy or algo_cfg.updates_per_step > 1 or get(algo_cfg.name).reads_old_logprobs
 

@@ -16,9 +16,9 @@ def correctness(cfg, rollouts, results, group_size: int) -> list:
 
 
 def no_kl(cfg) -> str | None:
-    if cfg.grpo.beta != 0:
-        return (f"grpo.beta: {cfg.grpo.algorithm}'s gradient coefficient has no KL term (paper Table 10); "
-                "set grpo.beta=0")
+    if cfg.algorithm.beta != 0:
+        return (f"algorithm.beta: {cfg.algorithm.name}'s gradient coefficient has no KL term (paper Table 10); "
+                "set algorithm.beta=0")
     return None
 
 

@@ -9,13 +9,13 @@ from dsmath.methods.base import Method
 
 def outcome_reward(cfg, rollouts, results, group_size: int) -> list:
     if cfg.advantage != "outcome":
-        raise ValueError("grpo.algorithm=ppo takes the outcome reward (grpo.advantage=outcome)")
+        raise ValueError("algorithm.name=ppo takes the outcome reward (algorithm.advantage=outcome)")
     return [float(r.reward) for r in results]
 
 
 def check(cfg) -> str | None:
-    if cfg.grpo.sampling == "offline":
-        return "grpo.sampling: ppo learns a value of the current policy and needs online samples"
+    if cfg.algorithm.sampling == "offline":
+        return "algorithm.sampling: ppo learns a value of the current policy and needs online samples"
     return None
 
 

@@ -7,9 +7,9 @@ from dsmath.methods.online_rft import correctness, no_kl
 
 
 def check(cfg) -> str | None:
-    if cfg.grpo.sampling == "online":
-        return ("grpo.sampling: rft trains on samples drawn once from the starting policy; use "
-                "grpo.algorithm=online_rft for online sampling")
+    if cfg.algorithm.sampling == "online":
+        return ("algorithm.sampling: rft trains on samples drawn once from the starting policy; use "
+                "algorithm.name=online_rft for online sampling")
     return no_kl(cfg)
 
 

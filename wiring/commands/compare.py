@@ -15,7 +15,7 @@ HELP = "run several configs with the same seed and sample budget; table + plot o
 DESCRIPTION = """Run several training configs one after another with the same seed and the same budget of
 samples trained, then write a table and a plot of held-out greedy accuracy against samples trained
 (DeepSeekMath Figure 5). Each --config is a preset name or a YAML file; a YAML file is read as changes on
-top of --base (so it may hold only what differs, e.g. `grpo: {algorithm: rft, beta: 0.0}`).
+top of --base (so it may hold only what differs, e.g. `algorithm: {name: rft, beta: 0.0}`).
 
 examples:
   dsmath compare --config grpo.yaml --config online_rft.yaml --config rft.yaml --samples 2048 --eval-every 4
@@ -53,9 +53,12 @@ def _deep_merge(base: dict, extra: dict) -> dict:
 
 
 def _read_yaml(path: Path) -> dict:
-    from dsmath.config import read_yaml_mapping
+    """A training config file's mapping; a key that moved (``grpo:`` -> ``algorithm:``) is refused naming this file."""
+    from dsmath.config import read_yaml_mapping, refuse_renamed_keys
 
-    return read_yaml_mapping(path)
+    data = read_yaml_mapping(path)
+    refuse_renamed_keys(data, str(path))
+    return data
 
 
 def resolve_configs(args: argparse.Namespace, out: Path) -> list[tuple[str, object]]:
@@ -177,8 +180,8 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for i, (name, cfg) in enumerate(configs, 1):
         run_dir = Path(cfg.run_dir)
-        sampling = resolve_sampling(cfg.grpo.algorithm, cfg.grpo.sampling)
-        print(f"[compare] {i}/{len(configs)} {name}: {cfg.grpo.algorithm}, {sampling} sampling, {cfg.steps} steps "
+        sampling = resolve_sampling(cfg.algorithm.name, cfg.algorithm.sampling)
+        print(f"[compare] {i}/{len(configs)} {name}: {cfg.algorithm.name}, {sampling} sampling, {cfg.steps} steps "
               f"× {cfg.rollout.questions_per_step * cfg.rollout.group_size} samples, seed {cfg.seed} -> {run_dir}",
               flush=True)
         start = time.time()
@@ -188,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
             train(cfg, progress=not args.no_progress)
         summary = json.loads((run_dir / "summary.json").read_text())
         curve = accuracy_curve(run_dir)
-        rows.append({"name": name, "algorithm": cfg.grpo.algorithm, "sampling": sampling, "steps": summary["steps"],
+        rows.append({"name": name, "algorithm": cfg.algorithm.name, "sampling": sampling, "steps": summary["steps"],
                      "samples_trained": summary["samples_trained"], "before": summary["heldout_accuracy_before"],
                      "after": summary["heldout_accuracy_after"], "best": max(p[2] for p in curve),
                      "wall_seconds": summary["wall_seconds"], "curve": curve, "run_dir": str(run_dir)})

@@ -10,7 +10,7 @@ DESCRIPTION = """Reward-model training (DeepSeekMath §4.1; Math-Shepherd step l
 dsmath rm train samples questions from the training split with the policy (vLLM), grades the completions with
 dsmath.grading (or the sandbox for PoT) and trains a reward model on the same DeepSpeed learner as the policy:
   --kind outcome   one label per completion (correct or not), scored at its last token
-  --kind process   one label per reasoning step (steps split at grpo.step_delimiter): the policy completes
+  --kind process   one label per reasoning step (steps split at algorithm.step_delimiter): the policy completes
                    rm.completions_per_prefix times from every step prefix; a step is good if any
                    (rm.label=any) or most (rm.label=most) of those completions reach the gold answer
 The model is the policy's transformer with a one-output token-classification head (initialised from --init,
@@ -20,7 +20,7 @@ examples:
   dsmath rm train --kind process --out runs/prm
   dsmath rm train --kind outcome --out runs/orm rm.questions=128 rm.epochs=3
   dsmath rm train --kind process --out runs/prm2 --init runs/prm/checkpoint --history runs/prm/rm_data.jsonl
-  dsmath train grpo.advantage=process reward.model_kind=process reward.model_path=runs/prm/checkpoint
+  dsmath train algorithm.advantage=process reward.model_kind=process reward.model_path=runs/prm/checkpoint
 
 writes OUT/{rm_data.jsonl, metrics.jsonl, checkpoint/, rm_summary.json}
 """

@@ -14,7 +14,7 @@ existing cluster when RAY_ADDRESS or --address is given, and starts a local one 
 examples:
   dsmath train
   dsmath train --config deepseekmath_7b model.path=/models/deepseek-math-7b-instruct data.train=q.jsonl
-  dsmath train grpo.beta=0.0 rollout.group_size=16 steps=100
+  dsmath train algorithm.beta=0.0 rollout.group_size=16 steps=100
   dsmath train --config deepseekmath_7b --dry-run        # the memory plan per GPU; starts nothing
   dsmath train --resume --run-dir runs/tiny_cpu          # the run as it was started (RUN_DIR/config.yaml)
   dsmath train --resume --run-dir runs/tiny_cpu steps=40 # a resume may change steps, cadences, ports only
@@ -39,7 +39,8 @@ the run dir's parent's `latest` link (runs/latest) at RUN_DIR
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. grpo.beta=0.04")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted config overrides, e.g. algorithm.beta=0.04")
     p.add_argument("--config", default="tiny_cpu", help="preset name (tiny_cpu, deepseekmath_7b) or a YAML path")
     p.add_argument("--run-dir", help="where metrics, checkpoints and summary.json go (default: the config's run_dir)")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start a local cluster)")
