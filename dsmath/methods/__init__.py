@@ -8,7 +8,7 @@ branches on a method's name. Adding a method: one new file here defining ``METHO
 :data:`REGISTRY`'s tuple.
 
 The kernels (group advantages, GAE, DPO coefficients, …) live in :mod:`dsmath.algorithms` and
-:mod:`dsmath.grpo`, each with its plain-loop twin in the ``*_reference`` module beside it.
+:mod:`dsmath.grpo`, each kernel ``f`` with its plain-loop twin ``f_loop`` right after it.
 """
 
 from __future__ import annotations
