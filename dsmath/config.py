@@ -518,120 +518,168 @@ def load_config(name_or_path: str | None = "tiny_cpu", overrides: list[str] | No
                      env_var="DSMATH_OVERRIDES", renamed=_RENAMED)
 
 
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
 def validate(cfg: TrainConfig) -> None:
-    """Reject impossible combinations with one line each."""
-    r, g, lr = cfg.rollout, cfg.algorithm, cfg.learner
+    """Reject impossible combinations with one line each: the first problem found, section by section.
 
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise ConfigError(msg)
+    Guaranteed: a ``ConfigError`` naming the key(s) and what they must be; nothing is changed or defaulted here.
+    """
+    for check in (_check_run, _check_rollout, _check_algorithm, _check_learner, _check_model,
+                  _check_sync_and_shaping, _check_reward, _check_status, _check_bootstrap):
+        check(cfg)
 
-    need(cfg.steps >= 0, "steps: must be >= 0")
-    need(cfg.max_actor_restarts >= 0, "max_actor_restarts: must be >= 0")
-    need(cfg.keep_checkpoints >= 1, "keep_checkpoints: must be >= 1 (2 or more lets --resume fall back past a "
-                                    "damaged checkpoint)")
-    need(not cfg.data.train or bool(cfg.model.path),
-         "data.train: questions from files need the model that answers them: set model.path too")
-    need(not cfg.data.heldout or bool(cfg.data.train), "data.heldout: set data.train too")
-    need(r.group_size >= 1, "rollout.group_size: must be >= 1")
-    need(r.questions_per_step >= 1, "rollout.questions_per_step: must be >= 1")
-    need(r.max_new_tokens >= 1, "rollout.max_new_tokens: must be >= 1")
-    need(r.temperature >= 0, "rollout.temperature: must be >= 0")
-    need(0 < r.top_p <= 1, "rollout.top_p: must be in (0, 1]")
-    need(r.num_generators >= 1, "rollout.num_generators: must be >= 1")
-    need(g.beta >= 0, "algorithm.beta: must be >= 0")
-    need(0 <= g.clip_eps_low < 1, "algorithm.clip_eps_low: must be in [0, 1)")
-    need(g.clip_eps_high >= 0, "algorithm.clip_eps_high: must be >= 0")
-    need(g.updates_per_step >= 1, "algorithm.updates_per_step: must be >= 1")
+
+def _check_run(cfg: TrainConfig) -> None:
+    """The run as a whole: steps, restarts, checkpoints kept, question files."""
+    _need(cfg.steps >= 0, "steps: must be >= 0")
+    _need(cfg.max_actor_restarts >= 0, "max_actor_restarts: must be >= 0")
+    _need(cfg.keep_checkpoints >= 1, "keep_checkpoints: must be >= 1 (2 or more lets --resume fall back past a "
+                                     "damaged checkpoint)")
+    _need(not cfg.data.train or bool(cfg.model.path),
+          "data.train: questions from files need the model that answers them: set model.path too")
+    _need(not cfg.data.heldout or bool(cfg.data.train), "data.heldout: set data.train too")
+
+
+def _check_rollout(cfg: TrainConfig) -> None:
+    """Sampling: group size, questions per step, lengths, temperature, generators."""
+    r = cfg.rollout
+    _need(r.group_size >= 1, "rollout.group_size: must be >= 1")
+    _need(r.questions_per_step >= 1, "rollout.questions_per_step: must be >= 1")
+    _need(r.max_new_tokens >= 1, "rollout.max_new_tokens: must be >= 1")
+    _need(r.temperature >= 0, "rollout.temperature: must be >= 0")
+    _need(0 < r.top_p <= 1, "rollout.top_p: must be in (0, 1]")
+    _need(r.num_generators >= 1, "rollout.num_generators: must be >= 1")
+
+
+def _check_algorithm(cfg: TrainConfig) -> None:
+    """The method and its knobs (the method's own refusals come from dsmath/methods/<name>.py)."""
+    g = cfg.algorithm
+    _need(g.beta >= 0, "algorithm.beta: must be >= 0")
+    _need(0 <= g.clip_eps_low < 1, "algorithm.clip_eps_low: must be in [0, 1)")
+    _need(g.clip_eps_high >= 0, "algorithm.clip_eps_high: must be >= 0")
+    _need(g.updates_per_step >= 1, "algorithm.updates_per_step: must be >= 1")
     from dsmath import methods
 
     refusal = methods.get(g.name).check(cfg)  # the method's own rules (dsmath/methods/<name>.py)
-    need(refusal is None, refusal or "")
-    need(g.dpo_beta > 0, "algorithm.dpo_beta: must be > 0")
-    need(0 <= g.gae_gamma <= 1, "algorithm.gae_gamma: must be in [0, 1]")
-    need(0 <= g.gae_lambda <= 1, "algorithm.gae_lambda: must be in [0, 1]")
-    need(g.value_lr > 0, "algorithm.value_lr: must be > 0")
-    need(lr.lr > 0, "learner.lr: must be > 0")
-    need(lr.zero_stage in (0, 1, 2, 3), f"learner.zero_stage: {lr.zero_stage} is not one of 0, 1, 2, 3")
-    need(lr.num_ranks >= 1, "learner.num_ranks: must be >= 1")
-    need(lr.micro_batch_size >= 1, "learner.micro_batch_size: must be >= 1")
-    need(lr.max_tokens_per_micro_batch >= 0, "learner.max_tokens_per_micro_batch: must be >= 0 (0 = off)")
-    need(lr.logprob_chunk_tokens >= 0, "learner.logprob_chunk_tokens: must be >= 0 (0 = full logits)")
-    need(lr.gpu_memory_gb > 0, "learner.gpu_memory_gb: must be > 0")
-    need(r.gpu_memory_gb > 0, "rollout.gpu_memory_gb: must be > 0")
-    need(lr.reference != "host" or lr.zero_stage <= 2,
-         "learner.reference: 'host' swaps full weights into the module, which ZeRO-3 partitions; use zero_stage <= 2")
+    _need(refusal is None, refusal or "")
+    _need(g.dpo_beta > 0, "algorithm.dpo_beta: must be > 0")
+    _need(0 <= g.gae_gamma <= 1, "algorithm.gae_gamma: must be in [0, 1]")
+    _need(0 <= g.gae_lambda <= 1, "algorithm.gae_lambda: must be in [0, 1]")
+    _need(g.value_lr > 0, "algorithm.value_lr: must be > 0")
+
+
+def _check_learner(cfg: TrainConfig) -> None:
+    """The learner: optimiser, ZeRO stage, ranks, micro-batches, memory, the reference's home."""
+    r = cfg.rollout
+    lr = cfg.learner
+    _need(lr.lr > 0, "learner.lr: must be > 0")
+    _need(lr.zero_stage in (0, 1, 2, 3), f"learner.zero_stage: {lr.zero_stage} is not one of 0, 1, 2, 3")
+    _need(lr.num_ranks >= 1, "learner.num_ranks: must be >= 1")
+    _need(lr.micro_batch_size >= 1, "learner.micro_batch_size: must be >= 1")
+    _need(lr.max_tokens_per_micro_batch >= 0, "learner.max_tokens_per_micro_batch: must be >= 0 (0 = off)")
+    _need(lr.logprob_chunk_tokens >= 0, "learner.logprob_chunk_tokens: must be >= 0 (0 = full logits)")
+    _need(lr.gpu_memory_gb > 0, "learner.gpu_memory_gb: must be > 0")
+    _need(r.gpu_memory_gb > 0, "rollout.gpu_memory_gb: must be > 0")
+    _need(lr.reference != "host" or lr.zero_stage <= 2,
+          "learner.reference: 'host' swaps full weights into the module, which ZeRO-3 partitions; use zero_stage <= 2")
     samples = r.questions_per_step * r.group_size
-    need(
+    _need(
         samples % lr.num_ranks == 0,
         f"learner.num_ranks: {lr.num_ranks} does not divide the {samples} samples per step "
         f"(rollout.questions_per_step × rollout.group_size)",
     )
-    need(
+
+
+def _check_model(cfg: TrainConfig) -> None:
+    """The model's shape, as vLLM's kernels and the position embeddings need it."""
+    r = cfg.rollout
+    _need(
         cfg.model.hidden_size % cfg.model.num_heads == 0,
         "model.hidden_size: must be divisible by model.num_heads",
     )
     head_dim = cfg.model.hidden_size // cfg.model.num_heads
-    need(
+    _need(
         bool(cfg.model.path) or head_dim in (32, 64, 80, 96, 112, 128, 256),
         f"model.hidden_size / model.num_heads = {head_dim}: vLLM's attention kernels need a head size of "
         "32, 64, 80, 96, 112, 128 or 256",
     )
-    need(
+    _need(
         cfg.model.num_heads % cfg.model.num_kv_heads == 0,
         "model.num_kv_heads: must divide model.num_heads",
     )
-    need(
+    _need(
         r.max_prompt_tokens + r.max_new_tokens <= cfg.model.max_position_embeddings or bool(cfg.model.path),
         "rollout.max_prompt_tokens + rollout.max_new_tokens: exceeds model.max_position_embeddings",
     )
-    need(cfg.weight_sync.bucket_mb > 0, "weight_sync.bucket_mb: must be > 0")
-    need(cfg.weight_sync.timeout_s > 0, "weight_sync.timeout_s: must be > 0")
-    need(
+
+
+def _check_sync_and_shaping(cfg: TrainConfig) -> None:
+    """Weight sync, asynchronous sampling and reward shaping."""
+    r = cfg.rollout
+    _need(cfg.weight_sync.bucket_mb > 0, "weight_sync.bucket_mb: must be > 0")
+    _need(cfg.weight_sync.timeout_s > 0, "weight_sync.timeout_s: must be > 0")
+    _need(
         cfg.weight_sync.transport not in ("nccl", "cuda_ipc") or r.gpus_per_generator > 0,
         f"weight_sync.transport: {cfg.weight_sync.transport!r} needs GPUs (rollout.gpus_per_generator > 0); "
         "use 'gloo' or 'object_store' on CPU",
     )
-    need(cfg.async_.max_staleness >= 0, "async.max_staleness: must be >= 0")
-    need(not cfg.async_.enabled or cfg.async_.max_staleness >= 1,
-         "async.max_staleness: must be >= 1 when async.enabled (generation of step k+1 overlaps the update of step k)")
-    need(r.dynamic_sampling_max_rounds >= 1, "rollout.dynamic_sampling_max_rounds: must be >= 1")
-    need(0 <= r.overlong_buffer < r.max_new_tokens, "rollout.overlong_buffer: must be in [0, rollout.max_new_tokens)")
-    need(r.overlong_penalty >= 0, "rollout.overlong_penalty: must be >= 0")
-    need(cfg.reward.num_workers >= 1, "reward.num_workers: must be >= 1")
-    need(cfg.reward.timeout_s > 0, "reward.timeout_s: must be > 0")
-    need(cfg.reward.model_batch_size >= 1, "reward.model_batch_size: must be >= 1")
-    need(0 <= cfg.reward.audit_fraction <= 1, "reward.audit_fraction: must be in [0, 1]")
-    need(cfg.reward.audit_check != "math_verify" or importlib.util.find_spec("math_verify") is not None,
-         "reward.audit_check: math_verify is not installed (pip install math-verify, or use other_mode)")
-    need(cfg.lineage.keep_full_steps >= 0, "lineage.keep_full_steps: must be >= 0 (0 = keep every step in full)")
-    need(
+    _need(cfg.async_.max_staleness >= 0, "async.max_staleness: must be >= 0")
+    _need(not cfg.async_.enabled or cfg.async_.max_staleness >= 1,
+          "async.max_staleness: must be >= 1 when async.enabled (generation of step k+1 overlaps the update of step k)")
+    _need(r.dynamic_sampling_max_rounds >= 1, "rollout.dynamic_sampling_max_rounds: must be >= 1")
+    _need(0 <= r.overlong_buffer < r.max_new_tokens, "rollout.overlong_buffer: must be in [0, rollout.max_new_tokens)")
+    _need(r.overlong_penalty >= 0, "rollout.overlong_penalty: must be >= 0")
+
+
+def _check_reward(cfg: TrainConfig) -> None:
+    """Reward workers, audits, lineage, process supervision and reward-model rounds."""
+    g = cfg.algorithm
+    _need(cfg.reward.num_workers >= 1, "reward.num_workers: must be >= 1")
+    _need(cfg.reward.timeout_s > 0, "reward.timeout_s: must be > 0")
+    _need(cfg.reward.model_batch_size >= 1, "reward.model_batch_size: must be >= 1")
+    _need(0 <= cfg.reward.audit_fraction <= 1, "reward.audit_fraction: must be in [0, 1]")
+    _need(cfg.reward.audit_check != "math_verify" or importlib.util.find_spec("math_verify") is not None,
+          "reward.audit_check: math_verify is not installed (pip install math-verify, or use other_mode)")
+    _need(cfg.lineage.keep_full_steps >= 0, "lineage.keep_full_steps: must be >= 0 (0 = keep every step in full)")
+    _need(
         g.advantage != "process" or cfg.reward.model_kind == "process",
         "algorithm.advantage=process needs step rewards: set reward.model_kind=process and reward.model_path to a "
         "PRM",
     )
-    need(bool(g.step_delimiter), "algorithm.step_delimiter: must not be empty")
-    need(0 <= cfg.rm.replay_fraction < 1, "rm.replay_fraction: must be in [0, 1)")
-    need(cfg.rm.questions >= 1 and cfg.rm.samples_per_question >= 1 and cfg.rm.completions_per_prefix >= 1,
-         "rm.questions, rm.samples_per_question, rm.completions_per_prefix: must be >= 1")
+    _need(bool(g.step_delimiter), "algorithm.step_delimiter: must not be empty")
+    _need(0 <= cfg.rm.replay_fraction < 1, "rm.replay_fraction: must be in [0, 1)")
+    _need(cfg.rm.questions >= 1 and cfg.rm.samples_per_question >= 1 and cfg.rm.completions_per_prefix >= 1,
+          "rm.questions, rm.samples_per_question, rm.completions_per_prefix: must be >= 1")
+
+
+def _check_status(cfg: TrainConfig) -> None:
+    """The live status service: ports, TLS, and a token whenever it listens beyond loopback."""
     st = cfg.status
-    need(0 <= st.port <= 65535, "status.port: must be in [0, 65535] (0 = any free port)")
-    need(-1 <= st.prometheus_port <= 65535, "status.prometheus_port: must be in [-1, 65535] (-1 = off, 0 = any)")
-    need(bool(st.tls_cert) == bool(st.tls_key), "status.tls_cert, status.tls_key: give both PEM files or neither")
-    need(bool(st.host), "status.host: must not be empty (127.0.0.1 = this machine only, 0.0.0.0 = every interface)")
+    _need(0 <= st.port <= 65535, "status.port: must be in [0, 65535] (0 = any free port)")
+    _need(-1 <= st.prometheus_port <= 65535, "status.prometheus_port: must be in [-1, 65535] (-1 = off, 0 = any)")
+    _need(bool(st.tls_cert) == bool(st.tls_key), "status.tls_cert, status.tls_key: give both PEM files or neither")
+    _need(bool(st.host), "status.host: must not be empty (127.0.0.1 = this machine only, 0.0.0.0 = every interface)")
     from dsmath.status.auth import is_loopback
 
-    need(st.token != "none" or is_loopback(st.host),
-         f"status.token=none with status.host={st.host}: anyone who reaches the port could read the run; "
-         "use status.token=auto (a generated token in RUN_DIR/status_token) or bind 127.0.0.1")
+    _need(st.token != "none" or is_loopback(st.host),
+          f"status.token=none with status.host={st.host}: anyone who reaches the port could read the run; "
+          "use status.token=auto (a generated token in RUN_DIR/status_token) or bind 127.0.0.1")
+
+
+def _check_bootstrap(cfg: TrainConfig) -> None:
+    """The tiny-model bootstrap's problem splits."""
     b = cfg.bootstrap
-    need(b.num_heldout_problems >= 1, "bootstrap.num_heldout_problems: must be >= 1")
-    need(0 <= b.stepwise_fraction <= 1, "bootstrap.stepwise_fraction: must be in [0, 1]")
-    need(
+    _need(b.num_heldout_problems >= 1, "bootstrap.num_heldout_problems: must be >= 1")
+    _need(0 <= b.stepwise_fraction <= 1, "bootstrap.stepwise_fraction: must be in [0, 1]")
+    _need(
         0 < b.num_sft_problems < b.num_train_problems,
         "bootstrap.num_sft_problems: must be > 0 and < bootstrap.num_train_problems (RL draws from the rest)",
     )
-    need(all(level in (1, 2, 3) for level in b.levels) and b.levels, "bootstrap.levels: a non-empty list of 1, 2, 3")
+    _need(all(level in (1, 2, 3) for level in b.levels) and b.levels, "bootstrap.levels: a non-empty list of 1, 2, 3")
 
 
 def with_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
