@@ -129,6 +129,21 @@ def _requests(problems: Sequence[Problem], first_index: int, settings: EvalSetti
     return requests
 
 
+@dataclass
+class _Collected:
+    """Per problem, in problem order: its completions, their verdicts and finish reasons (greedy first)."""
+
+    completions: list[list[str]]
+    verdicts: list[list[SampleVerdict]]
+    finish: list[list[str]]
+    seconds: dict[str, float]
+
+    @classmethod
+    def empty(cls, n: int) -> "_Collected":
+        return cls([[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)],
+                   {"generate": 0.0, "grade": 0.0})
+
+
 def run_eval(problems: Sequence[Problem], generate: GenerateFn, settings: EvalSettings, *, grading_pool,
              sandbox=None, count_tokens: Callable[[str], int] | None = None, max_model_len: int | None = None,
              progress: Callable[[int], None] | None = None, equal: Callable[[str, str], bool] | None = None,
@@ -141,79 +156,95 @@ def run_eval(problems: Sequence[Problem], generate: GenerateFn, settings: EvalSe
     ``truncated`` (completions that hit the token limit) and ``seconds`` (generation, grading).
     """
     problems = list(problems)
-    n_per = 1 + settings.k
-    completions: list[list[str]] = [[] for _ in problems]
-    verdicts: list[list[SampleVerdict]] = [[] for _ in problems]
-    finish: list[list[str]] = [[] for _ in problems]
-    seconds = {"generate": 0.0, "grade": 0.0}
+    got = _Collected.empty(len(problems))
     for chunk_index, start in enumerate(range(0, len(problems), settings.chunk_size)):
         chunk = problems[start:start + settings.chunk_size]
-        budgets = []
-        for p in chunk:
-            budget = settings.max_new_tokens
-            if count_tokens is not None and max_model_len is not None:
-                budget = min(budget, max_model_len - count_tokens(build_prompt(p.question, settings.mode, settings.prefix)))
-            budgets.append(budget)
-        requests = _requests(chunk, start, settings, chunk_seed(settings.seed, chunk_index), budgets)
-        t0 = time.perf_counter()
-        rollouts = generate(requests, settings.mode) if requests else []
-        seconds["generate"] += time.perf_counter() - t0
-        by_request: dict[str, list[Rollout]] = {}
-        for r in rollouts:
-            by_request.setdefault(r.request_id, []).append(r)
-        pairs, slots = [], []  # slots: (problem index, completion) in the order verdicts are filled
-        for offset, (p, budget) in enumerate(zip(chunk, budgets)):
-            i = start + offset
-            if budget <= 0:
-                completions[i] = [""] * n_per
-                verdicts[i] = [SampleVerdict(False, None, TOO_LONG)] * n_per
-                finish[i] = [TOO_LONG] * n_per
-                continue
-            got = by_request.get(f"greedy-{i}", []) + sorted(by_request.get(f"sample-{i}", []),
-                                                              key=lambda r: r.sample_index)
-            if len(got) != n_per:
-                raise RuntimeError(f"generator returned {len(got)} completions for problem {p.uid}, expected {n_per}")
-            for r in got:
-                pairs.append((r.completion, p.answer))
-                slots.append(i)
-                completions[i].append(r.completion)
-                finish[i].append(r.finish_reason)
-        t0 = time.perf_counter()
-        scored = score_completions(pairs, settings.mode, grading_pool=grading_pool, sandbox=sandbox,
-                                   timeout_s=settings.timeout_s, grading_mode=settings.grading_mode)
-        seconds["grade"] += time.perf_counter() - t0
-        for i, v in zip(slots, scored, strict=True):
-            verdicts[i].append(v)
+        budgets = [_token_budget(p, settings, count_tokens, max_model_len) for p in chunk]
+        _eval_chunk(chunk, start, budgets, chunk_index, generate, settings, got, grading_pool, sandbox)
         if progress is not None:
             progress(len(chunk))
-
-    rows = []
-    for i, p in enumerate(problems):
-        for j, (c, v, fr) in enumerate(zip(completions[i], verdicts[i], finish[i])):
-            rows.append({"dataset": p.meta.get("dataset"), "uid": p.uid, "level": p.meta.get("level"),
-                         "subject": p.meta.get("subject", p.meta.get("type")), "gold": p.answer,
-                         "sample": "greedy" if j == 0 else j - 1, "completion": c, "extracted": v.extracted,
-                         "correct": v.correct, "reason": v.reason, "timed_out": v.timed_out, "finish_reason": fr})
-
     if equal is None:
         from dsmath.grading import math_equal
 
         def equal(a: str, b: str) -> bool:
             return math_equal(a, b, pool=grading_pool, timeout_s=settings.timeout_s)
 
-    def extra(indices: Sequence[int]) -> dict[str, Any]:
-        return {"prompt_too_long": sum(finish[i][0] == TOO_LONG for i in indices),
-                "truncated": sum(f == "length" for i in indices for f in finish[i])}
+    return EvalOutput(problems, got.completions, got.verdicts, _rows(problems, got),
+                      _summary(problems, got, settings, equal))
 
-    summary = summarize(problems, completions, verdicts, greedy_first=True, equal=equal)
+
+def _token_budget(p: Problem, settings: EvalSettings, count_tokens, max_model_len) -> int:
+    """``max_new_tokens``, capped to the context the prompt leaves (≤ 0: the prompt does not fit)."""
+    if count_tokens is None or max_model_len is None:
+        return settings.max_new_tokens
+    return min(settings.max_new_tokens,
+               max_model_len - count_tokens(build_prompt(p.question, settings.mode, settings.prefix)))
+
+
+def _eval_chunk(chunk: list[Problem], start: int, budgets: list[int], chunk_index: int, generate: GenerateFn,
+                settings: EvalSettings, got: _Collected, grading_pool, sandbox) -> None:
+    """Generate and grade one chunk of problems (``start`` = the first one's index), filling ``got``."""
+    n_per = 1 + settings.k
+    requests = _requests(chunk, start, settings, chunk_seed(settings.seed, chunk_index), budgets)
+    t0 = time.perf_counter()
+    rollouts = generate(requests, settings.mode) if requests else []
+    got.seconds["generate"] += time.perf_counter() - t0
+    by_request: dict[str, list[Rollout]] = {}
+    for r in rollouts:
+        by_request.setdefault(r.request_id, []).append(r)
+    pairs, slots = [], []  # slots: (problem index, completion) in the order verdicts are filled
+    for offset, (p, budget) in enumerate(zip(chunk, budgets)):
+        i = start + offset
+        if budget <= 0:
+            got.completions[i] = [""] * n_per
+            got.verdicts[i] = [SampleVerdict(False, None, TOO_LONG)] * n_per
+            got.finish[i] = [TOO_LONG] * n_per
+            continue
+        mine = by_request.get(f"greedy-{i}", []) + sorted(by_request.get(f"sample-{i}", []),
+                                                           key=lambda r: r.sample_index)
+        if len(mine) != n_per:
+            raise RuntimeError(f"generator returned {len(mine)} completions for problem {p.uid}, expected {n_per}")
+        for r in mine:
+            pairs.append((r.completion, p.answer))
+            slots.append(i)
+            got.completions[i].append(r.completion)
+            got.finish[i].append(r.finish_reason)
+    t0 = time.perf_counter()
+    scored = score_completions(pairs, settings.mode, grading_pool=grading_pool, sandbox=sandbox,
+                               timeout_s=settings.timeout_s, grading_mode=settings.grading_mode)
+    got.seconds["grade"] += time.perf_counter() - t0
+    for i, v in zip(slots, scored, strict=True):
+        got.verdicts[i].append(v)
+
+
+def _rows(problems: list[Problem], got: _Collected) -> list[dict]:
+    """One row per completion (greedy first), for ``samples.jsonl``."""
+    rows = []
+    for i, p in enumerate(problems):
+        for j, (c, v, fr) in enumerate(zip(got.completions[i], got.verdicts[i], got.finish[i])):
+            rows.append({"dataset": p.meta.get("dataset"), "uid": p.uid, "level": p.meta.get("level"),
+                         "subject": p.meta.get("subject", p.meta.get("type")), "gold": p.answer,
+                         "sample": "greedy" if j == 0 else j - 1, "completion": c, "extracted": v.extracted,
+                         "correct": v.correct, "reason": v.reason, "timed_out": v.timed_out, "finish_reason": fr})
+    return rows
+
+
+def _summary(problems: list[Problem], got: _Collected, settings: EvalSettings, equal) -> dict[str, Any]:
+    """:func:`summarize` over all problems and per dataset, with too-long / truncated counts and the settings."""
+
+    def extra(indices: Sequence[int]) -> dict[str, Any]:
+        return {"prompt_too_long": sum(got.finish[i][0] == TOO_LONG for i in indices),
+                "truncated": sum(f == "length" for i in indices for f in got.finish[i])}
+
+    summary = summarize(problems, got.completions, got.verdicts, greedy_first=True, equal=equal)
     summary.update(extra(range(len(problems))))
     datasets: dict[str, list[int]] = {}
     for i, p in enumerate(problems):
         datasets.setdefault(str(p.meta.get("dataset", "data")), []).append(i)
     summary["datasets"] = {}
     for name, idx in datasets.items():
-        part = summarize([problems[i] for i in idx], [completions[i] for i in idx], [verdicts[i] for i in idx],
-                         greedy_first=True, equal=equal)
+        part = summarize([problems[i] for i in idx], [got.completions[i] for i in idx],
+                         [got.verdicts[i] for i in idx], greedy_first=True, equal=equal)
         part.pop("by_dataset", None)
         part.update(extra(idx))
         summary["datasets"][name] = part
@@ -221,8 +252,8 @@ def run_eval(problems: Sequence[Problem], generate: GenerateFn, settings: EvalSe
                            "top_p": settings.top_p, "max_new_tokens": settings.max_new_tokens, "seed": settings.seed,
                            "fewshot_prefix_chars": len(settings.prefix), "stop": list(settings.stop),
                            "grading_mode": settings.grading_mode}
-    summary["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
-    return EvalOutput(problems, completions, verdicts, rows, summary)
+    summary["seconds"] = {k: round(v, 3) for k, v in got.seconds.items()}
+    return summary
 
 
 # ------------------------------------------------------------------------------------------------ table
