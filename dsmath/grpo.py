@@ -397,6 +397,40 @@ def aggregate(per_token: Tensor, mask: Tensor, loss_agg: str, *, max_tokens: int
     return (masked.sum(dim=1) / float(max_tokens)).sum() / normalizer
 
 
+def _loss_metrics(mask: Tensor, ratio: Tensor, advantages: Tensor, surr: Tensor, surr_clipped: Tensor, pg: Tensor,
+                  kl: Tensor | None, beta: float, logp: Tensor, ref_logp: Tensor | None, entropy: Tensor | None,
+                  is_weights: Tensor | None) -> dict[str, float]:
+    """:func:`grpo_loss`'s metrics: token means over the masked tokens of this call (all inputs ``[N, T]``)."""
+    sel = mask.bool()  # [N, T]
+    count = int(sel.sum())
+    metrics: dict[str, float] = {"tokens": float(count)}
+    if not count:
+        return metrics
+    r = ratio[sel]  # [M] the masked tokens
+    a = advantages[sel]  # [M]
+    metrics.update(
+        clip_frac=float((surr_clipped < surr)[sel].float().mean()),
+        ratio_min=float(r.min()),
+        ratio_max=float(r.max()),
+        ratio_mean=float(r.mean()),
+        adv_mean=float(a.mean()),
+        adv_std=float(a.std()) if count > 1 else 0.0,
+        adv_min=float(a.min()),
+        adv_max=float(a.max()),
+        pg_loss=float(pg[sel].mean()),
+    )
+    if kl is not None:
+        metrics["kl"] = float(kl[sel].mean())
+        metrics["kl_loss"] = float(beta * kl[sel].mean())
+    elif ref_logp is not None:
+        metrics["kl"] = float(kl_k3(logp, ref_logp)[sel].mean())
+    if entropy is not None:
+        metrics["entropy"] = float(entropy[sel].mean())
+    if is_weights is not None:
+        metrics["is_weight_mean"] = float(is_weights[sel].mean())
+    return metrics
+
+
 def grpo_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -450,34 +484,9 @@ def grpo_loss(
         kl = kl_k3(logp, ref_logp)  # [N, T]
         per_token = per_token + beta * kl  # [N, T]
     loss = aggregate(per_token, mask, loss_agg, max_tokens=max_tokens, normalizer=normalizer)
-
     with torch.no_grad():
-        sel = mask.bool()  # [N, T]
-        count = int(sel.sum())
-        metrics: dict[str, float] = {"tokens": float(count)}
-        if count:
-            r = ratio[sel]
-            a = advantages[sel]
-            metrics.update(
-                clip_frac=float((surr_clipped < surr)[sel].float().mean()),
-                ratio_min=float(r.min()),
-                ratio_max=float(r.max()),
-                ratio_mean=float(r.mean()),
-                adv_mean=float(a.mean()),
-                adv_std=float(a.std()) if count > 1 else 0.0,
-                adv_min=float(a.min()),
-                adv_max=float(a.max()),
-                pg_loss=float(pg[sel].mean()),
-            )
-            if kl is not None:
-                metrics["kl"] = float(kl[sel].mean())
-                metrics["kl_loss"] = float(beta * kl[sel].mean())
-            elif ref_logp is not None:
-                metrics["kl"] = float(kl_k3(logp, ref_logp)[sel].mean())
-            if entropy is not None:
-                metrics["entropy"] = float(entropy[sel].mean())
-            if is_weights is not None:
-                metrics["is_weight_mean"] = float(is_weights[sel].mean())
+        metrics = _loss_metrics(mask, ratio, advantages, surr, surr_clipped, pg, kl, beta, logp, ref_logp, entropy,
+                                is_weights)
         metrics["loss"] = float(loss)
     return loss, metrics
 
