@@ -155,15 +155,18 @@ class RewardConfig:
     incorrect_reward: float = 0.0
     format_penalty: float = 0.0
     sandbox_address: str = ""
-    # Reward models (actors/reward_model.py): empty model_path = rule rewards only; otherwise each of the
-    # num_workers reward actors grades by rule and scores with the model.
+    # Which reward (dsmath/rewards/, one file per kind): auto = combined when model_path is set or
+    # grpo.advantage=process, else sandbox for rollout.mode=pot, else rule.
+    kind: str = "auto"
+    # Reward models (dsmath/rewards/model.py): empty model_path = rule rewards only; otherwise each of the
+    # num_workers reward actors grades by rule and scores with the model (the combined reward).
     model_path: str = ""
     model_kind: Literal["outcome", "process"] = "outcome"
-    combine: Literal["weighted", "gate"] = "weighted"  # dsmath.reward_models.combine_rewards
+    combine: Literal["weighted", "gate"] = "weighted"  # dsmath.rewards.combined.combine_rewards
     rule_weight: float = 1.0
     model_weight: float = 1.0
     model_batch_size: int = 32
-    # Verifier audit (actors/reward_worker.py): this share of the samples is judged a second time, by the same
+    # Verifier audit (dsmath/rewards/rule.py): this share of the samples is judged a second time, by the same
     # grader in the other mode (strict <-> lenient) or by math-verify; the disagreement rate is a step metric.
     audit_fraction: float = 0.1
     audit_check: Literal["other_mode", "math_verify"] = "other_mode"
@@ -554,6 +557,10 @@ def validate(cfg: TrainConfig) -> None:
     need(r.dynamic_sampling_max_rounds >= 1, "rollout.dynamic_sampling_max_rounds: must be >= 1")
     need(0 <= r.overlong_buffer < r.max_new_tokens, "rollout.overlong_buffer: must be in [0, rollout.max_new_tokens)")
     need(r.overlong_penalty >= 0, "rollout.overlong_penalty: must be >= 0")
+    from dsmath import rewards
+
+    if cfg.reward.kind != rewards.AUTO:
+        rewards.get(cfg.reward.kind)  # a ConfigError naming the kinds; the kind's own refusal comes at the driver
     need(cfg.reward.num_workers >= 1, "reward.num_workers: must be >= 1")
     need(cfg.reward.timeout_s > 0, "reward.timeout_s: must be > 0")
     need(cfg.reward.model_batch_size >= 1, "reward.model_batch_size: must be >= 1")
