@@ -70,13 +70,15 @@ def test_a_reward_registered_in_a_test_is_picked_by_config_and_hosted_by_the_rew
     cfg = config("reward.kind=short")
     assert rewards.kind_name(cfg) == "short" and "short" in rewards.names()
     worker = RewardWorker(cfg, worker_id="reward-7")  # the actor class, in process (no Ray needed to host it)
-    results = worker.score([rollout(0, "7", "7", completion_ids=(5,)), rollout(1, "8 or 9", "7", completion_ids=(5, 6, 7))])
+    results = worker.score([rollout(0, "7", "7", completion_ids=(5,)),
+                            rollout(1, "8 or 9", "7", completion_ids=(5, 6, 7))])
     worker.close()
     assert [r.reward for r in results] == pytest.approx([0.9, 0.7])
     assert [r.correct for r in results] == [True, False] and results[1].reason == "short: 3 tokens"
     assert worker.stats() == {"worker_id": "reward-7", "scored": 2}
 
-    refuse = RewardKind("short", build=ShortIsGood, check=lambda c: None if c.rollout.mode == "cot" else "short: cot only")
+    refuse = RewardKind("short", build=ShortIsGood,
+                        check=lambda c: None if c.rollout.mode == "cot" else "short: cot only")
     monkeypatch.setitem(rewards.REGISTRY, "short", refuse)
     assert rewards.choose(cfg) is refuse
     with pytest.raises(UserError, match="short: cot only"):
@@ -184,7 +186,8 @@ def reward_model(tmp_path_factory) -> tuple[Path, object]:
     from dsmath.tiny import build_model, train_tokenizer
 
     out = tmp_path_factory.mktemp("rm")
-    texts = [f"Q: {a} + {b}?\nA: {a} + {b} = {a + b}\nThe answer is \\boxed{{{a + b}}}." for a in range(9) for b in range(9)]
+    texts = [f"Q: {a} + {b}?\nA: {a} + {b} = {a + b}\nThe answer is \\boxed{{{a + b}}}."
+             for a in range(9) for b in range(9)]
     tok = train_tokenizer(texts, vocab_size=300, out_dir=out / "policy")
     shape = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64,
                         max_position_embeddings=128, vocab_size=300)

@@ -92,7 +92,8 @@ class CombinedReward:
         self.verifier.close()
 
     def stats(self) -> dict[str, Any]:
-        return {"worker_id": self.worker_id, "kind": self.kind, "scored": self.scored, "seconds": round(self.seconds, 4)}
+        return {"worker_id": self.worker_id, "kind": self.kind, "scored": self.scored,
+                "seconds": round(self.seconds, 4)}
 
 
 def build(cfg, worker_id: str) -> CombinedReward:
