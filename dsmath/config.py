@@ -156,15 +156,18 @@ class RewardConfig:
     incorrect_reward: float = 0.0
     format_penalty: float = 0.0
     sandbox_address: str = ""
-    # Reward models (actors/reward_model.py): empty model_path = rule rewards only; otherwise each of the
-    # num_workers reward actors grades by rule and scores with the model.
+    # Which reward (dsmath/rewards/, one file per kind): auto = combined when model_path is set or
+    # algorithm.advantage=process, else sandbox for rollout.mode=pot, else rule.
+    kind: str = "auto"
+    # Reward models (dsmath/rewards/model.py): empty model_path = rule rewards only; otherwise each of the
+    # num_workers reward actors grades by rule and scores with the model (the combined reward).
     model_path: str = ""
     model_kind: Literal["outcome", "process"] = "outcome"
-    combine: Literal["weighted", "gate"] = "weighted"  # dsmath.reward_models.combine_rewards
+    combine: Literal["weighted", "gate"] = "weighted"  # dsmath.rewards.combined.combine_rewards
     rule_weight: float = 1.0
     model_weight: float = 1.0
     model_batch_size: int = 32
-    # Verifier audit (actors/reward_worker.py): this share of the samples is judged a second time, by the same
+    # Verifier audit (dsmath/rewards/rule.py): this share of the samples is judged a second time, by the same
     # grader in the other mode (strict <-> lenient) or by math-verify; the disagreement rate is a step metric.
     audit_fraction: float = 0.1
     audit_check: Literal["other_mode", "math_verify"] = "other_mode"
@@ -638,6 +641,10 @@ def _check_sync_and_shaping(cfg: TrainConfig) -> None:
 def _check_reward(cfg: TrainConfig) -> None:
     """Reward workers, audits, lineage, process supervision and reward-model rounds."""
     g = cfg.algorithm
+    from dsmath import rewards
+
+    if cfg.reward.kind != rewards.AUTO:
+        rewards.get(cfg.reward.kind)  # a ConfigError naming the kinds; the kind's own refusal comes at the driver
     _need(cfg.reward.num_workers >= 1, "reward.num_workers: must be >= 1")
     _need(cfg.reward.timeout_s > 0, "reward.timeout_s: must be > 0")
     _need(cfg.reward.model_batch_size >= 1, "reward.model_batch_size: must be >= 1")

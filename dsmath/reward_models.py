@@ -1,9 +1,10 @@
-"""Reward-model maths that needs no model: step segmentation, step → token mapping, reward combination,
+"""Reward-model maths that needs no model: step segmentation, step → token mapping, score gathering,
 Math-Shepherd step labels and the replay mix of iterative GRPO (paper §4.1.3, §4.1.4, Algorithm 1).
 
-Pure Python / torch: nothing here imports Ray, vLLM or DeepSpeed. The reward-model actors
-(``actors/reward_model.py``) and the reward-model learner (``learner/reward_model.py``) call these, so
-scoring and training agree on where a step ends.
+Pure Python / torch: nothing here imports Ray, vLLM or DeepSpeed. The reward-model scorer
+(``dsmath/rewards/model.py``) and the reward-model learner (``learner/reward_model.py``) call these, so
+scoring and training agree on where a step ends. Combining a score with the rule reward is the ``combined``
+reward's (``dsmath.rewards.combined.combine_rewards``).
 
 Token positions: a *completion-token index* k is an index into ``Rollout.completion_ids``. A reward
 model reading ``prompt_ids + completion_ids`` gives its score for "everything up to completion token k"
@@ -14,13 +15,9 @@ tokens at and before it).
 from __future__ import annotations
 
 import random
-from dataclasses import replace
 from typing import Callable, Sequence, TypeVar
 
 import torch
-
-from dsmath.config import RewardConfig
-from dsmath.records import RewardResult
 
 T = TypeVar("T")
 
@@ -108,44 +105,6 @@ def gather_scores(scores: torch.Tensor, rows: Sequence[int], positions: Sequence
 def gather_scores_loop(scores: torch.Tensor, rows: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
     """Plain loop reference for :func:`gather_scores`."""
     return torch.tensor([float(scores[r, p]) for r, p in zip(rows, positions)], dtype=scores.dtype)
-
-
-def combine_rewards(rule: RewardResult, cfg: RewardConfig, *, outcome_score: float | None = None,
-                    step_scores: Sequence[float] = (), step_ends: Sequence[int] = ()) -> RewardResult:
-    """One reward from the rule verdict (grading / sandbox) and a reward model's score(s).
-
-    ``cfg.combine``:
-
-    * ``weighted``: outcome ``rule_weight·rule + model_weight·score``. Process: step j gets
-      ``model_weight·step_scores[j]``, and the last step also gets ``rule_weight·rule``.
-    * ``gate``: the rule decides whether the model's score counts: a correct answer gets
-      ``model_weight·score`` (each step: ``model_weight·step_score``), a wrong one the rule's reward
-      (``incorrect_reward``, minus any format penalty) as its outcome and on every step.
-
-    Scores are probabilities in [0, 1]. ``correct`` stays the rule's verdict (accuracy metrics never depend on
-    a model). Without any model score the rule result is returned unchanged. ``RewardResult.reward`` is the
-    outcome reward; with steps it is the last step's combined reward.
-    """
-    if len(step_scores) != len(step_ends):
-        raise ValueError(f"{len(step_scores)} step scores but {len(step_ends)} step ends")
-    if outcome_score is None and not step_scores:
-        return rule
-    rw, mw = cfg.rule_weight, cfg.model_weight
-    if step_scores:
-        if cfg.combine == "weighted":
-            steps = [mw * s for s in step_scores]
-            steps[-1] += rw * rule.reward
-        else:
-            steps = [mw * s for s in step_scores] if rule.correct else [rule.reward] * len(step_scores)
-        return replace(rule, reward=float(steps[-1]), step_rewards=tuple(float(s) for s in steps),
-                       step_end_token_index=tuple(int(e) for e in step_ends),
-                       reason=f"{rule.reason}; prm {cfg.combine} over {len(steps)} steps")
-    assert outcome_score is not None
-    if cfg.combine == "weighted":
-        reward = rw * rule.reward + mw * outcome_score
-    else:
-        reward = mw * outcome_score if rule.correct else rule.reward
-    return replace(rule, reward=float(reward), reason=f"{rule.reason}; orm {cfg.combine} score {outcome_score:.3f}")
 
 
 # --------------------------------------------------------------------------------------- RM data

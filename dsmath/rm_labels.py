@@ -1,7 +1,7 @@
 """Reward-model training data from the current policy: outcome labels from the grader, step labels in the
 Math-Shepherd style (Wang et al. 2023; DeepSeekMath §4.1.3).
 
-Outcome: sample completions, grade them (``actors.reward_worker.RewardWorker``: dsmath.grading or the sandbox),
+Outcome: sample completions, grade them (``dsmath.rewards.verifier``: dsmath.grading or the sandbox),
 label the completion's last token 1/0.
 
 Process: for each sampled completion with steps s1..sn (``algorithm.step_delimiter``), complete K times from the
@@ -10,7 +10,7 @@ prompt + s1..sj for every j < n with the same policy, grade prefix + continuatio
 the completion's own grade.
 
 ``generator`` is anything with ``Generator.generate``'s contract (the plain class in-process, or a wrapper of the
-actor); ``grader`` anything with ``RewardWorker.score``'s. Examples are the dicts ``learner.reward_model`` trains on.
+actor); ``grader`` anything with ``Reward.score``'s. Examples are the dicts ``learner.reward_model`` trains on.
 """
 
 from __future__ import annotations

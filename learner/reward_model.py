@@ -8,7 +8,7 @@ Examples are dicts (they are also the JSONL history that iterative GRPO replays)
 ``positions`` are completion-token indices: the outcome RM has one, the completion's last token; the process RM
 has one per step end (``dsmath.reward_models.completion_step_ends``). The score for completion token k sits at
 sequence position ``len(prompt_ids) + k`` (the head reads tokens up to and including k), which is where
-``actors.reward_model.RewardModelScorer`` reads it.
+``dsmath.rewards.model.RewardModelScorer`` reads it.
 
 Batches reuse ``learner.batch.TrainBatch`` so micro-batching, sharding and the DeepSpeed step are the policy's:
 for the RM, ``loss_mask`` marks the scored positions (at the token itself, not shifted by one as for logprobs)

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from dsmath.config import RewardConfig, RolloutConfig, WeightSyncConfig
+from dsmath.config import RolloutConfig, TrainConfig, WeightSyncConfig
 from test_generator import hf_logprobs, request, tiny_model_dir
 
 # Ray plus two vLLM engines take 30-110 s to start on a shared 2-core machine.
@@ -56,7 +56,7 @@ def cluster(tmp_path_factory):
     Gen = generator_actor_class(num_cpus=0.5)
     gens = {f"gen-{i}": Gen.remote(path, RolloutConfig(kv_cache_space_gib=1), generator_id=f"gen-{i}", seed=i)
             for i in range(2)}
-    workers = [reward_worker_actor_class(num_cpus=0.25).remote(RewardConfig(), worker_id=f"rw-{i}") for i in range(2)]
+    workers = [reward_worker_actor_class(num_cpus=0.25).remote(TrainConfig(), worker_id=f"rw-{i}") for i in range(2)]
     sender = ray.remote(num_cpus=0.25)(SenderActor).remote(path)
     ray.get([g.health.remote() for g in gens.values()] + [w.stats.remote() for w in workers])
     yield ray, gens, workers, sender

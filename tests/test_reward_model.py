@@ -10,9 +10,9 @@ import torch
 
 from dsmath.config import AlgorithmConfig, RewardConfig
 from dsmath.records import Problem, RewardResult, Rollout
-from dsmath.reward_models import (combine_rewards, completion_step_ends, gather_scores, gather_scores_loop,
-                                  replay_count, replay_mix, shepherd_label, split_steps, step_end_token_indices,
-                                  token_char_ends)
+from dsmath.reward_models import (completion_step_ends, gather_scores, gather_scores_loop, replay_count, replay_mix,
+                                  shepherd_label, split_steps, step_end_token_indices, token_char_ends)
+from dsmath.rewards.combined import combine_rewards
 
 # A hand-built vocabulary: token 11 ("\nThe") straddles the boundary between step 2 and step 3.
 VOCAB = ["12", " +", " 5", " =", " 17", "\n", "17", " -", " 2", " =", " 15", "\nThe", " answer", " is", " 15", "."]
@@ -161,7 +161,7 @@ def policy_dir(tmp_path_factory) -> Path:
 def test_reward_model_learns_and_scorer_reads_the_checkpoint(policy_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from actors.reward_model import RewardModelScorer
+    from dsmath.rewards.model import RewardModelScorer
     from dsmath.config import LearnerConfig
     from learner.reward_model import RewardModelLearner, collate_rm_examples, train_reward_model
 

@@ -1,23 +1,20 @@
-"""Reward worker scoring (pure) and the least-loaded pool's accounting (no Ray needed for the bookkeeping)."""
+"""The verdict rewards (``rule`` grading, the ``sandbox``: dsmath.rewards) in process, and the least-loaded pool's
+accounting (no Ray needed for the bookkeeping)."""
+
+from types import SimpleNamespace
 
 import pytest
 
 from actors.pool import RewardPool
-from actors.reward_worker import RewardWorker, extract_boxed, fallback_grade
 from dsmath.config import RewardConfig
 from dsmath.records import Problem, Rollout
+from dsmath.rewards.rule import RuleReward
+from dsmath.rewards.sandbox import SandboxReward
 
 
 def rollout(uid, completion, gold, index=0):
     return Rollout(uid, index, Problem(uid, "q", gold), "p", (1,), completion, (2, 3), (-0.1, -0.2), "stop", 0, "g0",
                    (1, 1))
-
-
-def test_extract_boxed_balances_braces():
-    assert extract_boxed("so \\boxed{\\frac{1}{2}} and then \\boxed{7}") == "7"
-    assert extract_boxed("x = \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
-    assert extract_boxed("\\boxed{unclosed") is None
-    assert extract_boxed("no answer") is None
 
 
 @pytest.mark.parametrize("completion,gold,correct", [
@@ -26,19 +23,25 @@ def test_extract_boxed_balances_braces():
     ("The answer is \\boxed{1,000}.", "1000", True),
     ("The answer is \\boxed{0.5}.", "1/2", True),
     ("The answer is \\boxed{41}.", "42", False),
-    ("The answer is 42.", "42", False),
+    ("6 times 7, so we get 42", "42", False),  # strict: no stated answer
 ])
-def test_fallback_grade(completion, gold, correct):
-    assert fallback_grade(completion, gold)[0] is correct
+def test_rule_reward_grades_the_stated_answer(completion, gold, correct):
+    reward = RuleReward(RewardConfig(audit_fraction=0.0))
+    try:
+        (r,) = reward.score([rollout("a", completion, gold)])
+    finally:
+        reward.close()
+    assert r.correct is correct and r.reward == float(correct)
 
 
 def test_worker_rewards_and_format_penalty_one_result_each():
     cfg = RewardConfig(correct_reward=1.0, incorrect_reward=-0.5, format_penalty=0.25)
-    worker = RewardWorker(cfg, worker_id="rw")
-    worker.close()
-    worker._grade_many, worker.grader_name = None, "fallback"  # the fallback path, deterministic
+    worker = RuleReward(cfg, worker_id="rw")
     rollouts = [rollout("a", "\\boxed{3}", "3"), rollout("a", "\\boxed{4}", "3", 1), rollout("b", "none", "3")]
-    results = worker.score(rollouts)
+    try:
+        results = worker.score(rollouts)
+    finally:
+        worker.close()
     assert [(r.request_id, r.sample_index) for r in results] == [("a", 0), ("a", 1), ("b", 0)]
     assert [r.reward for r in results] == [1.0, -0.5, -0.75]
     assert [r.correct for r in results] == [True, False, False]
@@ -48,13 +51,14 @@ def test_worker_rewards_and_format_penalty_one_result_each():
 
 
 def test_grader_exception_is_a_result_not_a_loss():
-    worker = RewardWorker(RewardConfig())
+    worker = RuleReward(RewardConfig())
     worker.close()
 
-    def broken(pairs):
+    def broken(pairs, **kw):
         if any(c == "bad" for c, _ in pairs):
             raise ValueError("boom")
-        return [fallback_verdict(c, g) for c, g in pairs]
+        return [SimpleNamespace(correct=c == f"\\boxed{{{g}}}", reason="by hand", extracted=c[7:-1], timed_out=False)
+                for c, g in pairs]
 
     worker._grade_many = broken
     results = worker.score([rollout("a", "\\boxed{3}", "3"), rollout("b", "bad", "3"), rollout("c", "\\boxed{4}", "3")])
@@ -65,16 +69,8 @@ def test_grader_exception_is_a_result_not_a_loss():
     assert worker.stats()["grader_failures"] == 1
 
 
-def fallback_verdict(completion, gold):
-    from types import SimpleNamespace
-
-    correct, reason, extracted = fallback_grade(completion, gold)
-    return SimpleNamespace(correct=correct, reason=reason, extracted=extracted, timed_out=False)
-
-
-def test_uses_dsmath_grading_when_present():
-    pytest.importorskip("dsmath.grading")
-    worker = RewardWorker(RewardConfig(timeout_s=5.0))
+def test_uses_dsmath_grading():
+    worker = RuleReward(RewardConfig(timeout_s=5.0))
     try:
         results = worker.score([rollout("a", "The answer is \\boxed{\\frac{1}{2}}.", "0.5"),
                                 rollout("b", "The answer is \\boxed{x^2+2x+1}.", "(x+1)^2"),
@@ -115,15 +111,12 @@ def test_pool_picks_least_loaded_and_accounts_for_every_item():
 
 
 def test_program_of_thought_rewards_run_the_program_in_the_sandbox():
-    from actors.reward_worker import RewardWorker
-    from dsmath.records import Problem, Rollout
-
     def rollout(i: int, completion: str) -> Rollout:
         return Rollout(request_id="r", sample_index=i, problem=Problem("p", "What is 6*7?", "42"), prompt="",
                        prompt_ids=(1,), completion=completion, completion_ids=(2,), logprobs=(0.0,),
                        finish_reason="stop", weight_version=0, generator_id="g")
 
-    worker = RewardWorker(RewardConfig(timeout_s=1.0), mode="pot")
+    worker = SandboxReward(RewardConfig(timeout_s=1.0))
     try:
         results = worker.score([
             rollout(0, "```python\nprint(6 * 7)\n```"),
@@ -143,7 +136,7 @@ def test_a_grading_worker_that_fails_to_start_still_gives_the_right_reward(monke
     from tests.test_grading_pool import _flaky_command
 
     _flaky_command(monkeypatch, failures=1)
-    worker = RewardWorker(RewardConfig(timeout_s=10.0))
+    worker = RuleReward(RewardConfig(timeout_s=10.0))
     try:
         (r,) = worker.score([rollout("a", "So \\boxed{2\\sqrt{3}}.", "\\sqrt{12}")])
         stats = worker._pool.stats()
@@ -154,12 +147,12 @@ def test_a_grading_worker_that_fails_to_start_still_gives_the_right_reward(monke
 
 
 def test_a_grader_that_keeps_failing_is_flagged_and_regraded_not_scored_wrong(monkeypatch):
-    from actors.reward_worker import REGRADE_ATTEMPTS
     from dsmath.grading.pool import ATTEMPTS
+    from dsmath.rewards.base import REGRADE_ATTEMPTS
     from tests.test_grading_pool import _flaky_command
 
     calls = _flaky_command(monkeypatch, failures=10**6)  # a grader that cannot start at all
-    worker = RewardWorker(RewardConfig(timeout_s=10.0, incorrect_reward=-1.0))
+    worker = RuleReward(RewardConfig(timeout_s=10.0, incorrect_reward=-1.0))
     try:
         (r,) = worker.score([rollout("a", "So \\boxed{2\\sqrt{3}}.", "\\sqrt{12}")])
         assert r.grader_failed and r.reward == 0.0 and r.reason.startswith("dsmath.grading: grader failed")
@@ -200,7 +193,7 @@ def test_a_dead_sandbox_is_retried_then_flagged_never_scored_wrong():
                 raise SandboxError("sandbox template died during a run")
             return ExecResult("42\n", "", 0, False, False, False, None, 0.01)
 
-    worker = RewardWorker(RewardConfig(timeout_s=1.0), mode="pot")
+    worker = SandboxReward(RewardConfig(timeout_s=1.0))
     worker.close()
     good = "```python\nprint(6 * 7)\n```"
     worker._sandbox = Flaky(failures=1)
@@ -215,10 +208,9 @@ def test_verifier_audit_with_real_grading_counts_what_a_hand_count_gives():
     """Four samples graded for real (strict), every one selected for the audit (the lenient mode): right in both;
     no stated answer in strict but the right number in lenient (the one disagreement); wrong in both; a grader
     timeout (never audited). Hand count: no-answer 1/4, timeouts 1/4, audited 3, disagreement 1/3."""
-    pytest.importorskip("dsmath.grading")
     from wiring.steps import verifier_metrics
 
-    worker = RewardWorker(RewardConfig(timeout_s=1.0, audit_fraction=1.0, audit_check="other_mode"))
+    worker = RuleReward(RewardConfig(timeout_s=1.0, audit_fraction=1.0, audit_check="other_mode"))
     try:
         results = worker.score([rollout("a", "The answer is \\boxed{42}.", "42"),
                                 rollout("b", "6 times 7, so we get 42", "42"),
@@ -242,14 +234,14 @@ def test_verifier_audit_with_real_grading_counts_what_a_hand_count_gives():
 
 
 def test_audit_sample_is_a_fixed_share_and_off_at_zero():
-    from actors.reward_worker import audit_selected
+    from dsmath.rewards.rule import audit_selected
 
     keys = [(f"step1-{i}-q{i}", j) for i in range(500) for j in range(4)]
     chosen = [k for k in keys if audit_selected(*k, 0.1)]
     assert 0.07 < len(chosen) / len(keys) < 0.13
     assert chosen == [k for k in keys if audit_selected(*k, 0.1)]  # the same samples every time
     assert not any(audit_selected(*k, 0.0) for k in keys) and all(audit_selected(*k, 1.0) for k in keys)
-    worker = RewardWorker(RewardConfig(audit_fraction=0.0))
+    worker = RuleReward(RewardConfig(audit_fraction=0.0))
     try:
         results = worker.score([rollout("a", "so we get 42", "42")])
     finally:
@@ -261,7 +253,7 @@ def test_math_verify_as_the_second_check_flags_what_strict_grading_missed():
     """``reward.audit_check=math_verify`` (on this, the main, thread): it reads the bare final number that strict
     grading refuses, so that sample is the one disagreement; the boxed right and wrong answers agree."""
     pytest.importorskip("math_verify")
-    worker = RewardWorker(RewardConfig(audit_fraction=1.0, audit_check="math_verify"))
+    worker = RuleReward(RewardConfig(audit_fraction=1.0, audit_check="math_verify"))
     try:
         results = worker.score([rollout("a", "The answer is \\boxed{42}.", "42"),
                                 rollout("b", "6 times 7, so we get 42", "42"),

@@ -335,10 +335,10 @@ def _assert_no_reward_from_the_files(results):
 
 
 def test_pot_reward_hacking_finds_no_data_file(data_files):
-    from actors.reward_worker import RewardWorker
     from dsmath.config import RewardConfig
+    from dsmath.rewards.sandbox import SandboxReward
 
-    worker = RewardWorker(RewardConfig(timeout_s=30.0), mode="pot")
+    worker = SandboxReward(RewardConfig(timeout_s=30.0))
     try:
         _assert_no_reward_from_the_files(worker.score(_hacking_rollouts(*data_files)))
     finally:
@@ -346,13 +346,13 @@ def test_pot_reward_hacking_finds_no_data_file(data_files):
 
 
 def test_pot_reward_hacking_finds_no_data_file_through_grpc(data_files, monkeypatch):
-    from actors.reward_worker import RewardWorker
     from dsmath.config import RewardConfig
+    from dsmath.rewards.sandbox import SandboxReward
     from dsmath.sandbox.service import serve
 
     srv = serve(host="127.0.0.1", port=0, token=TOKEN, workers=1)
     monkeypatch.setenv("DSMATH_SANDBOX_TOKEN", TOKEN)
-    worker = RewardWorker(RewardConfig(timeout_s=30.0, sandbox_address=f"127.0.0.1:{srv.port}"), mode="pot")
+    worker = SandboxReward(RewardConfig(timeout_s=30.0, sandbox_address=f"127.0.0.1:{srv.port}"))
     try:
         _assert_no_reward_from_the_files(worker.score(_hacking_rollouts(*data_files)))
         assert srv.pool.stats()["runs"] == 3

@@ -207,6 +207,7 @@ def start_actor_pools(cfg: TrainConfig, task: TaskData, state: RunState, resume_
     from actors.generator import generator_actor_class
     from actors.pool import GeneratorPool, RewardPool
     from actors.reward_worker import reward_worker_actor_class
+    from dsmath import rewards
 
     roles = role_resources()
     gen_cls = generator_actor_class(cfg.rollout.cpus_per_generator, cfg.rollout.gpus_per_generator)
@@ -227,15 +228,11 @@ def start_actor_pools(cfg: TrainConfig, task: TaskData, state: RunState, resume_
                                            timeout_s=cfg.weight_sync.timeout_s + 300)
         return actor
 
+    rewards.choose(cfg)  # reward.kind's refusal, as one line, before any reward actor starts
     reward_cls = reward_worker_actor_class()
-    if cfg.reward.model_path or cfg.algorithm.advantage == "process":  # rule + reward-model score in one actor
-        from actors.reward_model import reward_model_worker_actor_class
-
-        reward_cls = reward_model_worker_actor_class(cfg)
 
     def start_reward_worker(i: int):
-        return reward_cls.options(**roles.get("reward", {})).remote(cfg.reward, worker_id=f"reward-{i}",
-                                                                    mode=cfg.rollout.mode)
+        return reward_cls.options(**roles.get("reward", {})).remote(cfg, worker_id=f"reward-{i}")
 
     def restart_reward_worker(i: int):
         log(f"reward-{i} died: starting a replacement")

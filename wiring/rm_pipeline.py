@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from dsmath.config import LearnerConfig, TrainConfig, replace
+from dsmath.config import LearnerConfig, TrainConfig
 from dsmath.errors import UserError
 from dsmath.records import Problem
 
@@ -61,11 +61,11 @@ def label_with_policy(cfg: TrainConfig, policy_dir: str | Path, problems: Sequen
 def _label_in_this_process(cfg: TrainConfig, policy_dir: str, problems: list[Problem], prompt_mode: str, kind: str,
                            seed: int) -> tuple[list[dict], dict]:
     from actors.generator import Generator
-    from actors.reward_worker import RewardWorker
+    from dsmath.rewards import verifier
     from dsmath.rm_labels import label_examples
 
     gen = Generator(str(policy_dir), cfg.rollout, generator_id="rm-labeler", seed=seed)
-    grader = RewardWorker(replace(cfg.reward, model_path=""), worker_id="rm-grader", mode=cfg.rollout.mode)
+    grader = verifier(cfg, worker_id="rm-grader")
     try:
         tok = gen.tokenizer
         return label_examples(

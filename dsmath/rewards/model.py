@@ -1,5 +1,6 @@
-"""Reward-model actors: an outcome reward model (one score per completion) and a process reward model (a score
-at the end of every reasoning step), combined with the rule reward (grading / sandbox) by config.
+"""The reward model, as a part of the ``combined`` reward (:mod:`dsmath.rewards.combined`): an outcome reward model
+(one score per completion) or a process reward model (a score at the end of every reasoning step). It is no kind of
+its own: a score is not a verdict, and ``RewardResult.correct`` (and every accuracy metric) stays the rule's.
 
 The model is a transformers token-classification model with one label (``AutoModelForTokenClassification``,
 ``num_labels=1``): the policy's transformer plus a linear head on every position. Why that and not a head bolted
@@ -8,28 +9,21 @@ onto the causal LM: one forward pass scores every token, so the ORM (score at th
 can be initialised from any policy checkpoint (the body's weights load, the head starts fresh). A score is
 ``sigmoid(logit)``, the model's probability that the solution so far leads to the gold answer.
 
-``RewardModelScorer`` is the model (plain class, testable without Ray). ``RewardModelWorker`` grades with the rule
-worker (``actors.reward_worker.RewardWorker``) and scores with the model, then combines both with
-``dsmath.reward_models.combine_rewards``; ``reward_model_worker_actor_class()`` makes it a Ray actor that the
-driver's ``RewardPool`` uses like a rule worker.
-
 The reward model must share the policy's tokenizer (``dsmath rm train`` initialises it from the policy): it reads
 the rollout's own ``prompt_ids + completion_ids``, so step-end indices are the policy's completion-token indices.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
-from dsmath.config import RewardConfig
 from dsmath.errors import UserError
 from dsmath.model_folder import model_folder
-from dsmath.records import RewardResult, Rollout, check_schema
-from dsmath.reward_models import combine_rewards, completion_step_ends, gather_scores
+from dsmath.records import Rollout
+from dsmath.reward_models import completion_step_ends, gather_scores
 
 
 def load_reward_model(model_dir: str | Path):
@@ -99,68 +93,3 @@ class RewardModelScorer:
         seqs = [list(r.prompt_ids) + list(r.completion_ids) for r in rollouts]
         positions = [[len(r.prompt_ids) + k for k in e] for r, e in zip(rollouts, ends)]
         return list(zip(self._score_positions(seqs, positions), ends))
-
-
-class RewardModelWorker:
-    """Rule reward + reward-model score for each rollout, combined as ``RewardConfig.combine`` says.
-
-    ``kind="outcome"`` fills ``RewardResult.reward``; ``kind="process"`` also fills ``step_rewards`` and
-    ``step_end_token_index`` (what ``algorithm.advantage=process`` consumes). Same contract as ``RewardWorker.score``:
-    exactly one result per rollout, in order.
-    """
-
-    def __init__(self, cfg: RewardConfig, *, step_delimiter: str = "\n", worker_id: str = "rm-0", mode: str = "cot"):
-        from actors.reward_worker import RewardWorker
-
-        torch.set_num_threads(1)  # one core per actor; the machine is shared with generators and learners
-        if not cfg.model_path:
-            raise UserError("RewardModelWorker needs reward.model_path")
-        self.cfg = cfg
-        self.kind = cfg.model_kind
-        self.delimiter = step_delimiter
-        self.worker_id = worker_id
-        self.rules = RewardWorker(cfg, worker_id=f"{worker_id}-rules", mode=mode)
-        self.scorer = RewardModelScorer(cfg.model_path, batch_size=cfg.model_batch_size)
-        self.scored = 0
-        self.seconds = 0.0
-
-    def score(self, rollouts: Sequence[Rollout]) -> list[RewardResult]:
-        start = time.perf_counter()
-        for r in rollouts:
-            check_schema(r)
-        rule = self.rules.score(rollouts)
-        if self.kind == "outcome":
-            out = [combine_rewards(res, self.cfg, outcome_score=s)
-                   for res, s in zip(rule, self.scorer.outcome_scores(rollouts), strict=True)]
-        else:
-            out = [combine_rewards(res, self.cfg, step_scores=s, step_ends=e) if s else res
-                   for res, (s, e) in zip(rule, self.scorer.step_scores(rollouts, self.delimiter), strict=True)]
-        self.scored += len(out)
-        self.seconds += time.perf_counter() - start
-        return out
-
-    def close(self) -> None:
-        self.rules.close()
-
-    def stats(self) -> dict[str, Any]:
-        return {"worker_id": self.worker_id, "kind": self.kind, "scored": self.scored, "seconds": round(self.seconds, 4)}
-
-
-def reward_model_worker_actor_class(cfg, num_cpus: float = 0.5):
-    """``RewardModelWorker`` as a Ray actor class for the training config ``cfg``, constructed like the rule
-    worker: ``.remote(cfg.reward, worker_id=..., mode=...)`` (the step delimiter comes from ``cfg.algorithm``).
-
-    Raises ``UserError`` when process supervision is asked for without a process reward model.
-    """
-    import ray
-
-    if cfg.algorithm.advantage == "process" and not (cfg.reward.model_path and cfg.reward.model_kind == "process"):
-        raise UserError("algorithm.advantage=process needs a process reward model: set reward.model_path "
-                        "(dsmath rm train --kind process) and reward.model_kind=process")
-    delimiter = cfg.algorithm.step_delimiter
-
-    class ConfiguredRewardModelWorker(RewardModelWorker):
-        def __init__(self, reward_cfg: RewardConfig, *, worker_id: str = "rm-0", mode: str = "cot"):
-            super().__init__(reward_cfg, step_delimiter=delimiter, worker_id=worker_id, mode=mode)
-
-    return ray.remote(num_cpus=num_cpus)(ConfiguredRewardModelWorker)
