@@ -28,7 +28,9 @@ SELF = {"make test"}  # the command that runs this suite: running it from inside
 BLOCK_TIMEOUT_S = 1200
 
 SHRINK = {
-    "DSMATH_OVERRIDES": " ".join(TINY_LOOP + ["steps=2"]),
+    # rm.*: the reward-model rounds of `dsmath rm train` / `dsmath iterate` on 16 questions, not 64
+    "DSMATH_OVERRIDES": " ".join(TINY_LOOP + ["steps=2", "rm.questions=16", "rm.samples_per_question=2",
+                                              "rm.completions_per_prefix=2"]),
     "DSMATH_PRETRAIN_OVERRIDES": "optim.steps=4 data.tokenizer_sample_chars=30000 eval.heldout_max_docs=10 "
                                  "eval.fewshot_problems=2",
     "DSMATH_CORPUS_OVERRIDES": "iterate.max_iterations=1 classifier.epoch=2",
