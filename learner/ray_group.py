@@ -15,6 +15,7 @@ from typing import Iterator
 
 import torch
 
+from dsmath import transports
 from dsmath.config import GRPOConfig, LearnerConfig
 from dsmath.errors import UserError
 from learner.batch import TrainBatch
@@ -63,7 +64,7 @@ class LearnerRank:
         return list(self.learner.named_weights())
 
     def _weights_for_sync(self, transport: str):
-        on_device = transport in ("nccl", "cuda_ipc")
+        on_device = transports.info(transport).needs_gpu  # the sender packs on its GPU
         try:
             return self.learner.named_weights(on_device=on_device)
         except TypeError:  # a learner whose named_weights has no on_device (value model, older learners)

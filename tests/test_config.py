@@ -66,3 +66,26 @@ def test_config_is_frozen():
         cfg.grpo.beta = 1.0  # type: ignore[misc]
     assert with_overrides(cfg, ["steps=3"]).steps == 3
     assert load_config().steps == cfg.steps
+
+
+def test_transport_validation_reads_the_registry():
+    """weight_sync.transport is checked against dsmath.transports: a name registered at run time is accepted, or
+    refused on CPU when registered as needing a GPU, and an unknown name is refused naming every registered one."""
+    from dsmath import transports
+
+    with pytest.raises(ConfigError, match="'pigeon' is not allowed; expected one of 'object_store', 'gloo', 'nccl', "
+                                          "'cuda_ipc'$"):
+        load_config("tiny_cpu", ["weight_sync.transport=pigeon"])
+    transports.register("pigeon", "nowhere:Pigeon")  # never imported: validation needs only the entry
+    transports.register("gpu_pigeon", "nowhere:Pigeon", needs_gpu=True)
+    try:
+        assert load_config("tiny_cpu", ["weight_sync.transport=pigeon"]).weight_sync.transport == "pigeon"
+        with pytest.raises(ConfigError, match="'gpu_pigeon' needs GPUs"):
+            load_config("tiny_cpu", ["weight_sync.transport=gpu_pigeon"])
+        cfg = load_config("tiny_cpu", ["weight_sync.transport=gpu_pigeon", "rollout.gpus_per_generator=1"])
+        assert cfg.weight_sync.transport == "gpu_pigeon"
+    finally:
+        transports.unregister("pigeon")
+        transports.unregister("gpu_pigeon")
+    with pytest.raises(ConfigError, match="'pigeon' is not allowed"):
+        load_config("tiny_cpu", ["weight_sync.transport=pigeon"])

@@ -11,10 +11,11 @@ import weakref
 import pytest
 import torch
 
+from dsmath import transports
 from dsmath.config import WeightSyncConfig
 from dsmath.records import WeightBucket
+from dsmath.weight_receiver import BucketReceiver
 from dsmath.weight_wire import (
-    BucketReceiver,
     StaleWeightVersion,
     WeightSyncError,
     WeightSyncTimeout,
@@ -195,13 +196,80 @@ def test_receiver_announces_its_dtype():
 
 def test_wire_and_sender_modules_do_not_import_ray():
     """A receiver (and the GPU test below) imports these where Ray is not installed."""
-    code = ("import sys, dsmath.weight_wire, learner.weight_sync, actors.generator\n"
+    code = ("import sys, dsmath.weight_wire, dsmath.weight_receiver, learner.weight_sync, actors.generator\n"
+            "import dsmath.transports as t\n"
+            "[t.create(n) for n in t.names()]\n"
             "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'vllm', 'deepspeed'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
     code = "import sys, actors.generator\nprint(','.join(m for m in sys.modules if m.split('.')[0] == 'learner'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == ""  # the generator side shares dsmath.weight_wire, not the learner
+    assert out.stdout.strip() == ""  # the generator side shares dsmath.weight_receiver/transports, not the learner
+
+
+# ------------------------------------------------------------------ a transport defined here, through the registry
+
+
+class InlineTransport:
+    """A transport this test adds without touching any other file: the bucket travels inside the
+    ``receive_bucket`` RPC's own arguments (no object-store put, no group). Both sides, as in dsmath/transports/."""
+
+    streams = False
+    lends_memory = False
+    sent = 0  # buckets this process sent with it
+
+    def connect(self, link):
+        return 0.0
+
+    def send_bucket(self, link, flat, record, layout, what):
+        link.wait(link.call("receive_bucket", record, layout, flat), what)
+        InlineTransport.sent += 1
+
+    def close(self):
+        pass
+
+    def join(self, host, port, rank, world_size, timeout_s):
+        raise WeightSyncError("transport 'inline' forms no process group")
+
+    def open_bucket(self, owner, layout, payload, device, timeout_s):
+        return payload.to(device)
+
+
+def _register_inline():
+    """Called in every process that sends or receives with it (the registry is per process)."""
+    transports.register("inline", InlineTransport)
+
+
+def test_registry_refuses_unknown_and_taken_names():
+    with pytest.raises(ValueError, match="unknown weight-sync transport 'carrier_pigeon'; one of object_store, gloo"):
+        make_sender(WeightSyncConfig(transport="carrier_pigeon"))
+    with pytest.raises(ValueError, match="already registered"):
+        transports.register("gloo", InlineTransport)
+    recv = BucketReceiver("gen-u")
+    with pytest.raises(WeightSyncError, match="gen-u: unknown transport 'carrier_pigeon'"):
+        recv.begin(1, 1, "carrier_pigeon")
+    assert not recv.updating
+
+
+def test_receiver_uses_a_transport_registered_at_run_time():
+    """The receive side of a transport registered in this process only: begin names it, open_bucket is its."""
+    named = _weights(9)
+    lookup = dict(named)
+    plan = plan_buckets(named, 4096)
+    recv = BucketReceiver("gen-i")
+    _register_inline()
+    try:
+        recv.begin(1, len(plan), "inline")
+        for index, b in enumerate(plan):
+            recv.receive(WeightBucket(1, index, len(plan), b.names), b.layout,
+                         pack_bucket([lookup[n] for n in b.names], b.layout))
+        staged = dict(recv.finish(1))
+    finally:
+        transports.unregister("inline")
+    assert isinstance(recv.transport("inline"), InlineTransport)
+    assert staged.keys() == lookup.keys() and all(torch.equal(staged[n], t) for n, t in named)
+    with pytest.raises(WeightSyncError, match="unknown transport 'inline'"):  # unregistered: gone for new receivers
+        BucketReceiver("gen-j").begin(1, 1, "inline")
 
 
 # ------------------------------------------------------------------------------------------ real Ray
@@ -211,6 +279,7 @@ class TensorReceiver:
     """A receiver actor with the generator's weight-sync methods, holding plain tensors (no engine)."""
 
     def __init__(self, name: str, dtype: str | None = None):
+        _register_inline()
         self.recv = BucketReceiver(name, dtype=dtype)
         self.weights: dict[str, torch.Tensor] = {}
 
@@ -257,6 +326,7 @@ class Sender:
     """What the learner's rank-0 process does: hold weights, own one sender per transport."""
 
     def __init__(self):
+        _register_inline()
         self.senders = {}
 
     def sync_weights(self, version, receivers, *, transport, bucket_mb, timeout_s, seed=0):
@@ -265,6 +335,9 @@ class Sender:
             self.senders[key] = make_sender(WeightSyncConfig(transport=transport, bucket_mb=bucket_mb,
                                                              timeout_s=timeout_s))
         return self.senders[key].send(_weights(seed), version, receivers)
+
+    def inline_sent(self):
+        return InlineTransport.sent
 
 
 @pytest.fixture(scope="module")
@@ -287,8 +360,10 @@ def cluster():
     ray.shutdown()
 
 
-@pytest.mark.parametrize("transport", ["object_store", "gloo"])
+@pytest.mark.parametrize("transport", ["object_store", "gloo", "inline"])
 def test_transport_delivers_exact_weights_in_buckets(cluster, transport):
+    """Every transport delivers the weights bit for bit in the planned buckets, versioned; ``inline`` is the one
+    this file registers (the sender and the receivers find it through the registry, no other file knows it)."""
     ray, actors = cluster
     receivers, sender = actors["receivers"], actors["sender"]
     version = ray.get(receivers["r0"].state.remote())[0]
@@ -306,6 +381,8 @@ def test_transport_delivers_exact_weights_in_buckets(cluster, transport):
             assert got_version == version
             assert got.keys() == expected.keys()
             assert all(torch.equal(got[n], expected[n]) for n in expected)
+    if transport == "inline":  # it was the registered class that carried every bucket of both sends
+        assert ray.get(sender.inline_sent.remote()) == 2 * stats.buckets
     with pytest.raises(ray.exceptions.RayTaskError, match="refused"):  # not current + 1
         ray.get(sender.sync_weights.remote(version + 5, receivers, transport=transport, bucket_mb=1.0, timeout_s=30.0))
     assert ray.get(receivers["r0"].state.remote())[0] == version
@@ -373,7 +450,7 @@ def _ipc_receiver_process(inbox, outbox, dtype: str) -> None:
     loads each bucket into (a device-to-device copy), and a report of where the buckets lived."""
     import torch
 
-    from dsmath.weight_wire import BucketReceiver
+    from dsmath.weight_receiver import BucketReceiver
 
     torch.cuda.set_device(0)
     recv = BucketReceiver("ipc-child", device="cuda", dtype=dtype)
@@ -404,7 +481,8 @@ def test_cuda_ipc_receive_between_two_processes_streams_on_the_device(dtype):
     it never held more than one bucket."""
     import torch.multiprocessing as mp
 
-    from dsmath.weight_wire import cuda_ipc_payload, wire_dtype
+    from dsmath.transports.cuda_ipc import cuda_ipc_payload
+    from dsmath.weight_wire import wire_dtype
 
     target = getattr(torch, dtype)
     named = [(n, t.cuda()) for n, t in _weights(31)] + [
