@@ -89,9 +89,17 @@ class LearnerRank:
         if getattr(self, "_sender", None) is None or cfg != self._sender.cfg:
             self._sender = make_sender(cfg)
         try:
-            return self._sender.send(weights, version, receivers)
+            return self._sender.send(weights, version, receivers, shapes=self._streamed_shapes())
         finally:
             _drain(weights, quiet=True)
+
+    def _streamed_shapes(self):
+        """ZeRO-3: the weights' shapes, so that rank 0 sends each bucket as soon as it is gathered and never holds
+        the full weights (:meth:`~learner.weight_sync.WeightSender.send`); None otherwise (the weights are local)."""
+        learner = self.learner
+        if getattr(getattr(learner, "cfg", None), "zero_stage", 0) != 3 or not hasattr(learner, "weight_shapes"):
+            return None
+        return learner.weight_shapes()
 
     def push_weights(self, version: int, receivers) -> dict | None:
         """Bring freshly started receivers (a restarted generator) to ``version`` through the object store; call it
@@ -110,7 +118,7 @@ class LearnerRank:
             return None
         cfg = replace(self._sync_cfg, transport="object_store")
         try:
-            return make_sender(cfg).send(weights, version, receivers).as_dict()
+            return make_sender(cfg).send(weights, version, receivers, shapes=self._streamed_shapes()).as_dict()
         finally:
             _drain(weights, quiet=True)
 

@@ -11,7 +11,9 @@ generator whose engine holds bfloat16 gets bfloat16 from an fp32 learner (half t
 sender side.
 
 ZeRO-3 with several learner ranks: gathering a parameter is a collective, so every rank must iterate the weights
-for a sync; :func:`broadcast_weights` takes all ranks' actors (rank 0 sends, the others gather and drop).
+for a sync; :func:`broadcast_weights` takes all ranks' actors (rank 0 sends, the others gather and drop). Rank 0
+announces the shapes (``send(..., shapes=)``) and sends each bucket as soon as its parameters are gathered: it holds
+about one bucket of them at a time, never the full weights.
 
 Protocol (what a receiver, e.g. ``actors.generator.Generator``, implements)::
 
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -43,6 +45,7 @@ from dsmath.config import WeightSyncConfig
 from dsmath.records import WeightBucket
 from dsmath import transports
 from dsmath.weight_wire import (  # the wire format (shared with the receivers: dsmath/weight_receiver.py)
+    PlannedBucket,
     StaleWeightVersion,
     WeightSyncError,
     WeightSyncTimeout,
@@ -73,7 +76,9 @@ class SyncStats:
     (generators refuse to sample in this window); ``transfer_s``: time inside puts / RPCs / collectives of
     the buckets; ``pack_s``: flattening (and casting) into buckets; ``apply_s``: the slowest receiver's in-engine
     load. ``bytes``: what went on the wire per receiver (in ``wire_dtype``, e.g. ``"bfloat16"``, or
-    ``"bfloat16+int64"`` when integer tensors travel too); ``source_bytes``: the same tensors in the learner's own dtypes."""
+    ``"bfloat16+int64"`` when integer tensors travel too); ``source_bytes``: the same tensors in the learner's own
+    dtypes; ``held_bytes``: the most of them the sender held at once (``source_bytes`` unless streamed, see
+    :meth:`WeightSender.send`)."""
 
     version: int
     transport: str
@@ -88,6 +93,7 @@ class SyncStats:
     apply_s: float = 0.0
     setup_s: float = 0.0
     source_bytes: int = 0
+    held_bytes: int = 0
     wire_dtype: str = ""
     per_bucket_bytes: list[int] = field(default_factory=list)
 
@@ -207,9 +213,19 @@ class WeightSender:
         named_weights: Iterable[tuple[str, torch.Tensor]],
         version: int,
         receivers: Sequence[Any] | Mapping[str, Any],
+        *,
+        shapes: Sequence[tuple[str, torch.Tensor]] | None = None,
     ) -> SyncStats:
         """Send ``named_weights`` as policy ``version`` to every receiver (Ray actor handles; a mapping gives
-        them names for error messages). Each receiver must currently be at ``version - 1``."""
+        them names for error messages). Each receiver must currently be at ``version - 1``.
+
+        ``shapes``: every tensor's name, shape and dtype, in the order ``named_weights`` yields them (tensors on the
+        ``meta`` device will do). Given, the buckets are planned from them and ``named_weights`` is consumed
+        lazily, bucket by bucket (ZeRO-3: each parameter is gathered as its bucket is sent): the sender then holds
+        one bucket's tensors plus any of another wire dtype that came early (their bucket is sent later), never
+        all of them; the gathering then falls inside ``pause_s``. The bytes sent are the same either way. A
+        tensor that does not match ``shapes``, or missing ones, raise :class:`WeightSyncError` mid-update (the
+        receivers keep their version). ``named_weights`` is not necessarily consumed to its end."""
         import ray
 
         names, handles = _receiver_names(receivers)
@@ -218,9 +234,13 @@ class WeightSender:
         start = time.monotonic()
         timeout_s = self.cfg.timeout_s
         link = RayLink(names, handles, start + timeout_s, timeout_s)
-        named = [(n, t) for n, t in named_weights]
+        if shapes is None:
+            named = [(n, t) for n, t in named_weights]
+            specs, source = named, iter(named)
+        else:
+            specs, source = list(shapes), iter(named_weights)
         try:
-            stats = self._send(link, named, version)
+            stats = self._send(link, specs, source, version, streamed=shapes is not None)
         except WeightSyncTimeout:
             self.close()
             raise
@@ -232,22 +252,24 @@ class WeightSender:
         stats.seconds = time.monotonic() - start
         return stats
 
-    def _send(self, link: RayLink, named: list[tuple[str, torch.Tensor]], version: int) -> SyncStats:
+    def _send(self, link: RayLink, specs: list[tuple[str, torch.Tensor]], source: Iterator[tuple[str, torch.Tensor]],
+              version: int, *, streamed: bool) -> SyncStats:
         """Plan, connect, begin, every bucket through the transport, finish; see :meth:`send`."""
-        tensors = dict(named)
         target = self._target_dtype(link)
-        plan = plan_buckets(named, self.bucket_bytes, target)
+        plan = plan_buckets(specs, self.bucket_bytes, target)
+        source_bytes = sum(t.numel() * t.element_size() for _, t in specs)
         stats = SyncStats(version=version, transport=self.transport, num_receivers=len(link.handles),
-                          buckets=len(plan), tensors=len(named),
-                          source_bytes=sum(t.numel() * t.element_size() for _, t in named),
+                          buckets=len(plan), tensors=len(specs), source_bytes=source_bytes,
+                          held_bytes=0 if streamed else source_bytes,
                           wire_dtype="+".join(sorted({b.layout.dtype for b in plan})))
         stats.setup_s = self.impl.connect(link)
         pause_start = time.monotonic()
         link.wait(link.call("begin_weight_update", version, len(plan), self.transport, link.timeout_s),
                   f"begin_weight_update(version={version})")
-        for index, planned in enumerate(plan):
+        for index, (planned, bucket) in enumerate(_plan_order(plan, specs, source, stats)):
             t0 = time.monotonic()
-            flat = pack_bucket([tensors[n] for n in planned.names], planned.layout, self.device)  # [numel]
+            flat = pack_bucket(bucket, planned.layout, self.device)  # [numel] in the wire dtype
+            del bucket
             stats.pack_s += time.monotonic() - t0
             stats.bytes += flat.numel() * flat.element_size()
             stats.per_bucket_bytes.append(flat.numel() * flat.element_size())
@@ -256,10 +278,36 @@ class WeightSender:
             what = f"bucket {index + 1}/{len(plan)} of version {version}"
             self.impl.send_bucket(link, flat, record, planned.layout, what)
             stats.transfer_s += time.monotonic() - t1
+            del flat  # every receiver has it: free it before the next bucket is gathered
         applied = link.wait(link.call("finish_weight_update", version), f"finish_weight_update(version={version})")
         stats.apply_s = max(float(a) for a in applied)
         stats.pause_s = time.monotonic() - pause_start
         return stats
+
+
+def _plan_order(plan: list[PlannedBucket], specs: list[tuple[str, torch.Tensor]],
+                source: Iterator[tuple[str, torch.Tensor]], stats: SyncStats):
+    """Each planned bucket with its tensors, pulling from ``source`` only as far as that bucket needs: a tensor
+    that arrives before its bucket's turn (another wire dtype) is held until then. Checks every tensor against its
+    spec, and keeps in ``stats.held_bytes`` the most bytes held at once."""
+    expected = {n: (tuple(t.shape), t.dtype) for n, t in specs}
+    held: dict[str, torch.Tensor] = {}
+    held_bytes = 0
+    for planned in plan:
+        for wanted in planned.names:
+            while wanted not in held:
+                arrived = next(source, None)
+                if arrived is None:
+                    raise WeightSyncError(f"weight sync: the weights ended before {wanted!r} (announced, never sent)")
+                name, tensor = arrived
+                if expected.get(name) != (tuple(tensor.shape), tensor.dtype) or name in held:
+                    raise WeightSyncError(f"weight sync: {name!r} {tuple(tensor.shape)} {tensor.dtype} does not match "
+                                          f"the announced {expected.get(name)}")
+                held[name] = tensor
+                held_bytes += tensor.numel() * tensor.element_size()
+                stats.held_bytes = max(stats.held_bytes, held_bytes)
+        held_bytes -= sum(held[n].numel() * held[n].element_size() for n in planned.names)
+        yield planned, [held.pop(n) for n in planned.names]  # no name kept here: the caller's drop frees them
 
 
 def _members_key(names: list[str], handles: list[Any]) -> tuple[str, ...]:

@@ -329,12 +329,20 @@ class Sender:
         _register_inline()
         self.senders = {}
 
-    def sync_weights(self, version, receivers, *, transport, bucket_mb, timeout_s, seed=0):
+    def sync_weights(self, version, receivers, *, transport, bucket_mb, timeout_s, seed=0, streamed=False,
+                     misannounce=None):
+        """``streamed``: announce the shapes (meta tensors) and hand over a one-pass generator, as the ZeRO-3
+        learner does; ``misannounce``: a tensor name whose announced shape is wrong."""
         key = (transport, bucket_mb, timeout_s)
         if key not in self.senders:
             self.senders[key] = make_sender(WeightSyncConfig(transport=transport, bucket_mb=bucket_mb,
                                                              timeout_s=timeout_s))
-        return self.senders[key].send(_weights(seed), version, receivers)
+        weights = _weights(seed)
+        if not streamed:
+            return self.senders[key].send(weights, version, receivers)
+        shapes = [(n, torch.empty((t.numel() + 1,) if n == misannounce else t.shape, dtype=t.dtype, device="meta"))
+                  for n, t in weights]
+        return self.senders[key].send((w for w in weights), version, receivers, shapes=shapes)
 
     def inline_sent(self):
         return InlineTransport.sent
@@ -386,6 +394,45 @@ def test_transport_delivers_exact_weights_in_buckets(cluster, transport):
     with pytest.raises(ray.exceptions.RayTaskError, match="refused"):  # not current + 1
         ray.get(sender.sync_weights.remote(version + 5, receivers, transport=transport, bucket_mb=1.0, timeout_s=30.0))
     assert ray.get(receivers["r0"].state.remote())[0] == version
+
+
+@pytest.mark.parametrize("transport", ["object_store", "gloo"])
+def test_streamed_send_delivers_the_same_bytes_holding_one_bucket(cluster, transport):
+    """With the shapes announced (what rank 0 does under ZeRO-3) the weights are pulled bucket by bucket: the same
+    buckets and bytes arrive, and the sender held at most the biggest bucket plus what came before its turn."""
+    ray, actors = cluster
+    receivers, sender = actors["receivers"], actors["sender"]
+    version = ray.get(receivers["r0"].state.remote())[0] + 1
+    # A sender of its own (timeout 29 s): the receivers hold one group, that of the last sender that formed one.
+    stats = ray.get(sender.sync_weights.remote(version, receivers, transport=transport, bucket_mb=8192 / 2**20,
+                                               timeout_s=29.0, seed=13, streamed=True))
+    expected = dict(_weights(13))
+    assert stats.buckets == len(plan_buckets(list(expected.items()), 8192)) > 3
+    assert stats.bytes == stats.source_bytes == sum(t.numel() * t.element_size() for t in expected.values())
+    # The 16 KiB "big" tensor is a bucket of its own; the bf16 bias arrived before it and waits for the bf16
+    # bucket after the float32 ones. Everything else was let go bucket by bucket.
+    assert stats.held_bytes == 4096 * 4 + 32 * 2 < stats.source_bytes / 2
+    for handle in receivers.values():
+        got_version, got = ray.get(handle.state.remote())
+        assert got_version == version and got.keys() == expected.keys()
+        assert all(torch.equal(got[n], expected[n]) for n in expected)
+    unstreamed = ray.get(sender.sync_weights.remote(version + 1, receivers, transport=transport,
+                                                    bucket_mb=8192 / 2**20, timeout_s=29.0, seed=13))
+    assert unstreamed.held_bytes == unstreamed.source_bytes and unstreamed.per_bucket_bytes == stats.per_bucket_bytes
+
+
+def test_streamed_send_refuses_a_tensor_unlike_its_announcement(cluster):
+    ray, actors = cluster
+    receivers, sender = actors["receivers"], actors["sender"]
+    version = ray.get(receivers["r0"].state.remote())[0]
+    with pytest.raises(ray.exceptions.RayTaskError) as info:
+        ray.get(sender.sync_weights.remote(version + 1, receivers, transport="object_store", bucket_mb=8192 / 2**20,
+                                           timeout_s=30.0, streamed=True, misannounce="layer1.q.weight"))
+    cause = info.value.cause
+    assert isinstance(cause, WeightSyncError) and "\n" not in str(cause)
+    said = "'layer1.q.weight' (32, 32) torch.float32 does not match the announced ((1025,), torch.float32)"
+    assert said in str(cause), str(cause)
+    assert all(ray.get(h.state.remote())[0] == version for h in receivers.values())  # nobody switched
 
 
 @pytest.mark.parametrize("transport", ["object_store", "gloo"])
