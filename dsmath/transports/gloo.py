@@ -3,8 +3,8 @@ analogue of NCCL. Host buffers on both sides; receivers stage the buckets and lo
 
 from __future__ import annotations
 
+from functools import partial
+
 from dsmath.transports.collective import CollectiveTransport
 
-
-def GlooTransport() -> CollectiveTransport:  # noqa: N802 - the registry's factory, named like the other classes
-    return CollectiveTransport("gloo", streams=False)
+GlooTransport = partial(CollectiveTransport, "gloo", streams=False)

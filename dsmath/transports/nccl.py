@@ -4,8 +4,8 @@ receivers stream each bucket into the engine as it arrives (one bucket held at a
 
 from __future__ import annotations
 
+from functools import partial
+
 from dsmath.transports.collective import CollectiveTransport
 
-
-def NcclTransport() -> CollectiveTransport:  # noqa: N802 - the registry's factory, named like the other classes
-    return CollectiveTransport("nccl", streams=True)
+NcclTransport = partial(CollectiveTransport, "nccl", streams=True)
