@@ -11,6 +11,7 @@ tensor is the receiver's dtype when the receiver announced one (a bf16 engine ge
 else the tensor's own; integer and bool tensors travel as they are. Each bucket travels with a
 :class:`dsmath.records.WeightBucket` (version, index, count, names) plus a :class:`BucketLayout` (shapes, offsets).
 """
+
 from __future__ import annotations
 
 import math
