@@ -17,9 +17,9 @@ for the same sequence of calls, not per request.
 Versioning: ``generate(requests, expected_version)`` refuses (``StaleWeightVersion``) when the caller expects a
 version other than the one loaded, and refuses any sampling while a weight update is in flight.
 
-Weight updates (:mod:`dsmath.weight_wire` receiver): floating weights arrive in the engine's dtype
-(``weight_dtype()``). Over ``object_store``/``gloo`` the buckets are staged in host memory and loaded in one
-``reload_weights`` at the end. Over ``cuda_ipc``/``nccl`` with one GPU per engine they stream: each bucket is
+Weight updates (:mod:`dsmath.weight_receiver`, any transport of :mod:`dsmath.transports`): floating weights
+arrive in the engine's dtype (``weight_dtype()``). Over ``object_store``/``gloo`` the buckets are staged in host
+memory and loaded in one ``reload_weights`` at the end. Over ``cuda_ipc``/``nccl`` with one GPU per engine they stream: each bucket is
 loaded from device memory as it arrives (``cuda_ipc``: straight from the learner's buffer) between vLLM's public
 ``start_weight_update`` / ``finish_weight_update`` (the engine is built with a ``weight_transfer_config``), and
 this process holds at most one bucket; an update that fails half-way leaves the engine refusing to sample until
@@ -41,7 +41,8 @@ from typing import Any, Sequence
 from dsmath.config import RolloutConfig
 from dsmath.records import GenerationRequest, GeneratorHealth, Rollout, check_schema
 from dsmath.records import WeightBucket
-from dsmath.weight_wire import BucketLayout, BucketReceiver, StaleWeightVersion, WeightSyncError
+from dsmath.weight_receiver import BucketReceiver
+from dsmath.weight_wire import BucketLayout, StaleWeightVersion, WeightSyncError
 
 TOOL_STOP = "```output"
 

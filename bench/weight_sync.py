@@ -56,7 +56,7 @@ def device_copy_bytes_per_s(nbytes: int, repeats: int) -> tuple[float | None, st
 def _ipc_receiver(inbox, outbox) -> None:
     """A generator's receiving side for the Ray-free cuda_ipc arm: a streamed BucketReceiver on GPU 0 loading each
     bucket into preallocated "engine" tensors (device to device), acknowledging each bucket."""
-    from dsmath.weight_wire import BucketReceiver
+    from dsmath.weight_receiver import BucketReceiver
 
     torch.cuda.set_device(0)
     recv, engine = BucketReceiver("bench-ipc", device="cuda"), {}
@@ -85,7 +85,8 @@ def cuda_ipc_arm(size_mb: float, buckets_mb: list[float], repeats: int) -> list[
     import torch.multiprocessing as mp
 
     from dsmath.records import WeightBucket
-    from dsmath.weight_wire import cuda_ipc_payload, pack_bucket, plan_buckets
+    from dsmath.transports.cuda_ipc import cuda_ipc_payload
+    from dsmath.weight_wire import pack_bucket, plan_buckets
 
     weights = [(n, t.cuda()) for n, t in synthetic_weights(size_mb)]
     lookup, want = dict(weights), float(sum(t.double().sum() for _, t in weights))
@@ -139,7 +140,7 @@ class Receiver:
     """A generator's receiving side without the engine: BucketReceiver + the raw-broadcast peer."""
 
     def __init__(self, name: str):
-        from dsmath.weight_wire import BucketReceiver
+        from dsmath.weight_receiver import BucketReceiver
 
         self.receiver = BucketReceiver(name)
         self.weights: dict[str, torch.Tensor] = {}
@@ -166,11 +167,11 @@ class Receiver:
         return float(sum(t.double().sum() for t in self.weights.values()))
 
     def raw_broadcast(self, numel: int) -> float:
-        from learner.weight_sync import broadcast_from_rank0
+        from dsmath.transports.collective import broadcast_from_rank0
 
         buf = torch.empty(numel, dtype=torch.float32)
         t0 = time.perf_counter()
-        broadcast_from_rank0(self.receiver._group, buf, 120.0)
+        broadcast_from_rank0(self.receiver.transport("gloo").group, buf, 120.0)
         return time.perf_counter() - t0
 
     def raw_get(self, ref_list) -> float:
@@ -199,11 +200,11 @@ class Sender:
         return self.senders[key].send(self.weights, version, receivers).as_dict()
 
     def raw_broadcast(self, transport: str, bucket_mb: float) -> float:
-        from learner.weight_sync import broadcast_from_rank0
+        from dsmath.transports.collective import broadcast_from_rank0
 
         flat = torch.cat([t.reshape(-1) for _, t in self.weights])
         t0 = time.perf_counter()
-        broadcast_from_rank0(self.senders[(transport, bucket_mb)]._group, flat, 120.0)
+        broadcast_from_rank0(self.senders[(transport, bucket_mb)].impl.group, flat, 120.0)
         return time.perf_counter() - t0
 
 

@@ -23,6 +23,7 @@ from typing import Any, Callable, Literal, get_args, get_origin
 
 import yaml
 
+from dsmath import transports
 from dsmath.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -190,7 +191,7 @@ class RewardModelTrainConfig:
 
 @dataclass(frozen=True)
 class WeightSyncConfig:
-    transport: Literal["gloo", "object_store", "nccl", "cuda_ipc"] = "object_store"
+    transport: str = "object_store"  # a name registered in dsmath.transports (checked by validate)
     bucket_mb: float = 64.0
     timeout_s: float = 120.0
 
@@ -621,13 +622,16 @@ def _check_model(cfg: TrainConfig) -> None:
 
 
 def _check_sync_and_shaping(cfg: TrainConfig) -> None:
-    """Weight sync, asynchronous sampling and reward shaping."""
+    """Weight sync (the transport read from dsmath/transports/), asynchronous sampling and reward shaping."""
     r = cfg.rollout
     _need(cfg.weight_sync.bucket_mb > 0, "weight_sync.bucket_mb: must be > 0")
     _need(cfg.weight_sync.timeout_s > 0, "weight_sync.timeout_s: must be > 0")
+    transport = cfg.weight_sync.transport
+    _need(transport in transports.names(), f"weight_sync.transport: {transport!r} is not allowed; expected one of "
+          + ", ".join(repr(n) for n in transports.names()))
     _need(
-        cfg.weight_sync.transport not in ("nccl", "cuda_ipc") or r.gpus_per_generator > 0,
-        f"weight_sync.transport: {cfg.weight_sync.transport!r} needs GPUs (rollout.gpus_per_generator > 0); "
+        not transports.info(transport).needs_gpu or r.gpus_per_generator > 0,
+        f"weight_sync.transport: {transport!r} needs GPUs (rollout.gpus_per_generator > 0); "
         "use 'gloo' or 'object_store' on CPU",
     )
     _need(cfg.async_.max_staleness >= 0, "async.max_staleness: must be >= 0")

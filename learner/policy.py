@@ -595,6 +595,16 @@ class PolicyLearner:
         for name, tensor in module.state_dict().items():
             yield name, (tensor.detach() if on_device else tensor.detach().cpu())
 
+    def weight_shapes(self) -> list[tuple[str, torch.Tensor]]:
+        """What :meth:`named_weights` yields — names, full shapes, dtypes, in its order — as ``meta`` tensors,
+        without gathering anything (ZeRO-3: each parameter's ``ds_shape``) or any collective: a sender plans its
+        buckets from them and then pulls the weights bucket by bucket."""
+        module = self.engine.module
+        if self.cfg.zero_stage == 3:
+            return [(name, torch.empty(tuple(getattr(t, "ds_shape", t.shape)), dtype=t.dtype, device="meta"))
+                    for name, t, _ in _state_entries(module)]
+        return [(name, torch.empty(t.shape, dtype=t.dtype, device="meta")) for name, t in module.state_dict().items()]
+
     def reset_reference(self) -> None:
         """Copy the current policy into the reference model (iterative GRPO, paper §4.1.4)."""
         if self.reference is None:
@@ -692,18 +702,28 @@ class PolicyLearner:
         return state["extra"]
 
 
+def _state_entries(module) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    """A ZeRO-3 module's state-dict entries in :func:`_gathered_state`'s order: (name, parameter or buffer, whether
+    it is a parameter — partitioned, to be gathered)."""
+    keys = set(module.state_dict().keys())  # HF names incl. tied ones; no non-persistent buffers
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if name in keys:
+            yield name, param, True
+    for name, buf in module.named_buffers():
+        if name in keys:
+            yield name, buf, False
+
+
 def _gathered_state(module) -> Iterator[tuple[str, torch.Tensor]]:
     """A ZeRO-3 module's state dict, one parameter gathered at a time (full, CPU): all ranks must iterate together."""
     import deepspeed
 
-    keys = set(module.state_dict().keys())  # HF names incl. tied ones; no non-persistent buffers
-    for name, param in module.named_parameters(remove_duplicate=False):
-        if name in keys:
-            with deepspeed.zero.GatheredParameters([param]):
-                yield name, param.detach().cpu().clone()
-    for name, buf in module.named_buffers():
-        if name in keys:
-            yield name, buf.detach().cpu()
+    for name, tensor, partitioned in _state_entries(module):
+        if partitioned:
+            with deepspeed.zero.GatheredParameters([tensor]):
+                yield name, tensor.detach().cpu().clone()
+        else:
+            yield name, tensor.detach().cpu()
 
 
 def _untie(state: dict) -> dict:

@@ -15,6 +15,7 @@ from typing import Iterator
 
 import torch
 
+from dsmath import transports
 from dsmath.config import AlgorithmConfig, LearnerConfig
 from dsmath.errors import UserError
 from learner.batch import TrainBatch
@@ -63,7 +64,7 @@ class LearnerRank:
         return list(self.learner.named_weights())
 
     def _weights_for_sync(self, transport: str):
-        on_device = transport in ("nccl", "cuda_ipc")
+        on_device = transports.info(transport).needs_gpu  # the sender packs on its GPU
         try:
             return self.learner.named_weights(on_device=on_device)
         except TypeError:  # a learner whose named_weights has no on_device (value model, older learners)
@@ -88,9 +89,17 @@ class LearnerRank:
         if getattr(self, "_sender", None) is None or cfg != self._sender.cfg:
             self._sender = make_sender(cfg)
         try:
-            return self._sender.send(weights, version, receivers)
+            return self._sender.send(weights, version, receivers, shapes=self._streamed_shapes())
         finally:
             _drain(weights, quiet=True)
+
+    def _streamed_shapes(self):
+        """ZeRO-3: the weights' shapes, so that rank 0 sends each bucket as soon as it is gathered and never holds
+        the full weights (:meth:`~learner.weight_sync.WeightSender.send`); None otherwise (the weights are local)."""
+        learner = self.learner
+        if getattr(getattr(learner, "cfg", None), "zero_stage", 0) != 3 or not hasattr(learner, "weight_shapes"):
+            return None
+        return learner.weight_shapes()
 
     def push_weights(self, version: int, receivers) -> dict | None:
         """Bring freshly started receivers (a restarted generator) to ``version`` through the object store; call it
@@ -109,7 +118,7 @@ class LearnerRank:
             return None
         cfg = replace(self._sync_cfg, transport="object_store")
         try:
-            return make_sender(cfg).send(weights, version, receivers).as_dict()
+            return make_sender(cfg).send(weights, version, receivers, shapes=self._streamed_shapes()).as_dict()
         finally:
             _drain(weights, quiet=True)
 

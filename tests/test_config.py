@@ -132,3 +132,26 @@ def test_cli_refuses_old_keys_in_one_line_with_exit_2(tmp_path):
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("dsmath train: error: ") and want in lines[0], p.stderr
     assert not (tmp_path / "run").exists()  # refused before anything was created
+
+
+def test_transport_validation_reads_the_registry():
+    """weight_sync.transport is checked against dsmath.transports: a name registered at run time is accepted, or
+    refused on CPU when registered as needing a GPU, and an unknown name is refused naming every registered one."""
+    from dsmath import transports
+
+    with pytest.raises(ConfigError, match="'pigeon' is not allowed; expected one of 'object_store', 'gloo', 'nccl', "
+                                          "'cuda_ipc'$"):
+        load_config("tiny_cpu", ["weight_sync.transport=pigeon"])
+    transports.register("pigeon", "nowhere:Pigeon")  # never imported: validation needs only the entry
+    transports.register("gpu_pigeon", "nowhere:Pigeon", needs_gpu=True)
+    try:
+        assert load_config("tiny_cpu", ["weight_sync.transport=pigeon"]).weight_sync.transport == "pigeon"
+        with pytest.raises(ConfigError, match="'gpu_pigeon' needs GPUs"):
+            load_config("tiny_cpu", ["weight_sync.transport=gpu_pigeon"])
+        cfg = load_config("tiny_cpu", ["weight_sync.transport=gpu_pigeon", "rollout.gpus_per_generator=1"])
+        assert cfg.weight_sync.transport == "gpu_pigeon"
+    finally:
+        transports.unregister("pigeon")
+        transports.unregister("gpu_pigeon")
+    with pytest.raises(ConfigError, match="'pigeon' is not allowed"):
+        load_config("tiny_cpu", ["weight_sync.transport=pigeon"])

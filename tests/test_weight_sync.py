@@ -11,10 +11,11 @@ import weakref
 import pytest
 import torch
 
+from dsmath import transports
 from dsmath.config import WeightSyncConfig
 from dsmath.records import WeightBucket
+from dsmath.weight_receiver import BucketReceiver
 from dsmath.weight_wire import (
-    BucketReceiver,
     StaleWeightVersion,
     WeightSyncError,
     WeightSyncTimeout,
@@ -195,13 +196,80 @@ def test_receiver_announces_its_dtype():
 
 def test_wire_and_sender_modules_do_not_import_ray():
     """A receiver (and the GPU test below) imports these where Ray is not installed."""
-    code = ("import sys, dsmath.weight_wire, learner.weight_sync, actors.generator\n"
+    code = ("import sys, dsmath.weight_wire, dsmath.weight_receiver, learner.weight_sync, actors.generator\n"
+            "import dsmath.transports as t\n"
+            "[t.create(n) for n in t.names()]\n"
             "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'vllm', 'deepspeed'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
     code = "import sys, actors.generator\nprint(','.join(m for m in sys.modules if m.split('.')[0] == 'learner'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == ""  # the generator side shares dsmath.weight_wire, not the learner
+    assert out.stdout.strip() == ""  # the generator side shares dsmath.weight_receiver/transports, not the learner
+
+
+# ------------------------------------------------------------------ a transport defined here, through the registry
+
+
+class InlineTransport:
+    """A transport this test adds without touching any other file: the bucket travels inside the
+    ``receive_bucket`` RPC's own arguments (no object-store put, no group). Both sides, as in dsmath/transports/."""
+
+    streams = False
+    lends_memory = False
+    sent = 0  # buckets this process sent with it
+
+    def connect(self, link):
+        return 0.0
+
+    def send_bucket(self, link, flat, record, layout, what):
+        link.wait(link.call("receive_bucket", record, layout, flat), what)
+        InlineTransport.sent += 1
+
+    def close(self):
+        pass
+
+    def join(self, host, port, rank, world_size, timeout_s):
+        raise WeightSyncError("transport 'inline' forms no process group")
+
+    def open_bucket(self, owner, layout, payload, device, timeout_s):
+        return payload.to(device)
+
+
+def _register_inline():
+    """Called in every process that sends or receives with it (the registry is per process)."""
+    transports.register("inline", InlineTransport)
+
+
+def test_registry_refuses_unknown_and_taken_names():
+    with pytest.raises(ValueError, match="unknown weight-sync transport 'carrier_pigeon'; one of object_store, gloo"):
+        make_sender(WeightSyncConfig(transport="carrier_pigeon"))
+    with pytest.raises(ValueError, match="already registered"):
+        transports.register("gloo", InlineTransport)
+    recv = BucketReceiver("gen-u")
+    with pytest.raises(WeightSyncError, match="gen-u: unknown transport 'carrier_pigeon'"):
+        recv.begin(1, 1, "carrier_pigeon")
+    assert not recv.updating
+
+
+def test_receiver_uses_a_transport_registered_at_run_time():
+    """The receive side of a transport registered in this process only: begin names it, open_bucket is its."""
+    named = _weights(9)
+    lookup = dict(named)
+    plan = plan_buckets(named, 4096)
+    recv = BucketReceiver("gen-i")
+    _register_inline()
+    try:
+        recv.begin(1, len(plan), "inline")
+        for index, b in enumerate(plan):
+            recv.receive(WeightBucket(1, index, len(plan), b.names), b.layout,
+                         pack_bucket([lookup[n] for n in b.names], b.layout))
+        staged = dict(recv.finish(1))
+    finally:
+        transports.unregister("inline")
+    assert isinstance(recv.transport("inline"), InlineTransport)
+    assert staged.keys() == lookup.keys() and all(torch.equal(staged[n], t) for n, t in named)
+    with pytest.raises(WeightSyncError, match="unknown transport 'inline'"):  # unregistered: gone for new receivers
+        BucketReceiver("gen-j").begin(1, 1, "inline")
 
 
 # ------------------------------------------------------------------------------------------ real Ray
@@ -211,6 +279,7 @@ class TensorReceiver:
     """A receiver actor with the generator's weight-sync methods, holding plain tensors (no engine)."""
 
     def __init__(self, name: str, dtype: str | None = None):
+        _register_inline()
         self.recv = BucketReceiver(name, dtype=dtype)
         self.weights: dict[str, torch.Tensor] = {}
 
@@ -257,14 +326,26 @@ class Sender:
     """What the learner's rank-0 process does: hold weights, own one sender per transport."""
 
     def __init__(self):
+        _register_inline()
         self.senders = {}
 
-    def sync_weights(self, version, receivers, *, transport, bucket_mb, timeout_s, seed=0):
+    def sync_weights(self, version, receivers, *, transport, bucket_mb, timeout_s, seed=0, streamed=False,
+                     misannounce=None):
+        """``streamed``: announce the shapes (meta tensors) and hand over a one-pass generator, as the ZeRO-3
+        learner does; ``misannounce``: a tensor name whose announced shape is wrong."""
         key = (transport, bucket_mb, timeout_s)
         if key not in self.senders:
             self.senders[key] = make_sender(WeightSyncConfig(transport=transport, bucket_mb=bucket_mb,
                                                              timeout_s=timeout_s))
-        return self.senders[key].send(_weights(seed), version, receivers)
+        weights = _weights(seed)
+        if not streamed:
+            return self.senders[key].send(weights, version, receivers)
+        shapes = [(n, torch.empty((t.numel() + 1,) if n == misannounce else t.shape, dtype=t.dtype, device="meta"))
+                  for n, t in weights]
+        return self.senders[key].send((w for w in weights), version, receivers, shapes=shapes)
+
+    def inline_sent(self):
+        return InlineTransport.sent
 
 
 @pytest.fixture(scope="module")
@@ -287,8 +368,10 @@ def cluster():
     ray.shutdown()
 
 
-@pytest.mark.parametrize("transport", ["object_store", "gloo"])
+@pytest.mark.parametrize("transport", ["object_store", "gloo", "inline"])
 def test_transport_delivers_exact_weights_in_buckets(cluster, transport):
+    """Every transport delivers the weights bit for bit in the planned buckets, versioned; ``inline`` is the one
+    this file registers (the sender and the receivers find it through the registry, no other file knows it)."""
     ray, actors = cluster
     receivers, sender = actors["receivers"], actors["sender"]
     version = ray.get(receivers["r0"].state.remote())[0]
@@ -306,9 +389,50 @@ def test_transport_delivers_exact_weights_in_buckets(cluster, transport):
             assert got_version == version
             assert got.keys() == expected.keys()
             assert all(torch.equal(got[n], expected[n]) for n in expected)
+    if transport == "inline":  # it was the registered class that carried every bucket of both sends
+        assert ray.get(sender.inline_sent.remote()) == 2 * stats.buckets
     with pytest.raises(ray.exceptions.RayTaskError, match="refused"):  # not current + 1
         ray.get(sender.sync_weights.remote(version + 5, receivers, transport=transport, bucket_mb=1.0, timeout_s=30.0))
     assert ray.get(receivers["r0"].state.remote())[0] == version
+
+
+@pytest.mark.parametrize("transport", ["object_store", "gloo"])
+def test_streamed_send_delivers_the_same_bytes_holding_one_bucket(cluster, transport):
+    """With the shapes announced (what rank 0 does under ZeRO-3) the weights are pulled bucket by bucket: the same
+    buckets and bytes arrive, and the sender held at most the biggest bucket plus what came before its turn."""
+    ray, actors = cluster
+    receivers, sender = actors["receivers"], actors["sender"]
+    version = ray.get(receivers["r0"].state.remote())[0] + 1
+    # A sender of its own (timeout 29 s): the receivers hold one group, that of the last sender that formed one.
+    stats = ray.get(sender.sync_weights.remote(version, receivers, transport=transport, bucket_mb=8192 / 2**20,
+                                               timeout_s=29.0, seed=13, streamed=True))
+    expected = dict(_weights(13))
+    assert stats.buckets == len(plan_buckets(list(expected.items()), 8192)) > 3
+    assert stats.bytes == stats.source_bytes == sum(t.numel() * t.element_size() for t in expected.values())
+    # The 16 KiB "big" tensor is a bucket of its own; the bf16 bias arrived before it and waits for the bf16
+    # bucket after the float32 ones. Everything else was let go bucket by bucket.
+    assert stats.held_bytes == 4096 * 4 + 32 * 2 < stats.source_bytes / 2
+    for handle in receivers.values():
+        got_version, got = ray.get(handle.state.remote())
+        assert got_version == version and got.keys() == expected.keys()
+        assert all(torch.equal(got[n], expected[n]) for n in expected)
+    unstreamed = ray.get(sender.sync_weights.remote(version + 1, receivers, transport=transport,
+                                                    bucket_mb=8192 / 2**20, timeout_s=29.0, seed=13))
+    assert unstreamed.held_bytes == unstreamed.source_bytes and unstreamed.per_bucket_bytes == stats.per_bucket_bytes
+
+
+def test_streamed_send_refuses_a_tensor_unlike_its_announcement(cluster):
+    ray, actors = cluster
+    receivers, sender = actors["receivers"], actors["sender"]
+    version = ray.get(receivers["r0"].state.remote())[0]
+    with pytest.raises(ray.exceptions.RayTaskError) as info:
+        ray.get(sender.sync_weights.remote(version + 1, receivers, transport="object_store", bucket_mb=8192 / 2**20,
+                                           timeout_s=30.0, streamed=True, misannounce="layer1.q.weight"))
+    cause = info.value.cause
+    assert isinstance(cause, WeightSyncError) and "\n" not in str(cause)
+    said = "'layer1.q.weight' (32, 32) torch.float32 does not match the announced ((1025,), torch.float32)"
+    assert said in str(cause), str(cause)
+    assert all(ray.get(h.state.remote())[0] == version for h in receivers.values())  # nobody switched
 
 
 @pytest.mark.parametrize("transport", ["object_store", "gloo"])
@@ -373,7 +497,7 @@ def _ipc_receiver_process(inbox, outbox, dtype: str) -> None:
     loads each bucket into (a device-to-device copy), and a report of where the buckets lived."""
     import torch
 
-    from dsmath.weight_wire import BucketReceiver
+    from dsmath.weight_receiver import BucketReceiver
 
     torch.cuda.set_device(0)
     recv = BucketReceiver("ipc-child", device="cuda", dtype=dtype)
@@ -404,7 +528,8 @@ def test_cuda_ipc_receive_between_two_processes_streams_on_the_device(dtype):
     it never held more than one bucket."""
     import torch.multiprocessing as mp
 
-    from dsmath.weight_wire import cuda_ipc_payload, wire_dtype
+    from dsmath.transports.cuda_ipc import cuda_ipc_payload
+    from dsmath.weight_wire import wire_dtype
 
     target = getattr(torch, dtype)
     named = [(n, t.cuda()) for n, t in _weights(31)] + [

@@ -2,8 +2,9 @@
 
 Every rank takes part in gathering the sharded parameters (rank 0 sends, rank 1 gathers and drops), so the sync
 returns in seconds instead of waiting out its deadline; the generator then samples with exactly the learner's
-weights (its log-probs equal the learner's). Also: the restart push (object store) the same way, and a 2-rank
-ZeRO-3 checkpoint (every rank gathers for the HF weights) that restores exactly."""
+weights (its log-probs equal the learner's), rank 0 sending each bucket as it is gathered. Also: the restart push
+(object store) the same way, and a 2-rank ZeRO-3 checkpoint (every rank gathers for the HF weights) that restores
+exactly."""
 
 import sys
 import time
@@ -86,6 +87,8 @@ def test_zero3_two_ranks_sync_to_a_generator_without_waiting_for_the_deadline(se
         print(f"ZeRO-3 x2 {transport}: {elapsed:.2f}s, {stats.as_dict()}")
         assert elapsed < TIMEOUT_S / 4  # finished on its own, far from the deadline
         assert stats.buckets > 3 and stats.bytes > 1_000_000 and stats.wire_dtype == "float32"
+        # Streamed from the gather: rank 0 held one bucket's parameters at a time, never the full weights.
+        assert stats.held_bytes == max(stats.per_bucket_bytes) < stats.source_bytes / 2
         assert ray.get(gen.get_weight_version.remote()) == version
         assert _gap(group, gen, version) < 1e-4  # the generator holds the learner's weights
         _step(group, 41 + version)
@@ -95,6 +98,7 @@ def test_zero3_two_ranks_sync_to_a_generator_without_waiting_for_the_deadline(se
     start = time.monotonic()
     pushed = group.push_weights(version, {"gen-0": gen}, timeout_s=TIMEOUT_S)
     assert time.monotonic() - start < TIMEOUT_S / 4 and pushed["transport"] == "object_store"
+    assert pushed["held_bytes"] < pushed["source_bytes"] / 2  # streamed too
     assert ray.get(gen.get_weight_version.remote()) == version
     assert _gap(group, gen, version) < 1e-4
 
