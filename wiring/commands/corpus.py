@@ -95,6 +95,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.backend:
         overrides.append(f"runner.backend={args.backend}")
     cfg = load_corpus_config(args.config, overrides)
+    from dsmath.logs import log_to
+
+    log_to(f"{cfg.out_dir}/logs/driver.log")  # while quiet (the default): Ray Data's lines, opened at the first
     report = run_pipeline(cfg)
     st = report["stages"]
     print(f"pages read {st['ingest']['pages']} (read errors {st['ingest']['read_errors']}), after extract "

@@ -73,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--stop-after: {args.stop_after} must be >= 1")
     check_paths(cfg)
     _probe_shards(cfg)
+    from dsmath.logs import log_to
+
+    log_to(f"{cfg.run_dir}/logs/driver.log")  # while quiet (the default): the libraries' lines
     from learner.pretrain import run_pretrain
 
     s = run_pretrain(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress,
