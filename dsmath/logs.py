@@ -6,7 +6,7 @@ dsmath's packages goes to the log file, and to the terminal (stderr) too when it
 issued from dsmath's own files still print, the libraries' go to the file; the Hugging Face progress bars are off
 (``HF_HUB_DISABLE_PROGRESS_BARS``). The file is named by :func:`log_to` (a command's run or output folder) and
 opened at its first line, which prints its path once; a command that names none gets a temporary file, said the
-same way. Ray workers started by a command that asks for it (``wiring.cluster``) run :func:`quiet_worker` first
+same way, when it heard a warning or worse (or more than a few thousand lines); INFO chatter alone is dropped. Ray workers started by a command that asks for it (``wiring.cluster``) run :func:`quiet_worker` first
 (Ray's ``worker_process_setup_hook``): their whole stdout/stderr goes to ``LOGDIR/worker-PID.log`` and only their
 ERROR records and dsmath's warnings reach Ray's stream, which Ray forwards to the driver's terminal.
 
@@ -197,12 +197,13 @@ def quiet(enabled: bool = True, announce: Callable[[str], None] | None = None) -
 
 def log_to(path: str | Path) -> None:
     """While quiet, the libraries' lines of this process go to ``path`` (created at its first line, with the lines
-    held so far); Ray workers that :func:`worker_env` is given to write beside it. No effect when not quiet."""
+    held so far); Ray workers that :func:`worker_env` is given to write beside it. The first folder named wins: a
+    command that runs others (``compare``, ``iterate``) keeps every line in its own. No effect when not quiet."""
     router = _ROUTER
     if router is None:
         return
     with router.lock:
-        if router.file is None:
+        if router.path is None:
             router.path = Path(path).absolute()
 
 
