@@ -153,3 +153,77 @@ def test_verbose_prints_library_lines_and_a_killed_driver_leaves_no_process(tmp_
 
     assert {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= _kinds(driver.started)
     assert driver.survivors() == []
+
+
+# ------------------------------------------------------------------------------------ the parts, in this process
+
+
+def test_quiet_routes_library_records_to_the_file_and_keeps_errors_and_our_warnings_on_the_terminal(tmp_path, capsys):
+    import logging
+    import warnings
+
+    from dsmath.logs import log_to, quiet
+
+    lib = logging.getLogger("vllm.engine.test_quiet")  # made before: routed too
+    path = tmp_path / "logs" / "driver.log"
+    with quiet():
+        log_to(path)
+        assert not path.exists()  # opened at its first line: a command that refuses first leaves no folder
+        lib.info("engine ready")
+        logging.getLogger("ray.data.test_quiet").warning("dataset slow")
+        lib.error("engine died")
+        warnings.warn_explicit("ours: check the config", UserWarning, str(REPO / "wiring" / "x.py"), 1)
+        warnings.warn_explicit("theirs: deprecated", FutureWarning, "/site-packages/lib/y.py", 2)
+    out, err = capsys.readouterr()
+    text = path.read_text()
+    assert " INFO vllm.engine.test_quiet: engine ready" in text and " WARNING ray.data.test_quiet: dataset slow" in text
+    assert "engine died" in text and "theirs: deprecated" in text
+    assert out.count("[dsmath] library logs") == 1 and str(path) in out
+    assert err.splitlines() == ["ERROR vllm.engine.test_quiet: engine died", f"{REPO}/wiring/x.py:1: UserWarning: "
+                                "ours: check the config"]
+    # undone: a record reaches the logger's own handlers again, nothing goes to the file
+    handler = logging.Handler()
+    seen = []
+    handler.emit = seen.append
+    lib.addHandler(handler)
+    lib.warning("after")
+    lib.removeHandler(handler)
+    assert [r.getMessage() for r in seen] == ["after"] and "after" not in path.read_text()
+
+
+def test_a_command_without_a_folder_writes_a_temporary_log_only_for_a_warning(tmp_path, capsys, monkeypatch):
+    import logging
+
+    from dsmath.logs import quiet
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    with quiet():
+        logging.getLogger("transformers.test_quiet").info("chatter")
+    assert list(tmp_path.glob("dsmath-*.log")) == [] and capsys.readouterr().out == ""
+    with quiet():
+        logging.getLogger("transformers.test_quiet").warning("weights missing")
+    (log,) = tmp_path.glob("dsmath-*.log")
+    assert "weights missing" in log.read_text() and str(log) in capsys.readouterr().out
+
+
+def test_reaper_ends_what_a_killed_process_started_and_nothing_else(tmp_path):
+    """A parent starts the watchdog and a child in a session of its own (as Ray's agents are out of reach of a
+    process-group kill); SIGKILL the parent: the child is ended, an unrelated process is not."""
+    script = ("import subprocess, sys, time\n"
+              "from dsmath.reaper import start_reaper\n"
+              "start_reaper(interval_s=0.1)\n"
+              "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True)\n"
+              "print(c.pid, flush=True)\n"
+              "time.sleep(120)\n")
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    parent = subprocess.Popen([sys.executable, "-c", script], env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        child = psutil.Process(int(parent.stdout.readline()))
+        time.sleep(1.0)  # the watchdog records the child (every 0.1 s)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        child.wait(timeout=GONE_WITHIN_S)  # psutil.TimeoutExpired fails the test
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
