@@ -84,7 +84,9 @@ class Generator:
             _configure_cpu_env(self.rollout)
         from vllm import LLM
 
-        kwargs: dict[str, Any] = dict(model=model_path, tokenizer=model_path, seed=seed)
+        kwargs: dict[str, Any] = dict(model=model_path, tokenizer=model_path, seed=seed,
+                                      # the weight-loading bar follows the Hugging Face bars (off while dsmath is quiet)
+                                      use_tqdm_on_load=os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") != "1")
         if self.on_gpu:
             kwargs.update(
                 gpu_memory_utilization=self.rollout.gpu_memory_utilization,

@@ -73,6 +73,8 @@ class Runner:
 
             ray.shutdown()
             self._ray_started = False
+            self._reaper.terminate()  # stopped in order: nothing left to end
+            self._reaper.wait()
 
     def _log(self, record: dict) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -125,6 +127,9 @@ class Runner:
             ray.init(num_cpus=self.num_cpus, num_gpus=0, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
             self._ray_started = True
+            from dsmath.reaper import start_reaper
+
+            self._reaper = start_reaper()  # what of this cluster outlives a killed driver (Ray's agents) ends too
         if not self.progress:  # quiet: Ray Data logs every dataset execution at INFO
             import logging
 

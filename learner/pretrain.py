@@ -20,9 +20,9 @@ import json
 import math
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -96,6 +96,32 @@ def evaluate_model(model, tokenizer, cfg: PretrainConfig, *, device="cpu", log: 
     return out
 
 
+@dataclass
+class _PretrainRun:
+    """One pre-training run's parts, as its steps share them (rank 0 owns the files)."""
+
+    cfg: PretrainConfig
+    run_dir: Path
+    model_dir: Path
+    rank: int
+    world: int
+    learner: Any
+    tokenizer: Any
+    packer: Any
+    label_tokens: dict[str, int]  # trained label tokens per source, since step 0
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+
 def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int | None = None, progress: bool = True,
                  config_changes: list[dict] | None = None,
                  log: Callable[[str], None] = print) -> dict:
@@ -105,19 +131,29 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int |
     a planned interruption; ``resume=True`` later continues it as if it had never stopped.
 
     Writes ``RUN_DIR/{config.yaml, metrics.jsonl, checkpoints/step-N, summary.json}``; with an empty
-    ``model.path`` also ``RUN_DIR/init`` (the tokenizer and initial weights). A run folder that
-    already has checkpoints needs ``resume=True`` (a fresh run never silently overwrites one).
+    ``model.path`` also ``RUN_DIR/init`` (the tokenizer and initial weights). Only the newest
+    ``keep_checkpoints`` checkpoints are kept. A run folder that already has checkpoints needs
+    ``resume=True`` (a fresh run never silently overwrites one).
     ``config_changes`` (from :func:`dsmath.run_dir.resume_changes`) are recorded with the step they take effect.
     """
-    import yaml
-    from tqdm import tqdm
-
-    from dsmath.utils.metrics import MetricsWriter
-    from learner.policy import PolicyLearner
-
     start = time.time()
+    run_dir, model_dir, rank, world = _prepare(cfg, resume, log)
+    run = _start(cfg, run_dir, model_dir, rank, world)
+    if resume:
+        _restore(run, config_changes, log)
+    elif rank == 0 and run.metrics_path.exists():
+        run.metrics_path.unlink()  # a fresh run does not append to an old run's curve
+    _train(run, stop_after=stop_after, progress=progress, log=log)
+    final_eval = evaluate_model(run.learner.model, run.tokenizer, cfg, device=run.learner.device, log=log)
+    return _write_summary(run, final_eval, wall_seconds=time.time() - start)
+
+
+def _prepare(cfg: PretrainConfig, resume: bool, log: Callable[[str], None]) -> tuple[Path, Path, int, int]:
+    """Refuse a bad set-up (one line each), then the run folder, the initial model and (rank 0) ``config.yaml``
+    and ``runs/latest``: (run folder, model folder, rank, world size)."""
+    import yaml
+
     run_dir = Path(cfg.run_dir)
-    ckpt_dir = run_dir / "checkpoints"
     check_run_dir(cfg, resume)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.optim.batch_size % world:
@@ -133,6 +169,12 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int |
         from dsmath.run_dir import link_latest
 
         link_latest(run_dir)  # runs/latest: the most recent run directory
+    return run_dir, model_dir, rank, world
+
+
+def _start(cfg: PretrainConfig, run_dir: Path, model_dir: Path, rank: int, world: int) -> _PretrainRun:
+    """The DeepSpeed learner in LM mode (no reference), its tokenizer and the mixture's packer, at step 0."""
+    from learner.policy import PolicyLearner
 
     o = cfg.optim
     lcfg = LearnerConfig(lr=o.lr, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps, grad_clip=o.grad_clip,
@@ -144,92 +186,110 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int |
     if tokenizer is None:
         raise UserError(f"{model_dir}: no tokenizer in the model folder; pre-training needs one")
     packer = build_packer(cfg.data, tokenizer, seed=cfg.seed)
-    names = packer.source.names
-    label_tokens = {n: 0 for n in names}  # trained label tokens per source, since step 0
-    step = 0
-    metrics_path = run_dir / "metrics.jsonl"
-    if resume:
-        extra = learner.load_checkpoint(ckpt_dir)
-        packer.load_state(extra["data"])
-        step, label_tokens = int(extra["step"]), {n: int(extra["label_tokens"].get(n, 0)) for n in names}
-        if rank == 0:
-            _truncate_metrics(metrics_path, step)
-            from dsmath.run_dir import record_changes
+    return _PretrainRun(cfg=cfg, run_dir=run_dir, model_dir=model_dir, rank=rank, world=world, learner=learner,
+                        tokenizer=tokenizer, packer=packer, label_tokens={n: 0 for n in packer.source.names})
 
-            record_changes(run_dir, config_changes or [], from_step=step + 1)  # RUN_DIR/config_changes.jsonl
-        log(f"pretrain: resumed at step {step} from {ckpt_dir} (data position restored)")
-    elif rank == 0 and metrics_path.exists():
-        metrics_path.unlink()  # a fresh run does not append to an old run's curve
-    writer = MetricsWriter(run_dir, tensorboard=False) if rank == 0 else None
-    device = learner.device
-    weights = packer.source.weights
-    losses: list[float] = []
-    evals: list[dict] = []
 
-    def checkpoint() -> None:
-        learner.save_checkpoint(ckpt_dir / f"step-{step:06d}",
-                                extra={"step": step, "data": packer.state(), "label_tokens": label_tokens})
+def _restore(run: _PretrainRun, config_changes: list[dict] | None, log: Callable[[str], None]) -> None:
+    """Weights, optimizer, data position and token counts from the newest checkpoint; metrics rows after it are
+    dropped and the resume's config changes recorded (rank 0)."""
+    extra = run.learner.load_checkpoint(run.ckpt_dir)
+    run.packer.load_state(extra["data"])
+    run.step = int(extra["step"])
+    run.label_tokens = {n: int(extra["label_tokens"].get(n, 0)) for n in run.packer.source.names}
+    if run.rank == 0:
+        _truncate_metrics(run.metrics_path, run.step)
+        from dsmath.run_dir import record_changes
 
+        record_changes(run.run_dir, config_changes or [], from_step=run.step + 1)  # RUN_DIR/config_changes.jsonl
+    log(f"pretrain: resumed at step {run.step} from {run.ckpt_dir} (data position restored)")
+
+
+def _checkpoint(run: _PretrainRun) -> None:
+    """``checkpoints/step-N`` (all ranks write), then rank 0 keeps only the newest ``keep_checkpoints``."""
+    from learner.checkpoint import prune
+
+    path = run.learner.save_checkpoint(run.ckpt_dir / f"step-{run.step:06d}",
+                                       extra={"step": run.step, "data": run.packer.state(),
+                                              "label_tokens": run.label_tokens})
+    if run.rank == 0:
+        prune(run.ckpt_dir, run.cfg.keep_checkpoints, Path(path))
+
+
+def _train(run: _PretrainRun, *, stop_after: int | None, progress: bool, log: Callable[[str], None]) -> None:
+    """Optimizer steps up to ``optim.steps`` (or ``stop_after``): a metrics row each, evaluation every
+    ``eval.eval_every``, a checkpoint every ``checkpoint_every`` and at the last step."""
+    from tqdm import tqdm
+
+    from dsmath.utils.metrics import MetricsWriter
+
+    cfg, o, names = run.cfg, run.cfg.optim, run.packer.source.names
+    writer = MetricsWriter(run.run_dir, tensorboard=False) if run.rank == 0 else None
     last = o.steps if stop_after is None else min(o.steps, stop_after)
-    bar = tqdm(total=o.steps, initial=step, desc="pretrain", unit="step", disable=not progress or rank != 0,
+    bar = tqdm(total=o.steps, initial=run.step, desc="pretrain", unit="step", disable=not progress or run.rank != 0,
                dynamic_ncols=True)
     t_last = time.time()
     try:
-        while step < last:
-            ids, keys = packer.next_rows(o.batch_size)  # [B, L] the global batch, same on every rank
-            batch = rows_to_batch(ids, keys).shard(rank, world)
+        while run.step < last:
+            ids, keys = run.packer.next_rows(o.batch_size)  # [B, L] the global batch, same on every rank
+            batch = rows_to_batch(ids, keys).shard(run.rank, run.world)
             mask = label_mask(keys)
             src = source_of_key(keys)
             for i, n in enumerate(names):
-                label_tokens[n] += int((mask * (src == i)).sum())
-            m = learner.sft_step(batch)
-            step += 1
-            losses.append(m["loss"])
+                run.label_tokens[n] += int((mask * (src == i)).sum())
+            m = run.learner.sft_step(batch)
+            run.step += 1
+            run.losses.append(m["loss"])
             now = time.time()
-            total = sum(label_tokens.values())
+            total = sum(run.label_tokens.values())
             row = {"pretrain/loss": m["loss"], "pretrain/lr": m["lr"], "pretrain/grad_norm": m.get("grad_norm"),
                    "pretrain/tokens": m["tokens"], "pretrain/tokens_per_s": m["tokens"] / max(now - t_last, 1e-9),
                    "pretrain/step_s": now - t_last}
-            row.update({f"mixture/{n}": label_tokens[n] / total for n in names})  # realised share since step 0
+            row.update({f"mixture/{n}": run.label_tokens[n] / total for n in names})  # realised share since step 0
             t_last = now
-            if cfg.eval.eval_every and step % cfg.eval.eval_every == 0 and step < last:
-                ev = evaluate_model(learner.model, tokenizer, cfg, device=device, log=log)
-                evals.append({"step": step, **ev})
+            if cfg.eval.eval_every and run.step % cfg.eval.eval_every == 0 and run.step < last:
+                ev = evaluate_model(run.learner.model, run.tokenizer, cfg, device=run.learner.device, log=log)
+                run.evals.append({"step": run.step, **ev})
                 row.update({f"eval/{k}_loss": v["loss"] for k, v in ev["heldout"].items()})
             if writer is not None:
-                writer.write(step, row)
+                writer.write(run.step, row)
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.1e}")
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == last:
-                checkpoint()
+            if (cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0) or run.step == last:
+                _checkpoint(run)
     finally:
         bar.close()
         if writer is not None:
             writer.close()
-    final_eval = evaluate_model(learner.model, tokenizer, cfg, device=device, log=log)
+
+
+def _write_summary(run: _PretrainRun, final_eval: dict, *, wall_seconds: float) -> dict:
+    """The run's summary (rank 0 also writes ``summary.json``): loss curve ends, realised mixture, evaluation."""
+    cfg, names, label_tokens = run.cfg, run.packer.source.names, run.label_tokens
     total = sum(label_tokens.values())
-    curve = [json.loads(x)["pretrain/loss"] for x in metrics_path.read_text().splitlines()] if rank == 0 else losses
-    streams = packer.source.streams
+    curve = ([json.loads(x)["pretrain/loss"] for x in run.metrics_path.read_text().splitlines()] if run.rank == 0
+             else run.losses)
+    streams = run.packer.source.streams
     summary = {
-        "run_dir": str(run_dir),
-        "steps": step,
-        "rows_per_step": o.batch_size,
+        "run_dir": str(run.run_dir),
+        "steps": run.step,
+        "rows_per_step": cfg.optim.batch_size,
         "seq_len": cfg.data.seq_len,
         "label_tokens": total,
         "first_loss": curve[0] if curve else None,
         "final_loss": float(np.mean(curve[-10:])) if curve else None,
-        "mixture_weights": weights,
+        "mixture_weights": run.packer.source.weights,
         "mixture_realised": {n: (label_tokens[n] / total if total else 0.0) for n in names},
         "skipped_records": {n: {"malformed": s.skipped.bad, "no_text": s.skipped.no_text} for n, s in streams.items()},
         "source_epochs": {n: s.epoch for n, s in streams.items()},
         "eval": final_eval,
-        "evals_during": evals,
-        "wall_seconds": time.time() - start,
-        "model_dir": str(model_dir),
-        "checkpoint": str(ckpt_dir / f"step-{step:06d}"),
+        "evals_during": run.evals,
+        "wall_seconds": wall_seconds,
+        "model_dir": str(run.model_dir),
+        "checkpoint": str(run.ckpt_dir / f"step-{run.step:06d}"),
     }
-    if rank == 0:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if run.rank == 0:
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

@@ -234,6 +234,8 @@ def test_config_mistakes_are_one_line_errors():
         load_pretrain_config("pretrain_tiny_cpu", ["data.sources.math.wieght=1"])
     with pytest.raises(ConfigError, match="data.sources.math.weight: must be >= 0"):
         load_pretrain_config("pretrain_tiny_cpu", ["data.sources.math.weight=-1"])
+    with pytest.raises(ConfigError, match="keep_checkpoints: must be >= 1"):
+        load_pretrain_config("pretrain_tiny_cpu", ["keep_checkpoints=0"])
     cfg = load_pretrain_config("pretrain_deepseekmath_base")
     assert {n: s.weight for n, s in cfg.data.sources.items()} == PAPER_WEIGHTS
 
@@ -260,8 +262,10 @@ TINY = ["model.hidden_size=64", "model.num_heads=2", "model.num_kv_heads=1", "mo
 @pytest.mark.skipif(not MATH.exists(), reason="needs ../shared/data")
 def test_dsmath_pretrain_loss_goes_down_and_resume_is_exact(tmp_path):
     full = tmp_path / "full"
-    r = _dsmath("pretrain", "--run-dir", str(full), "--steps", "16", "--no-progress", "checkpoint_every=8", *TINY)
+    r = _dsmath("pretrain", "--run-dir", str(full), "--steps", "16", "--no-progress", "checkpoint_every=4", *TINY)
     assert r.returncode == 0, r.stderr[-3000:]
+    # checkpoints at 4, 8, 12, 16; keep_checkpoints (default 2) keeps the newest two
+    assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["latest", "step-000012", "step-000016"]
     s = json.loads((full / "summary.json").read_text())
     rows = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     losses = [x["pretrain/loss"] for x in rows]

@@ -29,6 +29,10 @@ COMMANDS: dict[str, str] = {
 }
 
 
+VERBOSE_HELP = ("print the libraries' log lines (vLLM, Ray, Ray Data, transformers, DeepSpeed) and progress bars on the "
+                "terminal; by default they go to a log file in the run or output folder, whose path is printed once")
+
+
 def _available() -> dict[str, object]:
     """Every registered command's module (a missing one is a packaging bug: it raises, never skipped)."""
     return {name: importlib.import_module(module) for name, module in COMMANDS.items()}
@@ -40,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="DeepSeekMath on Ray: math-corpus mining and online GRPO (vLLM generators, DeepSpeed learner).",
         epilog="Run 'dsmath COMMAND --help' for a command's options. Config overrides are dotted: algorithm.beta=0.04",
     )
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, mod in _available().items():
         p = sub.add_parser(
@@ -49,8 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         mod.add_arguments(p)
+        _add_verbose(p)
         p.set_defaults(_run=mod.run)
     return parser
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    """``--verbose`` on a command and on its own subcommands (``dsmath corpus run --verbose``); SUPPRESS keeps
+    ``dsmath --verbose train`` from being undone by the subcommand's default."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+    for action in parser._actions:  # argparse keeps subparsers only here
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_verbose(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,8 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    from dsmath.logs import quiet
+
     try:
-        return int(args._run(args) or 0)
+        with quiet(enabled=not args.verbose):
+            return int(args._run(args) or 0)
     except (ConfigError, UserError) as exc:
         print(f"dsmath {args.command}: error: {exc}", file=sys.stderr)
         return 2

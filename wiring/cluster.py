@@ -30,22 +30,36 @@ def job_runtime_env() -> dict:
 
 def worker_runtime_env() -> dict:
     """The ``env_vars`` our actors need that the job's runtime env does not already set (never a duplicate key:
-    Ray refuses to merge those); one line says which were added."""
+    Ray refuses to merge those); one line says which were added. While this process is quiet
+    (:mod:`dsmath.logs`), also the setup hook that sends each worker's output to the run's log folder — unless the
+    job has a setup hook of its own (Ray takes one)."""
     from dsmath.env import WORKER_ENV_KEYS, env_to_add
+    from dsmath.logs import WORKER_HOOK, worker_env
 
-    ours = {k: os.environ[k] for k in WORKER_ENV_KEYS if k in os.environ}
-    job_env = job_runtime_env().get("env_vars") or {}
+    job = job_runtime_env()
+    quiet = {} if job.get("worker_process_setup_hook") else worker_env()
+    ours = {**{k: os.environ[k] for k in WORKER_ENV_KEYS if k in os.environ}, **quiet}
+    job_env = job.get("env_vars") or {}
     added = env_to_add(ours, job_env)
     if job_env:
         kept = sorted(set(ours) - set(added))
         log(f"runtime env: the job sets {len(job_env)} variables; added {sorted(added) or 'none'}"
              + (f" (kept the job's {kept})" if kept else ""))
-    return {"env_vars": added} if added else {}
+    env: dict = {"env_vars": added} if added else {}
+    if quiet:
+        env["worker_process_setup_hook"] = WORKER_HOOK
+    return env
 
 
 def connect_ray(cfg: TrainConfig):
-    """Join the cluster at ``cfg.ray_address`` / ``$RAY_ADDRESS``, or start a local one."""
+    """Join the cluster at ``cfg.ray_address`` / ``$RAY_ADDRESS``, or start a local one.
+
+    A local cluster ends with this process: Ray stops it at a normal exit, and a watchdog
+    (:func:`dsmath.reaper.start_reaper`) ends whatever of it outlives a killed driver (Ray's agents do). A joined
+    cluster is left as it is."""
     import ray
+
+    from dsmath.reaper import start_reaper
 
     if ray.is_initialized():
         return ray
@@ -65,6 +79,7 @@ def connect_ray(cfg: TrainConfig):
         log(f"starting a local Ray cluster ({num_cpus} logical CPUs, no GPUs)")
         ray.init(num_cpus=num_cpus, num_gpus=0, include_dashboard=False, runtime_env=runtime_env or None,
                  log_to_driver=True)
+        start_reaper()
     return ray
 
 

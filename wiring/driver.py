@@ -152,12 +152,14 @@ def mark_failed(cfg: TrainConfig, run: Run | None, exc: BaseException) -> None:
 def setup(cfg: TrainConfig, *, resume: bool, timer: StageTimer, changes: list[dict] | None = None) -> Run:
     """Data, the run directory, the cluster, the generators, reward workers and learner, the status server.
     ``changes``: the config changes a resume was allowed (recorded with the step they take effect)."""
+    from dsmath.logs import log_to
     from dsmath.run_dir import link_latest, record_changes
     from dsmath.status.snapshot import SnapshotBuilder
     from wiring.observability import start_status
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    log_to(run_dir / "logs" / "driver.log")  # while quiet (the CLI's default): the libraries' lines; workers beside
     task = load_task(cfg)
     state, resume_from = (resume_state(run_dir) if resume else (RunState(), None))
     record_changes(run_dir, changes or [], from_step=state.step + 1)

@@ -61,6 +61,7 @@ def iterate(cfg: TrainConfig, *, iterations: int, kind: str = "process", progres
     from wiring.task import load_task
     from wiring.rm_pipeline import sample_problems
     from dsmath.model_folder import resolve
+    from dsmath.logs import log_to
     from dsmath.run_dir import claim_fresh, link_latest
 
     if iterations < 1:
@@ -70,6 +71,7 @@ def iterate(cfg: TrainConfig, *, iterations: int, kind: str = "process", progres
     run_dir = Path(cfg.run_dir)
     claim_fresh(run_dir, overwrite=overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
+    log_to(run_dir / "logs" / "driver.log")  # while quiet: the libraries' lines, every iteration's
     link_latest(run_dir)
     task = load_task(cfg)
     connect_ray(cfg)

@@ -67,6 +67,7 @@ class PretrainConfig:
     run_dir: str = "runs/pretrain"
     seed: int = 0
     checkpoint_every: int = 0  # steps; the last step is always checkpointed
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept (a damaged latest falls back to the one before)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -98,6 +99,8 @@ def validate(cfg: PretrainConfig) -> None:
     need(o.lr > 0, "optim.lr: must be > 0")
     need(o.zero_stage in (0, 1, 2, 3), "optim.zero_stage: must be 0, 1, 2 or 3")
     need(cfg.checkpoint_every >= 0 and e.eval_every >= 0, "checkpoint_every, eval.eval_every: must be >= 0")
+    need(cfg.keep_checkpoints >= 1, "keep_checkpoints: must be >= 1 (2 or more lets --resume fall back past a "
+                                    "damaged latest checkpoint)")
     need(e.fewshot_problems >= 0 and e.fewshot_shots >= 0, "eval.fewshot_problems, eval.fewshot_shots: must be >= 0")
     need(e.fewshot_problems == 0 or bool(e.gsm8k_path or e.math_path),
          "eval.fewshot_problems > 0 needs eval.gsm8k_path and/or eval.math_path")

@@ -175,6 +175,9 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     configs = resolve_configs(args, out)
+    from dsmath.logs import log_to
+
+    log_to(out / "logs" / "driver.log")  # while quiet (the default): the libraries' lines of every run
     from wiring.driver import train
 
     rows = []

@@ -95,6 +95,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.backend:
         overrides.append(f"runner.backend={args.backend}")
     cfg = load_corpus_config(args.config, overrides)
+    from dsmath.logs import log_to
+
+    log_to(f"{cfg.out_dir}/logs/driver.log")  # while quiet (the default): Ray Data's lines, opened at the first
     report = run_pipeline(cfg)
     st = report["stages"]
     print(f"pages read {st['ingest']['pages']} (read errors {st['ingest']['read_errors']}), after extract "
@@ -192,7 +195,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise UserError("--heldout: name at least one held-out text set (or set eval.heldout in the config)")
     cfg = replace(cfg, data=replace(cfg.data, sources=corpora), eval=replace(cfg.eval, heldout=heldout))
     check_paths(cfg)  # before the slow imports
+    from dsmath.logs import log_to
     from learner.pretrain import evaluate_corpora
+
+    log_to(f"{args.out_dir}/logs/driver.log")  # while quiet (the default): the libraries' lines
 
     report = evaluate_corpora(cfg, corpora, args.out_dir, progress=not args.no_progress)
     print(f"same initial model ({report['model_dir']}), {report['steps']} steps x {report['rows_per_step']} rows x "

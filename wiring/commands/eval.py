@@ -314,7 +314,10 @@ def _evaluate(engine, problems, prefixes, *, mode, k, temperature, top_p, max_ne
 
 
 def run(args: argparse.Namespace) -> int:
+    from dsmath.logs import log_to
+
     out = args.out or str(_default_out(Path(args.model), args.mode))
+    log_to(Path(out) / "logs" / "driver.log")  # created at its first line: a refused eval (bad data) writes nothing
     summary = evaluate_model(
         args.model, args.data, mode=args.mode, k=args.k, temperature=args.temperature, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens, seed=args.seed, limit=args.limit, shuffle=args.shuffle,

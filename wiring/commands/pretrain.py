@@ -24,13 +24,13 @@ examples:
   dsmath pretrain --config my_mix.yaml data.sources.mined.paths=[runs/corpus/corpus]
   dsmath pretrain --stop-after 100 --run-dir runs/pt   # later: dsmath pretrain --resume --run-dir runs/pt
 
-writes RUN_DIR/{config.yaml, metrics.jsonl, checkpoints/step-N (HF folder + DeepSpeed state + data position),
-summary.json} and, when model.path is empty, RUN_DIR/init (tokenizer + initial weights)
+writes RUN_DIR/{config.yaml, metrics.jsonl, checkpoints/step-N (HF folder + DeepSpeed state + data position;
+the newest keep_checkpoints, default 2, are kept), summary.json} and, when model.path is empty, RUN_DIR/init (tokenizer + initial weights)
 """
 
 
 # What `dsmath pretrain --resume` may change (recorded in RUN_DIR/config_changes.jsonl); the rest is refused.
-MUTABLE_ON_RESUME = ("run_dir", "optim.steps", "checkpoint_every", "eval.eval_every")
+MUTABLE_ON_RESUME = ("run_dir", "optim.steps", "checkpoint_every", "keep_checkpoints", "eval.eval_every")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="optimizer steps in total (same as optim.steps=N)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the run dir's newest intact checkpoint (weights, optimizer, data position) "
-                        "with its saved config.yaml; only optim.steps, checkpoint_every, eval.eval_every may change")
+                        "with its saved config.yaml; only optim.steps, checkpoint_every, keep_checkpoints, "
+                        "eval.eval_every may change")
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="stop after step N of the optim.steps schedule (checkpointed; --resume continues it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -73,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--stop-after: {args.stop_after} must be >= 1")
     check_paths(cfg)
     _probe_shards(cfg)
+    from dsmath.logs import log_to
+
+    log_to(f"{cfg.run_dir}/logs/driver.log")  # while quiet (the default): the libraries' lines
     from learner.pretrain import run_pretrain
 
     s = run_pretrain(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress,

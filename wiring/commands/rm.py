@@ -58,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
     # Read the user's files first: a bad line is reported before any model is built or loaded.
     history = read_examples(args.history)
     fresh = read_examples(args.data) if args.data else None
+    from dsmath.logs import log_to
+
+    log_to(f"{args.out}/logs/driver.log")  # while quiet (the default): the libraries' lines
     from wiring.task import load_task
 
     task = load_task(cfg)

@@ -48,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     from dsmath.model_folder import model_folder
 
     model_folder(args.model, f"--model {args.model}")  # after the data: its damage is named first, in a second
+    from dsmath.logs import log_to
+
+    log_to(f"{args.out}/logs/driver.log")  # while quiet (the default): the libraries' lines
     info = run_sft(
         args.model, examples, args.out, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
         fmt=args.format, max_length=args.max_length, warmup_steps=args.warmup_steps,

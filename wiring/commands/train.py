@@ -33,8 +33,10 @@ which are recorded in RUN_DIR/config_changes.jsonl with the step they take effec
 checkpoint that matches its manifest (a damaged newer one is said and skipped); a finished run is said and
 left alone. A fresh run into a directory holding a run is refused unless --overwrite.
 
-writes RUN_DIR/{config.yaml, metrics.jsonl, tensorboard/, checkpoints/, summary.json, status.json} and points
-the run dir's parent's `latest` link (runs/latest) at RUN_DIR
+writes RUN_DIR/{config.yaml, metrics.jsonl, tensorboard/, checkpoints/, summary.json, status.json, logs/} and
+points the run dir's parent's `latest` link (runs/latest) at RUN_DIR. logs/ holds the libraries' log lines (vLLM,
+Ray, DeepSpeed: driver.log, worker-PID.log per Ray worker); --verbose prints them on the terminal instead. A local
+Ray cluster started here ends with the command, also when it is killed.
 """
 
 
