@@ -135,26 +135,8 @@ def heldout_accuracy(model_dir: str, problems: list[dict], max_new_tokens: int, 
     return sum(v.correct for v in verdicts) / max(1, len(verdicts))
 
 
-def run_trl(spec: dict) -> dict:
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOTrainer
-
-    from dsmath.config import RewardConfig
-    from dsmath.grading import GradingPool
-    from dsmath.prompts import format_prompt
-
-    torch.set_num_threads(spec["trl_threads"])
-    match = _match(spec)
-    reward_cfg = RewardConfig(**spec.get("reward", {}))
-    model_dir = spec["model_dir"]
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    rows = [{"prompt": format_prompt(p["question"], "tiny"), "answer": p["answer"]} for p in spec["train_problems"]]
-    grader = GradingPool(1, timeout_s=reward_cfg.timeout_s, mode="strict" if reward_cfg.strict else "lenient")
-    split = {"generate_s": 0.0, "reward_s": 0.0, "tokens": 0}
-
+def _trl_reward_fn(reward_cfg, grader):
+    """The reward function handed to TRL, graded by ``grader`` (a dsmath GradingPool)."""
     def reward_fn(completions, answer, **_kwargs) -> list[float]:
         """dsmath's reward worker rule: correct / incorrect reward, minus the format penalty when nothing is
         extracted (the grading itself is dsmath.grading, as on the dsmath side)."""
@@ -166,6 +148,11 @@ def run_trl(spec: dict) -> dict:
             out.append(float(r))
         return out
 
+    return reward_fn
+
+
+def _timed_trainer_class(GRPOTrainer: type, split: dict):
+    """``GRPOTrainer`` with its generation and reward calls timed into ``split`` (generate_s, reward_s, tokens)."""
     class TimedGRPOTrainer(GRPOTrainer):
         """Times generation and reward calls (TRL's own methods, unchanged) for the card's split."""
 
@@ -182,7 +169,13 @@ def run_trl(spec: dict) -> dict:
             split["reward_s"] += time.perf_counter() - start
             return out
 
-    stamps, splits, tokens, trl_logs = [], [], [], []
+    return TimedGRPOTrainer
+
+
+def _step_clock(split: dict, stamps: list, splits: list, tokens: list, trl_logs: list):
+    """A TrainerCallback that, at each step's end, stamps the time and moves ``split`` into ``splits`` / ``tokens``
+    (then zeroes it), and keeps every TRL log entry in ``trl_logs``."""
+    from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -195,10 +188,36 @@ def run_trl(spec: dict) -> dict:
             if logs:
                 trl_logs.append(dict(logs))
 
+    return StepClock()
+
+
+def run_trl(spec: dict) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOTrainer
+
+    from dsmath.config import RewardConfig
+    from dsmath.grading import GradingPool
+    from dsmath.prompts import format_prompt
+
+    torch.set_num_threads(spec["trl_threads"])
+    match = _match(spec)
+    reward_cfg = RewardConfig(**spec.get("reward", {}))
+    model_dir = spec["model_dir"]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    rows = [{"prompt": format_prompt(p["question"], "tiny"), "answer": p["answer"]} for p in spec["train_problems"]]
+    grader = GradingPool(1, timeout_s=reward_cfg.timeout_s, mode="strict" if reward_cfg.strict else "lenient")
+    split = {"generate_s": 0.0, "reward_s": 0.0, "tokens": 0}
+    stamps, splits, tokens, trl_logs = [], [], [], []
+
     work = Path(spec["work_dir"]) / "trl"
     args = trl_config(match, str(work / "out"), max_steps=spec["steps"], seed=spec["seed"])
-    trainer = TimedGRPOTrainer(model=model, reward_funcs=reward_fn, args=args, train_dataset=Dataset.from_list(rows),
-                               processing_class=tok, callbacks=[StepClock()])
+    trainer = _timed_trainer_class(GRPOTrainer, split)(
+        model=model, reward_funcs=_trl_reward_fn(reward_cfg, grader), args=args,
+        train_dataset=Dataset.from_list(rows), processing_class=tok,
+        callbacks=[_step_clock(split, stamps, splits, tokens, trl_logs)])
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start

@@ -92,7 +92,7 @@ def timed(fn, repeats: int) -> tuple[float, int]:
     return statistics.median(times), tokens
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="", help="HF model folder (default: a freshly built tiny Qwen2 with random "
                                                      "weights, so completions run to near max length)")
@@ -101,22 +101,14 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="max completion length")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per path (median reported)")
     parser.add_argument("--skip-hf", action="store_true", help="leave out the HF generate line")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    import torch
 
-    on_gpu = torch.cuda.is_available()
-    model_dir = args.model
-    if not model_dir:
-        model_dir = tempfile.mkdtemp(prefix="bench_rollout_")
-        build_tiny(model_dir)
-    requests = make_requests(args.prompts, args.n, args.max_new_tokens)
-    from dsmath.config import RolloutConfig
-
-    rollout_cfg = RolloutConfig(kv_cache_space_gib=1)
-    results: dict[str, dict] = {}
-
-    # 1. vLLM directly, with the generator's engine settings.
+def time_direct_and_in_process(model_dir: str, rollout_cfg, requests, repeats: int) -> tuple[dict[str, dict], int]:
+    """1. vLLM directly, with the generator's engine settings, and the in-process Generator on the same engine,
+    interleaved. Returns ({"vllm_direct": ..., "generator_in_process": ...}, decode steps of the last direct
+    batch = its longest completion). Both entries carry the token count of the last timed call. The engine is
+    released before returning."""
     from actors.generator import Generator
 
     direct = Generator(model_dir, rollout_cfg, generator_id="direct", seed=0)
@@ -135,19 +127,23 @@ def main() -> int:
     # Interleaved, so that load from other processes hits both alike.
     run_direct(), run_wrapped()
     t_direct, t_wrapped = [], []
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for fn, times in ((run_direct, t_direct), (run_wrapped, t_wrapped)):
             start = time.perf_counter()
             tokens = fn()
             times.append(time.perf_counter() - start)
-    results["vllm_direct"] = {"seconds": statistics.median(t_direct), "tokens": tokens}
-    results["generator_in_process"] = {"seconds": statistics.median(t_wrapped), "tokens": tokens}
+    results = {"vllm_direct": {"seconds": statistics.median(t_direct), "tokens": tokens},
+               "generator_in_process": {"seconds": statistics.median(t_wrapped), "tokens": tokens}}
     del direct
     import gc
 
     gc.collect()
+    return results, longest[0]
 
-    # 2. The same through the Generator Ray actor (records, log-probs, Ray serialisation).
+
+def time_generator_actor(model_dir: str, rollout_cfg, requests, repeats: int, on_gpu: bool) -> dict:
+    """2. The same through the Generator Ray actor (records, log-probs, Ray serialisation), in a Ray instance
+    started and shut down here."""
     import ray
 
     ray.init(num_cpus=2, num_gpus=1 if on_gpu else 0, include_dashboard=False, log_to_driver=False)
@@ -160,49 +156,50 @@ def main() -> int:
         rollouts = ray.get(actor.generate.remote(requests, None))
         return sum(len(r.completion_ids) for r in rollouts)
 
-    seconds, tokens = timed(run_actor, args.repeats)
-    results["generator_actor"] = {"seconds": seconds, "tokens": tokens}
+    seconds, tokens = timed(run_actor, repeats)
     ray.kill(actor)
     ray.shutdown()
+    return {"seconds": seconds, "tokens": tokens}
 
-    # 3. HF generate (padded batch, sampling, same lengths).
+
+def time_hf_generate(model_dir: str, requests, args: argparse.Namespace, on_gpu: bool) -> tuple[int, dict | None]:
+    """3. HF generate (padded batch, sampling, same lengths). Returns (the model's parameter bytes, the timing or
+    None with ``--skip-hf``); the model is loaded either way, for the parameter bytes."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     param_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
-    if not args.skip_hf:
-        tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-        device = "cuda" if on_gpu else "cpu"
-        hf.to(device)
-        batch = tok([r.prompt for r in requests], return_tensors="pt", padding=True).to(device)
+    if args.skip_hf:
+        return param_bytes, None
+    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    device = "cuda" if on_gpu else "cpu"
+    hf.to(device)
+    batch = tok([r.prompt for r in requests], return_tensors="pt", padding=True).to(device)
 
-        def run_hf() -> int:
-            with torch.no_grad():
-                out = hf.generate(**batch, do_sample=True, temperature=1.0, max_new_tokens=args.max_new_tokens,
-                                  num_return_sequences=args.n, pad_token_id=tok.pad_token_id)
-            completion = out[:, batch["input_ids"].shape[1]:]
-            return int((completion != tok.pad_token_id).sum())
+    def run_hf() -> int:
+        with torch.no_grad():
+            out = hf.generate(**batch, do_sample=True, temperature=1.0, max_new_tokens=args.max_new_tokens,
+                              num_return_sequences=args.n, pad_token_id=tok.pad_token_id)
+        completion = out[:, batch["input_ids"].shape[1]:]
+        return int((completion != tok.pad_token_id).sum())
 
-        seconds, tokens = timed(run_hf, max(1, args.repeats // 2))
-        results["hf_generate"] = {"seconds": seconds, "tokens": tokens}
+    seconds, tokens = timed(run_hf, max(1, args.repeats // 2))
+    return param_bytes, {"seconds": seconds, "tokens": tokens}
 
-    for r in results.values():
-        r["tokens_per_s"] = r["tokens"] / r["seconds"]
-    # Compare per generated token: sampled lengths differ a little between runs.
-    overhead = results["vllm_direct"]["tokens_per_s"] / results["generator_actor"]["tokens_per_s"] - 1.0
-    wrapper_overhead = results["vllm_direct"]["tokens_per_s"] / results["generator_in_process"]["tokens_per_s"] - 1.0
-    device_name = torch.cuda.get_device_name() if on_gpu else "cpu"
-    bandwidth = None
-    if on_gpu:
-        peak = peak_bandwidth(device_name)
-        # Every decode step of the batch reads all weights once; KV-cache and activation traffic and the prefill
-        # are not modelled, so this is a lower bound on the bytes moved (and on the utilisation).
-        decode_steps = longest[0]
-        achieved = param_bytes * decode_steps / results["vllm_direct"]["seconds"]
-        bandwidth = {"achieved_gb_s": achieved / 1e9, "peak_gb_s": None if peak is None else peak / 1e9,
-                     "utilisation": None if peak is None else achieved / peak, "decode_steps": decode_steps,
-                     "device_in_table": peak is not None}
 
+def decode_bandwidth(device_name: str, param_bytes: int, decode_steps: int, seconds: float) -> dict:
+    """Every decode step of the batch reads all weights once; KV-cache and activation traffic and the prefill
+    are not modelled, so this is a lower bound on the bytes moved (and on the utilisation)."""
+    peak = peak_bandwidth(device_name)
+    achieved = param_bytes * decode_steps / seconds
+    return {"achieved_gb_s": achieved / 1e9, "peak_gb_s": None if peak is None else peak / 1e9,
+            "utilisation": None if peak is None else achieved / peak, "decode_steps": decode_steps,
+            "device_in_table": peak is not None}
+
+
+def print_card(args: argparse.Namespace, device_name: str, param_bytes: int, results: dict[str, dict],
+               overhead: float, wrapper_overhead: float, bandwidth: dict | None) -> None:
     print("=" * 68)
     print(f"rollout bench  device={device_name}  prompts={args.prompts} n={args.n} "
           f"max_new_tokens={args.max_new_tokens} params={param_bytes / 4 / 1e6:.2f}M")
@@ -221,6 +218,39 @@ def main() -> int:
         print(f"decode memory bandwidth (weights only, a lower bound): {bandwidth['achieved_gb_s']:.1f} GB/s over "
               f"{bandwidth['decode_steps']} decode steps, utilisation {util}")
     print("=" * 68)
+
+
+def main() -> int:
+    args = parse_args()
+
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    model_dir = args.model
+    if not model_dir:
+        model_dir = tempfile.mkdtemp(prefix="bench_rollout_")
+        build_tiny(model_dir)
+    requests = make_requests(args.prompts, args.n, args.max_new_tokens)
+    from dsmath.config import RolloutConfig
+
+    rollout_cfg = RolloutConfig(kv_cache_space_gib=1)
+    results, decode_steps = time_direct_and_in_process(model_dir, rollout_cfg, requests, args.repeats)
+    results["generator_actor"] = time_generator_actor(model_dir, rollout_cfg, requests, args.repeats, on_gpu)
+    param_bytes, hf = time_hf_generate(model_dir, requests, args, on_gpu)
+    if hf is not None:
+        results["hf_generate"] = hf
+
+    for r in results.values():
+        r["tokens_per_s"] = r["tokens"] / r["seconds"]
+    # Compare per generated token: sampled lengths differ a little between runs.
+    overhead = results["vllm_direct"]["tokens_per_s"] / results["generator_actor"]["tokens_per_s"] - 1.0
+    wrapper_overhead = results["vllm_direct"]["tokens_per_s"] / results["generator_in_process"]["tokens_per_s"] - 1.0
+    device_name = torch.cuda.get_device_name() if on_gpu else "cpu"
+    bandwidth = None
+    if on_gpu:
+        bandwidth = decode_bandwidth(device_name, param_bytes, decode_steps, results["vllm_direct"]["seconds"])
+
+    print_card(args, device_name, param_bytes, results, overhead, wrapper_overhead, bandwidth)
     print(json.dumps({"bench": "rollout", "device": device_name, "prompts": args.prompts, "n": args.n,
                       "max_new_tokens": args.max_new_tokens, "results": results,
                       "actor_overhead": overhead, "wrapper_overhead": wrapper_overhead, "bandwidth": bandwidth}))

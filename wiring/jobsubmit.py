@@ -128,6 +128,28 @@ def preflight(
         include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
     limit = upload_limit_bytes() if limit_bytes is None else int(limit_bytes)
 
+    files, zip_bytes, per_top = _walk_like_ray(root, excludes, include_gitignore)
+    total = sum(size for _, size in files)
+    largest = tuple(sorted(files, key=lambda f: -f[1])[:5])
+    largest_dirs = tuple(sorted(per_top.items(), key=lambda kv: -kv[1])[:5])
+    return PreflightReport(
+        working_dir=str(root),
+        excludes=excludes,
+        num_files=len(files),
+        total_bytes=total,
+        estimated_zip_bytes=zip_bytes,
+        limit_bytes=limit,
+        largest_files=largest,
+        largest_dirs=largest_dirs,
+        warnings=tuple(_upload_warnings(zip_bytes, limit, largest, largest_dirs, per_top)),
+    )
+
+
+def _walk_like_ray(
+    root: Path, excludes: tuple[str, ...], include_gitignore: bool
+) -> tuple[list[tuple[str, int]], int, dict[str, int]]:
+    """Walk ``root`` as Ray's ``_dir_travel`` does; returns (files as (relative path, bytes) in walk order,
+    estimated zip bytes, uploaded bytes per top-level entry)."""
     # (base directory, matcher) pairs, like Ray's stack of exclude callables.
     matchers: list[tuple[Path, Callable[[str], bool]]] = [(root, _path_spec(excludes))]
     files: list[tuple[str, int]] = []
@@ -166,10 +188,18 @@ def preflight(
             matchers.pop()
 
     visit(root)
+    return files, zip_bytes, per_top
 
-    total = sum(size for _, size in files)
-    largest = tuple(sorted(files, key=lambda f: -f[1])[:5])
-    largest_dirs = tuple(sorted(per_top.items(), key=lambda kv: -kv[1])[:5])
+
+def _upload_warnings(
+    zip_bytes: int,
+    limit: int,
+    largest: tuple[tuple[str, int], ...],
+    largest_dirs: tuple[tuple[str, int], ...],
+    per_top: dict[str, int],
+) -> list[str]:
+    """The report's warnings, in this order: over the limit (an ERROR) or over half of it; large files;
+    suspect top-level directories (``SUSPECT_DIRS``) being uploaded."""
     notes: list[str] = []
     if zip_bytes >= limit:
         notes.append(
@@ -193,17 +223,7 @@ def preflight(
             "uploading " + ", ".join(f"{s}/ ({_mib(per_top[s])})" for s in suspects) + ": jobs rarely need these; "
             "add them to the excludes"
         )
-    return PreflightReport(
-        working_dir=str(root),
-        excludes=excludes,
-        num_files=len(files),
-        total_bytes=total,
-        estimated_zip_bytes=zip_bytes,
-        limit_bytes=limit,
-        largest_files=largest,
-        largest_dirs=largest_dirs,
-        warnings=tuple(notes),
-    )
+    return notes
 
 
 def _fmt_sizes(items: Iterable[tuple[str, int]]) -> str:

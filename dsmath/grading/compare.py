@@ -163,68 +163,13 @@ def compare(pred: Node, gold: Node, scalar: Scalar, equation: Callable | None = 
         return True
     pk, gk = pred.kind, gold.kind
     if pk == "equation" or gk == "equation":
-        if pk == gk:
-            lp, lg = pred.items[0].text, gold.items[0].text
-            if is_label(lp) and lp == lg:
-                return compare(pred.items[1], gold.items[1], scalar, equation)
-            if equation is None:
-                return None
-            return equation(pred, gold)
-        sp = _strip_var(pred) if pk == "equation" else pred
-        sg = _strip_var(gold) if gk == "equation" else gold
-        if sp is None or sg is None:
-            return False
-        return compare(sp, sg, scalar, equation)
-    # an inequality not of the form "x < b" (``-x > -1``) is solved by sympy: None on the fast path
-    symbolic_relation = ("inequality" in (pk, gk) and pk in _RELATIONAL + ("tuple",) and gk in _RELATIONAL + ("tuple",))
-    if pk == "inequality" and gk == "inequality":
-        ip, ig = inequality_to_interval(pred), inequality_to_interval(gold)
-        if ip is None or ig is None:
-            return None if equation is None else equation(pred, gold)
-        return compare(ip, ig, scalar, equation)
+        return _compare_equations(pred, gold, scalar, equation)
     if "interval" in (pk, gk) or "inequality" in (pk, gk) or ("union" in (pk, gk)):
-        if pk == "union" or gk == "union":
-            ps = pred.items if pk == "union" else (pred,)
-            gs = gold.items if gk == "union" else (gold,)
-            ps = tuple(_as_interval(p) for p in ps)
-            gs = tuple(_as_interval(g) for g in gs)
-            if any(x is None for x in ps + gs):
-                if symbolic_relation:
-                    return None if equation is None else equation(pred, gold)
-                return False
-            return _match_unordered(ps, gs, scalar, equation)
-        ip, ig = _as_interval(pred), _as_interval(gold)
-        if ip is None or ig is None:
-            if symbolic_relation:
-                return None if equation is None else equation(pred, gold)
-            return False
-        if (ip.left_closed, ip.right_closed) != (ig.left_closed, ig.right_closed):
-            return False
-        return _all(compare(a, b, scalar, equation) for a, b in zip(ip.items, ig.items))
+        return _compare_relations(pred, gold, scalar, equation)
     if pk == "matrix" or gk == "matrix":
-        def flat(n: Node):
-            if n.kind == "matrix":
-                if len(n.items) == 1 or all(len(r) == 1 for r in n.items):
-                    return tuple(c for r in n.items for c in r)
-                return None
-            return n.items if n.kind == "tuple" else None
-        if pk == gk:
-            if len(pred.items) != len(gold.items) or any(len(a) != len(b) for a, b in zip(pred.items, gold.items)):
-                return False
-            return _all(compare(a, b, scalar, equation) for ra, rb in zip(pred.items, gold.items) for a, b in zip(ra, rb))
-        fp, fg = flat(pred), flat(gold)
-        if fp is None or fg is None or len(fp) != len(fg):
-            return False
-        return _all(compare(a, b, scalar, equation) for a, b in zip(fp, fg))
+        return _compare_matrices(pred, gold, scalar, equation)
     if pk == "ratio" or gk == "ratio":
-        if pk == gk and len(pred.items) == len(gold.items):
-            same = _all(compare(a, b, scalar, equation) for a, b in zip(pred.items, gold.items))
-            if same is not False or len(pred.items) != 2:
-                return same
-        vp, vg = _ratio_value(pred) or pred, _ratio_value(gold) or gold  # 14:7 = 2:1; S:T = 7:32 vs 7/32
-        if vp.kind != "scalar" or vg.kind != "scalar":
-            return False
-        return scalar(vp.text, vg.text)
+        return _compare_ratios(pred, gold, scalar, equation)
     if pk == "set" and gk == "set":
         return _compare_sets(pred, gold, scalar, equation)
     if pk in ("tuple", "set") and gk in ("tuple", "set"):  # a tuple against a bare list: in order
@@ -239,6 +184,89 @@ def compare(pred: Node, gold: Node, scalar: Scalar, equation: Callable | None = 
     if gk == "set" and len(gold.items) == 1:
         return compare(pred, gold.items[0], scalar, equation)
     return False
+
+
+def _compare_equations(pred: Node, gold: Node, scalar: Scalar, equation: Callable | None) -> Tri:
+    """At least one side is an equation. Two equations: same label -> compare the right-hand sides, else
+    ``equation`` decides (None without it). One equation: its ``x = `` is dropped (False if it is not of that
+    form) and the rest compared."""
+    pk, gk = pred.kind, gold.kind
+    if pk == gk:
+        lp, lg = pred.items[0].text, gold.items[0].text
+        if is_label(lp) and lp == lg:
+            return compare(pred.items[1], gold.items[1], scalar, equation)
+        if equation is None:
+            return None
+        return equation(pred, gold)
+    sp = _strip_var(pred) if pk == "equation" else pred
+    sg = _strip_var(gold) if gk == "equation" else gold
+    if sp is None or sg is None:
+        return False
+    return compare(sp, sg, scalar, equation)
+
+
+def _compare_relations(pred: Node, gold: Node, scalar: Scalar, equation: Callable | None) -> Tri:
+    """At least one side is an inequality, interval or union: both sides as intervals (unions matched
+    unordered), same closedness, equal end points. A side that is no interval is False, except that an
+    inequality not of the form "x < b" (``-x > -1``) is left to ``equation`` (sympy; None without it)."""
+    pk, gk = pred.kind, gold.kind
+    symbolic_relation = ("inequality" in (pk, gk) and pk in _RELATIONAL + ("tuple",) and gk in _RELATIONAL + ("tuple",))
+    if pk == "inequality" and gk == "inequality":
+        ip, ig = inequality_to_interval(pred), inequality_to_interval(gold)
+        if ip is None or ig is None:
+            return None if equation is None else equation(pred, gold)
+        return compare(ip, ig, scalar, equation)
+    if pk == "union" or gk == "union":
+        ps = pred.items if pk == "union" else (pred,)
+        gs = gold.items if gk == "union" else (gold,)
+        ps = tuple(_as_interval(p) for p in ps)
+        gs = tuple(_as_interval(g) for g in gs)
+        if any(x is None for x in ps + gs):
+            if symbolic_relation:
+                return None if equation is None else equation(pred, gold)
+            return False
+        return _match_unordered(ps, gs, scalar, equation)
+    ip, ig = _as_interval(pred), _as_interval(gold)
+    if ip is None or ig is None:
+        if symbolic_relation:
+            return None if equation is None else equation(pred, gold)
+        return False
+    if (ip.left_closed, ip.right_closed) != (ig.left_closed, ig.right_closed):
+        return False
+    return _all(compare(a, b, scalar, equation) for a, b in zip(ip.items, ig.items))
+
+
+def _compare_matrices(pred: Node, gold: Node, scalar: Scalar, equation: Callable | None) -> Tri:
+    """At least one side is a matrix. Two matrices: same shape, equal cells in order. A matrix against a
+    tuple: only a row or column vector, compared element by element."""
+    def flat(n: Node):
+        if n.kind == "matrix":
+            if len(n.items) == 1 or all(len(r) == 1 for r in n.items):
+                return tuple(c for r in n.items for c in r)
+            return None
+        return n.items if n.kind == "tuple" else None
+    if pred.kind == gold.kind:
+        if len(pred.items) != len(gold.items) or any(len(a) != len(b) for a, b in zip(pred.items, gold.items)):
+            return False
+        return _all(compare(a, b, scalar, equation) for ra, rb in zip(pred.items, gold.items) for a, b in zip(ra, rb))
+    fp, fg = flat(pred), flat(gold)
+    if fp is None or fg is None or len(fp) != len(fg):
+        return False
+    return _all(compare(a, b, scalar, equation) for a, b in zip(fp, fg))
+
+
+def _compare_ratios(pred: Node, gold: Node, scalar: Scalar, equation: Callable | None) -> Tri:
+    """At least one side is a ratio: term by term first (two ratios of the same length); failing that, a
+    two-term ratio is compared as its value (14:7 = 2:1; S:T = 7:32 vs 7/32)."""
+    pk, gk = pred.kind, gold.kind
+    if pk == gk and len(pred.items) == len(gold.items):
+        same = _all(compare(a, b, scalar, equation) for a, b in zip(pred.items, gold.items))
+        if same is not False or len(pred.items) != 2:
+            return same
+    vp, vg = _ratio_value(pred) or pred, _ratio_value(gold) or gold  # 14:7 = 2:1; S:T = 7:32 vs 7/32
+    if vp.kind != "scalar" or vg.kind != "scalar":
+        return False
+    return scalar(vp.text, vg.text)
 
 
 def kind_of(node: Node) -> str:

@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -161,90 +162,136 @@ def probe_namespaces() -> str:
 # --------------------------------------------------------------------------------- the child ----
 
 def _child_main(req: dict, out_w: int, err_w: int, workdir: str, uid: int | None, block_sockets: bool = False) -> None:
-    """C: becomes the program. Never returns."""
+    """C: becomes the program. Never returns.
+
+    The steps run in this order, each relying on the ones before it: descriptors and session, limits (no new
+    privileges first), the uid drop (then not dumpable), the interpreter's state, and the address-space cap last,
+    just before the program. A failure anywhere in set-up exits 70 without running the program; once the program
+    has started, the exit code is the program's (1 for an uncaught exception)."""
     code = 70
     try:
-        if os.getsid(0) != os.getpid():
-            os.setsid()
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(out_w, 1)
-        os.dup2(err_w, 2)
-        os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-        os.chdir(workdir)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(sig, signal.SIG_DFL)
-        _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-        limits = req["limits"]
-        cpu = max(1, math.ceil(float(req["timeout_s"]))) + 1
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        resource.setrlimit(resource.RLIMIT_NPROC, (limits["max_procs"], limits["max_procs"]))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limits["max_open_files"], limits["max_open_files"]))
-        fsize = limits["max_file_mb"] * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if uid is not None:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-        _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
-        os.environ.clear()
-        os.environ.update({"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
-                           "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-                           "PYTHONHASHSEED": "0"})
-        sys.argv = ["<sandbox>"]
-        sys.path[:] = [p for p in sys.path if p not in ("", ".")]
-        try:
-            sys.stdout.reconfigure(line_buffering=True)  # partial output survives a timeout
-        except Exception:  # noqa: BLE001
-            pass
-        import types
-
+        _take_stdio_and_session(out_w, err_w, workdir)
+        _apply_rlimits(req)
+        _drop_privileges(uid)
+        _scrub_interpreter(workdir)
         if block_sockets:
-            # Fallback only (no network namespace): refuse socket creation from Python. Best effort: code
-            # that reaches libc directly (ctypes) is not stopped by this.
-            def _no_sockets(event: str, _args: tuple) -> None:
-                if event in ("socket.__new__", "socket.connect", "socket.bind", "socket.sendto"):
-                    raise PermissionError("network access is disabled in the sandbox")
-
-            sys.addaudithook(_no_sockets)
-        main = types.ModuleType("__main__")
-        main.__dict__["__builtins__"] = __builtins__
-        sys.modules["__main__"] = main
+            _forbid_sockets()
+        main = _fresh_main_module()
         source = req["code"]
-        extra = limits["memory_mb"] * 1024 * 1024
         # The address-space cap is the program's budget on top of what the preloaded interpreter maps.
+        extra = req["limits"]["memory_mb"] * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (_vm_bytes() + extra,) * 2)
         code = 1
-        try:
-            exec(compile(source, "<sandbox>", "exec"), main.__dict__)  # noqa: S102 - isolated child
-            code = 0
-        except SystemExit as exc:
-            if exc.code is None:
-                code = 0
-            elif isinstance(exc.code, int):
-                code = exc.code & 0xFF
-            else:
-                print(exc.code, file=sys.stderr)
-                code = 1
-        except BaseException as exc:  # noqa: BLE001
-            # Show the program's frames only, not this file's.
-            tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
-            traceback.print_exception(type(exc), exc, tb)
-            code = 1
+        code = _run_program(source, main)
         code = _interpreter_exit(code)
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except BaseException:  # noqa: BLE001
-                pass
+        _flush_std_streams()
     except BaseException:  # noqa: BLE001 - a failure while setting up must never run the program
         try:
             os.write(2, b"sandbox setup failed: " + traceback.format_exc().encode()[-2000:])
         except OSError:
             pass
     os._exit(code)
+
+
+def _take_stdio_and_session(out_w: int, err_w: int, workdir: str) -> None:
+    """Own session; stdin /dev/null, stdout/stderr the pool's pipes, every other descriptor closed; cwd
+    ``workdir``; default signal dispositions (SIGINT raises KeyboardInterrupt, like an interpreter)."""
+    if os.getsid(0) != os.getpid():
+        os.setsid()
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(out_w, 1)
+    os.dup2(err_w, 2)
+    os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    os.chdir(workdir)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def _apply_rlimits(req: dict) -> None:
+    """No new privileges, then the run's rlimits: CPU seconds (timeout + 1), processes, open files, file size,
+    no core dumps. The address-space cap comes later (it is measured against the finished interpreter)."""
+    _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    limits = req["limits"]
+    cpu = max(1, math.ceil(float(req["timeout_s"]))) + 1
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    resource.setrlimit(resource.RLIMIT_NPROC, (limits["max_procs"], limits["max_procs"]))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limits["max_open_files"], limits["max_open_files"]))
+    fsize = limits["max_file_mb"] * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _drop_privileges(uid: int | None) -> None:
+    """Become ``uid`` (no supplementary groups) when one is given (the template runs as root), then mark the
+    process not dumpable."""
+    if uid is not None:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+    _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+def _scrub_interpreter(workdir: str) -> None:
+    """A fixed, minimal environment (HOME and TMPDIR = ``workdir``), argv ``["<sandbox>"]``, no cwd entry on
+    sys.path, and a line-buffered stdout."""
+    os.environ.clear()
+    os.environ.update({"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
+                       "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                       "PYTHONHASHSEED": "0"})
+    sys.argv = ["<sandbox>"]
+    sys.path[:] = [p for p in sys.path if p not in ("", ".")]
+    try:
+        sys.stdout.reconfigure(line_buffering=True)  # partial output survives a timeout
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _forbid_sockets() -> None:
+    """Fallback only (no network namespace): refuse socket creation from Python. Best effort: code that reaches
+    libc directly (ctypes) is not stopped by this."""
+    def _no_sockets(event: str, _args: tuple) -> None:
+        if event in ("socket.__new__", "socket.connect", "socket.bind", "socket.sendto"):
+            raise PermissionError("network access is disabled in the sandbox")
+
+    sys.addaudithook(_no_sockets)
+
+
+def _fresh_main_module() -> types.ModuleType:
+    """An empty ``__main__`` module (builtins only), installed in sys.modules, for the program to run in."""
+    main = types.ModuleType("__main__")
+    main.__dict__["__builtins__"] = __builtins__
+    sys.modules["__main__"] = main
+    return main
+
+
+def _run_program(source: str, main: types.ModuleType) -> int:
+    """Run ``source`` in ``main``; its exit code as ``python prog.py`` would give it before interpreter exit
+    (SystemExit honoured; an uncaught exception prints the program's traceback and gives 1)."""
+    try:
+        exec(compile(source, "<sandbox>", "exec"), main.__dict__)  # noqa: S102 - isolated child
+        return 0
+    except SystemExit as exc:
+        if exc.code is None:
+            return 0
+        if isinstance(exc.code, int):
+            return exc.code & 0xFF
+        print(exc.code, file=sys.stderr)
+        return 1
+    except BaseException as exc:  # noqa: BLE001
+        # Show the program's frames only, not this file's.
+        tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+        traceback.print_exception(type(exc), exc, tb)
+        return 1
+
+
+def _flush_std_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001
+            pass
 
 
 def _interpreter_exit(code: int) -> int:
