@@ -1,8 +1,8 @@
 """Continued pre-training with the DeepSpeed learner (LM mode) and the corpus comparison built on it.
 
 :func:`run_pretrain` streams packed rows from a weighted mixture (:mod:`dsmath.pretrain`) into
-:meth:`learner.policy.PolicyLearner.sft_step`: the LM loss is the SFT loss with the loss mask set to
-the within-document label positions (token mean over the global batch). Every rank builds the same
+:class:`learner.objectives.lm.LMObjective` on a :class:`learner.engine.LearnerEngine`: the SFT loss with the loss
+mask set to the within-document label positions (token mean over the global batch). Every rank builds the same
 stream and trains on its slice of each global batch (``torchrun`` sets ``RANK``/``WORLD_SIZE``);
 only one rank is tested here.
 
@@ -37,12 +37,12 @@ from dsmath.pretrain.sources import SkipCounts
 
 
 def rows_to_batch(ids: np.ndarray, keys: np.ndarray):
-    """Packed rows -> a :class:`learner.batch.TrainBatch` whose loss mask is the within-document labels."""
-    from learner.batch import TrainBatch
+    """Packed rows -> a :class:`learner.batch.LMBatch` whose loss mask is the within-document labels."""
+    from learner.batch import LMBatch
 
-    return TrainBatch(input_ids=torch.as_tensor(ids),  # [N, L]
-                      attention_mask=torch.as_tensor(attention_mask(keys)),  # [N, L]
-                      loss_mask=torch.as_tensor(label_mask(keys)))  # [N, L], position t -> token t+1
+    return LMBatch(input_ids=torch.as_tensor(ids),  # [N, L]
+                   attention_mask=torch.as_tensor(attention_mask(keys)),  # [N, L]
+                   loss_mask=torch.as_tensor(label_mask(keys)))  # [N, L], position t -> token t+1
 
 
 def build_initial_model(cfg: PretrainConfig, out_dir: Path, log: Callable[[str], None] = print) -> Path:
@@ -113,7 +113,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int |
     from tqdm import tqdm
 
     from dsmath.utils.metrics import MetricsWriter
-    from learner.policy import PolicyLearner
+    from learner.objectives.lm import build_lm
 
     start = time.time()
     run_dir = Path(cfg.run_dir)
@@ -138,9 +138,8 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int |
     lcfg = LearnerConfig(lr=o.lr, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps, grad_clip=o.grad_clip,
                          zero_stage=o.zero_stage, num_ranks=world, micro_batch_size=o.micro_batch_size,
                          backend=o.backend)
-    learner = PolicyLearner(model_dir, lcfg, rank=rank, world_size=world, seed=cfg.seed, with_reference=False,
-                            total_steps=o.steps)
-    tokenizer = learner.tokenizer
+    engine, lm = build_lm(model_dir, lcfg, rank=rank, world_size=world, seed=cfg.seed, total_steps=o.steps)
+    tokenizer = engine.tokenizer
     if tokenizer is None:
         raise UserError(f"{model_dir}: no tokenizer in the model folder; pre-training needs one")
     packer = build_packer(cfg.data, tokenizer, seed=cfg.seed)
@@ -149,7 +148,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int |
     step = 0
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
-        extra = learner.load_checkpoint(ckpt_dir)
+        extra = engine.load_checkpoint(ckpt_dir)
         packer.load_state(extra["data"])
         step, label_tokens = int(extra["step"]), {n: int(extra["label_tokens"].get(n, 0)) for n in names}
         if rank == 0:
@@ -161,14 +160,14 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int |
     elif rank == 0 and metrics_path.exists():
         metrics_path.unlink()  # a fresh run does not append to an old run's curve
     writer = MetricsWriter(run_dir, tensorboard=False) if rank == 0 else None
-    device = learner.device
+    device = engine.device
     weights = packer.source.weights
     losses: list[float] = []
     evals: list[dict] = []
 
     def checkpoint() -> None:
-        learner.save_checkpoint(ckpt_dir / f"step-{step:06d}",
-                                extra={"step": step, "data": packer.state(), "label_tokens": label_tokens})
+        engine.save_checkpoint(ckpt_dir / f"step-{step:06d}",
+                               extra={"step": step, "data": packer.state(), "label_tokens": label_tokens})
 
     last = o.steps if stop_after is None else min(o.steps, stop_after)
     bar = tqdm(total=o.steps, initial=step, desc="pretrain", unit="step", disable=not progress or rank != 0,
@@ -182,7 +181,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int |
             src = source_of_key(keys)
             for i, n in enumerate(names):
                 label_tokens[n] += int((mask * (src == i)).sum())
-            m = learner.sft_step(batch)
+            m = engine.train_step(lm, batch)
             step += 1
             losses.append(m["loss"])
             now = time.time()
@@ -193,7 +192,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int |
             row.update({f"mixture/{n}": label_tokens[n] / total for n in names})  # realised share since step 0
             t_last = now
             if cfg.eval.eval_every and step % cfg.eval.eval_every == 0 and step < last:
-                ev = evaluate_model(learner.model, tokenizer, cfg, device=device, log=log)
+                ev = evaluate_model(engine.module, tokenizer, cfg, device=device, log=log)
                 evals.append({"step": step, **ev})
                 row.update({f"eval/{k}_loss": v["loss"] for k, v in ev["heldout"].items()})
             if writer is not None:
@@ -206,7 +205,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int |
         bar.close()
         if writer is not None:
             writer.close()
-    final_eval = evaluate_model(learner.model, tokenizer, cfg, device=device, log=log)
+    final_eval = evaluate_model(engine.module, tokenizer, cfg, device=device, log=log)
     total = sum(label_tokens.values())
     curve = [json.loads(x)["pretrain/loss"] for x in metrics_path.read_text().splitlines()] if rank == 0 else losses
     streams = packer.source.streams
