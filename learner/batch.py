@@ -1,27 +1,90 @@
-"""Training batches: one typed container, the rollout collator, sharding and micro-batching.
+"""Training batches: typed row containers (one per objective), the rollout collator, sharding and micro-batching.
 
 **The alignment convention (used everywhere in the learner).** ``input_ids`` is ``[N, T]``:
-prompt then completion, right-padded. Every per-token tensor (``loss_mask``, ``advantages``,
-``old_logprobs``, ``ref_logprobs``, ``is_weights`` and what :meth:`PolicyLearner.logprobs`
-returns) is also ``[N, T]``, and **position t holds the value for token t+1** — the log-prob of
-``input_ids[:, t+1]`` given ``input_ids[:, :t+1]``. So completion token k of a sample whose prompt
+prompt then completion, right-padded. Every per-token tensor of a :class:`PolicyBatch` or :class:`LMBatch`
+(``loss_mask``, ``advantages``, ``old_logprobs``, ``ref_logprobs``, ``is_weights`` and what
+:meth:`PolicyLearner.logprobs` returns) is also ``[N, T]``, and **position t holds the value for token t+1** — the
+log-prob of ``input_ids[:, t+1]`` given ``input_ids[:, :t+1]``. So completion token k of a sample whose prompt
 has P tokens (``input_ids[P+k]``) lives at position ``P−1+k``; the last column is never a target
-and its ``loss_mask`` is always 0.
+and its ``loss_mask`` is always 0. A :class:`ValueBatch` has the same alignment (V(s_t) at t); a
+:class:`RewardModelBatch` scores the token itself (see its docstring).
+
+Every batch type is a frozen dataclass of ``[N, T]`` tensors (optional ones may be None) built on :class:`Rows`,
+which gives them the row operations :func:`micro_batches` and the learners need (select, shard, to, lengths).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Sequence
+from typing import Sequence, TypeVar
 
 import torch
 from torch import Tensor
 
+R = TypeVar("R", bound="Rows")
+
+
+class Rows:
+    """Row operations shared by every batch dataclass: each field is an ``[N, T]`` tensor or None.
+
+    Guaranteed: ``select``/``shard``/``to`` return the same type with every non-None field transformed alike
+    (None stays None); construction checks that every field has ``input_ids``'s shape.
+    """
+
+    input_ids: Tensor  # [N, T] long
+    attention_mask: Tensor  # [N, T] long, 1 on real tokens (a prefix of each row)
+
+    def __post_init__(self) -> None:
+        n, t = self.input_ids.shape
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is not None and tuple(v.shape) != (n, t):
+                raise ValueError(f"{type(self).__name__}.{f.name} has shape {tuple(v.shape)}, expected {(n, t)}")
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def lengths(self) -> Tensor:
+        return self.attention_mask.sum(dim=1)  # [N]
+
+    def select(self: R, index: Sequence[int] | Tensor, width: int | None = None) -> R:
+        """Rows ``index`` (in that order), columns trimmed to ``width`` (default: keep T)."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        cols = slice(None) if width is None else slice(0, width)
+        return replace(self, **{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[idx][:, cols])
+                                for f in fields(self)})
+
+    def shard(self: R, rank: int, world_size: int) -> R:
+        """The ``rank``-th of ``world_size`` equal contiguous slices (N must divide evenly)."""
+        if self.size % world_size:
+            raise ValueError(f"a batch of {self.size} sequences does not split evenly over {world_size} ranks")
+        per = self.size // world_size
+        return self.select(range(rank * per, (rank + 1) * per))
+
+    def to(self: R, device: torch.device | str) -> R:
+        return replace(self, **{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).to(device))
+                                for f in fields(self)})
+
 
 @dataclass(frozen=True)
-class TrainBatch:
-    """N sequences. Required: ids, attention and loss masks. The RL fields are optional so that
-    SFT batches use the same type (``advantages`` is needed by ``grpo_step``).
+class LMBatch(Rows):
+    """Language modelling (SFT, pre-training): token-mean NLL over ``loss_mask``."""
+
+    input_ids: Tensor  # [N, T] long
+    attention_mask: Tensor  # [N, T] long
+    loss_mask: Tensor  # [N, T] float, 1 where the token at t+1 is trained on
+
+    @classmethod
+    def of(cls, batch: Rows) -> "LMBatch":
+        """The LM view of any batch with ``input_ids``/``attention_mask``/``loss_mask`` (same tensors, no copy)."""
+        return cls(input_ids=batch.input_ids, attention_mask=batch.attention_mask, loss_mask=batch.loss_mask)
+
+
+@dataclass(frozen=True)
+class PolicyBatch(Rows):
+    """N sequences for a policy (GRPO-family) step. Required: ids, attention and loss masks. The RL fields are
+    optional so that the rollout collator also builds SFT batches (``advantages`` is needed by ``grpo_step``).
 
     ``old_logprobs`` None means "on-policy": the learner uses its own detached log-probs (ratio 1).
     ``ref_logprobs`` None means the learner computes them with its reference model when β > 0.
@@ -37,37 +100,31 @@ class TrainBatch:
     # The generator's log-probs of the sampled tokens (only for the logprob-gap check, never in the loss).
     behaviour_logprobs: Tensor | None = None  # [N, T] float
 
-    def __post_init__(self) -> None:
-        n, t = self.input_ids.shape
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if v is not None and tuple(v.shape) != (n, t):
-                raise ValueError(f"TrainBatch.{f.name} has shape {tuple(v.shape)}, expected {(n, t)}")
 
-    @property
-    def size(self) -> int:
-        return int(self.input_ids.shape[0])
+TrainBatch = PolicyBatch  # the rollout collator's batch: the name the driver, benches and tests use
 
-    def lengths(self) -> Tensor:
-        return self.attention_mask.sum(dim=1)  # [N]
 
-    def select(self, index: Sequence[int] | Tensor, width: int | None = None) -> "TrainBatch":
-        """Rows ``index`` (in that order), columns trimmed to ``width`` (default: keep T)."""
-        idx = torch.as_tensor(index, dtype=torch.long)
-        cols = slice(None) if width is None else slice(0, width)
-        return replace(self, **{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[idx][:, cols])
-                                for f in fields(self)})
+@dataclass(frozen=True)
+class ValueBatch(Rows):
+    """PPO's value-model step: GAE ``returns`` (targets) and ``old_values`` (V before the update, for the clipped
+    value loss) at the positions of ``loss_mask``; V(s_t) sits at position t (the log-prob alignment)."""
 
-    def shard(self, rank: int, world_size: int) -> "TrainBatch":
-        """The ``rank``-th of ``world_size`` equal contiguous slices (N must divide evenly)."""
-        if self.size % world_size:
-            raise ValueError(f"a batch of {self.size} sequences does not split evenly over {world_size} ranks")
-        per = self.size // world_size
-        return self.select(range(rank * per, (rank + 1) * per))
+    input_ids: Tensor  # [N, T] long
+    attention_mask: Tensor  # [N, T] long
+    loss_mask: Tensor  # [N, T] float
+    returns: Tensor  # [N, T] float
+    old_values: Tensor  # [N, T] float
 
-    def to(self, device: torch.device | str) -> "TrainBatch":
-        return replace(self, **{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).to(device))
-                                for f in fields(self)})
+
+@dataclass(frozen=True)
+class RewardModelBatch(Rows):
+    """Reward-model training: 0/1 ``labels`` at the scored positions ``score_mask`` (1 there). Unlike the log-prob
+    alignment, a score sits at the token it scores (the head has read tokens up to and including it)."""
+
+    input_ids: Tensor  # [N, T] long
+    attention_mask: Tensor  # [N, T] long
+    score_mask: Tensor  # [N, T] float, 1 at labelled token positions
+    labels: Tensor  # [N, T] float, 0/1 where score_mask is 1 (0 elsewhere)
 
 
 def _per_token(values, lengths: list[int], name: str) -> list[list[float]]:
@@ -95,7 +152,7 @@ def collate_rollouts(
     ref_logprobs: Sequence[Sequence[float]] | None = None,
     is_weights: Sequence[Sequence[float]] | None = None,
     max_length: int | None = None,
-) -> TrainBatch:
+) -> PolicyBatch:
     """Right-pad prompt+completion and place per-completion-token values at their logprob
     positions (see the module docstring).
 
@@ -138,7 +195,7 @@ def collate_rollouts(
         return out
 
     loss_mask = place(loss_masks, "loss_masks", 1.0)
-    return TrainBatch(
+    return PolicyBatch(
         input_ids=input_ids,
         attention_mask=attention,
         loss_mask=loss_mask,
@@ -156,7 +213,7 @@ def collate_from_rollouts(
     pad_id: int,
     generator_logprobs_as_old: bool = False,
     max_length: int | None = None,
-) -> TrainBatch:
+) -> PolicyBatch:
     """:func:`collate_rollouts` over :class:`dsmath.records.Rollout` records.
 
     Uses each rollout's ``loss_mask`` (tool output masked) when present. With
@@ -174,17 +231,17 @@ def collate_from_rollouts(
     )
 
 
-def micro_batches(batch: TrainBatch, max_seqs: int, max_tokens: int | None = None) -> list[tuple[list[int], TrainBatch]]:
+def micro_batches(batch: R, max_seqs: int, max_tokens: int | None = None) -> list[tuple[list[int], R]]:
     """Split into micro-batches, each padded only to its own longest sequence.
 
     Sequences are sorted by length (longest first) and packed greedily: at most ``max_seqs`` rows
     and, when ``max_tokens`` is set, at most ``max_tokens`` padded tokens (rows × width) per
     micro-batch — a single longer sequence still gets a micro-batch of its own. Returns
-    ``(original row indices, micro-batch)`` pairs. Deterministic (stable sort).
+    ``(original row indices, micro-batch)`` pairs, of ``batch``'s type. Deterministic (stable sort).
     """
     lengths = batch.lengths().tolist()
     order = sorted(range(batch.size), key=lambda i: -lengths[i])
-    out: list[tuple[list[int], TrainBatch]] = []
+    out: list[tuple[list[int], R]] = []
     current: list[int] = []
     for i in order:
         width = max(lengths[current[0]], 1) if current else max(lengths[i], 1)

@@ -1,8 +1,8 @@
 """Continued pre-training with the DeepSpeed learner (LM mode) and the corpus comparison built on it.
 
 :func:`run_pretrain` streams packed rows from a weighted mixture (:mod:`dsmath.pretrain`) into
-:meth:`learner.policy.PolicyLearner.sft_step`: the LM loss is the SFT loss with the loss mask set to
-the within-document label positions (token mean over the global batch). Every rank builds the same
+:class:`learner.objectives.lm.LMObjective` on a :class:`learner.engine.LearnerEngine`: the SFT loss with the loss
+mask set to the within-document label positions (token mean over the global batch). Every rank builds the same
 stream and trains on its slice of each global batch (``torchrun`` sets ``RANK``/``WORLD_SIZE``);
 only one rank is tested here.
 
@@ -37,12 +37,12 @@ from dsmath.pretrain.sources import SkipCounts
 
 
 def rows_to_batch(ids: np.ndarray, keys: np.ndarray):
-    """Packed rows -> a :class:`learner.batch.TrainBatch` whose loss mask is the within-document labels."""
-    from learner.batch import TrainBatch
+    """Packed rows -> a :class:`learner.batch.LMBatch` whose loss mask is the within-document labels."""
+    from learner.batch import LMBatch
 
-    return TrainBatch(input_ids=torch.as_tensor(ids),  # [N, L]
-                      attention_mask=torch.as_tensor(attention_mask(keys)),  # [N, L]
-                      loss_mask=torch.as_tensor(label_mask(keys)))  # [N, L], position t -> token t+1
+    return LMBatch(input_ids=torch.as_tensor(ids),  # [N, L]
+                   attention_mask=torch.as_tensor(attention_mask(keys)),  # [N, L]
+                   loss_mask=torch.as_tensor(label_mask(keys)))  # [N, L], position t -> token t+1
 
 
 def build_initial_model(cfg: PretrainConfig, out_dir: Path, log: Callable[[str], None] = print) -> Path:
@@ -105,7 +105,8 @@ class _PretrainRun:
     model_dir: Path
     rank: int
     world: int
-    learner: Any
+    learner: Any  # the LearnerEngine
+    lm: Any  # the LM objective it trains with
     tokenizer: Any
     packer: Any
     label_tokens: dict[str, int]  # trained label tokens per source, since step 0
@@ -144,7 +145,7 @@ def run_pretrain(cfg: PretrainConfig, *, resume: bool = False, stop_after: int |
     elif rank == 0 and run.metrics_path.exists():
         run.metrics_path.unlink()  # a fresh run does not append to an old run's curve
     _train(run, stop_after=stop_after, progress=progress, log=log)
-    final_eval = evaluate_model(run.learner.model, run.tokenizer, cfg, device=run.learner.device, log=log)
+    final_eval = evaluate_model(run.learner.module, run.tokenizer, cfg, device=run.learner.device, log=log)
     return _write_summary(run, final_eval, wall_seconds=time.time() - start)
 
 
@@ -173,20 +174,19 @@ def _prepare(cfg: PretrainConfig, resume: bool, log: Callable[[str], None]) -> t
 
 
 def _start(cfg: PretrainConfig, run_dir: Path, model_dir: Path, rank: int, world: int) -> _PretrainRun:
-    """The DeepSpeed learner in LM mode (no reference), its tokenizer and the mixture's packer, at step 0."""
-    from learner.policy import PolicyLearner
+    """The learner engine with the LM objective (no reference), its tokenizer and the mixture's packer, at step 0."""
+    from learner.objectives.lm import build_lm
 
     o = cfg.optim
     lcfg = LearnerConfig(lr=o.lr, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps, grad_clip=o.grad_clip,
                          zero_stage=o.zero_stage, num_ranks=world, micro_batch_size=o.micro_batch_size,
                          backend=o.backend)
-    learner = PolicyLearner(model_dir, lcfg, rank=rank, world_size=world, seed=cfg.seed, with_reference=False,
-                            total_steps=o.steps)
-    tokenizer = learner.tokenizer
+    engine, lm = build_lm(model_dir, lcfg, rank=rank, world_size=world, seed=cfg.seed, total_steps=o.steps)
+    tokenizer = engine.tokenizer
     if tokenizer is None:
         raise UserError(f"{model_dir}: no tokenizer in the model folder; pre-training needs one")
     packer = build_packer(cfg.data, tokenizer, seed=cfg.seed)
-    return _PretrainRun(cfg=cfg, run_dir=run_dir, model_dir=model_dir, rank=rank, world=world, learner=learner,
+    return _PretrainRun(cfg=cfg, run_dir=run_dir, model_dir=model_dir, rank=rank, world=world, learner=engine, lm=lm,
                         tokenizer=tokenizer, packer=packer, label_tokens={n: 0 for n in packer.source.names})
 
 
@@ -237,7 +237,7 @@ def _train(run: _PretrainRun, *, stop_after: int | None, progress: bool, log: Ca
             src = source_of_key(keys)
             for i, n in enumerate(names):
                 run.label_tokens[n] += int((mask * (src == i)).sum())
-            m = run.learner.sft_step(batch)
+            m = run.learner.train_step(run.lm, batch)
             run.step += 1
             run.losses.append(m["loss"])
             now = time.time()
@@ -248,7 +248,7 @@ def _train(run: _PretrainRun, *, stop_after: int | None, progress: bool, log: Ca
             row.update({f"mixture/{n}": run.label_tokens[n] / total for n in names})  # realised share since step 0
             t_last = now
             if cfg.eval.eval_every and run.step % cfg.eval.eval_every == 0 and run.step < last:
-                ev = evaluate_model(run.learner.model, run.tokenizer, cfg, device=run.learner.device, log=log)
+                ev = evaluate_model(run.learner.module, run.tokenizer, cfg, device=run.learner.device, log=log)
                 run.evals.append({"step": run.step, **ev})
                 row.update({f"eval/{k}_loss": v["loss"] for k, v in ev["heldout"].items()})
             if writer is not None:

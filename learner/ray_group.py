@@ -1,4 +1,6 @@
-"""K learner ranks as Ray actors (one :class:`~learner.policy.PolicyLearner` each).
+"""K learner ranks as Ray actors (one learner each: :class:`~learner.policy.PolicyLearner`, or
+:class:`~learner.value.ValueLearner` for ``kind='value'`` — each a :class:`~learner.engine.LearnerEngine` composed
+with its objectives).
 
 The group picks rank 0's node address and a free port there, sets ``MASTER_ADDR``/``MASTER_PORT``,
 ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` in each actor, and initialises all ranks together.
@@ -18,11 +20,11 @@ import torch
 from dsmath import transports
 from dsmath.config import AlgorithmConfig, LearnerConfig
 from dsmath.errors import UserError
-from learner.batch import TrainBatch
+from learner.batch import Rows, TrainBatch, ValueBatch
 
 
 class LearnerRank:
-    """The actor body: owns one PolicyLearner. Public so tests and drivers can wrap it themselves."""
+    """The actor body: owns one learner (policy or value). Public so tests and drivers can wrap it themselves."""
 
     def __init__(self) -> None:
         self.learner = None
@@ -43,7 +45,7 @@ class LearnerRank:
         torch.set_num_threads(max(1, int(env.get("OMP_NUM_THREADS", "1"))))
         from learner.policy import PolicyLearner
 
-        if kind == "value":  # PPO's value model: the same DeepSpeed machinery around a scalar head
+        if kind == "value":  # PPO's value model: the same engine around a scalar head, the value objective
             from learner.value import ValueLearner
 
             self.learner = ValueLearner(model_dir, learner_cfg, rank=rank, world_size=world_size, seed=seed, **kwargs)
@@ -67,7 +69,7 @@ class LearnerRank:
         on_device = transports.info(transport).needs_gpu  # the sender packs on its GPU
         try:
             return self.learner.named_weights(on_device=on_device)
-        except TypeError:  # a learner whose named_weights has no on_device (value model, older learners)
+        except TypeError:  # a learner whose named_weights has no on_device (a stand-in in tests)
             return self.learner.named_weights()
 
     def sync_weights(self, version: int, receivers, cfg=None):
@@ -202,7 +204,7 @@ class LearnerGroup:
             refs = [a.call.remote(method, *args, **kwargs) for a in self.actors]
         return self._get(refs)
 
-    def _sharded(self, method: str, batch: TrainBatch) -> list:
+    def _sharded(self, method: str, batch: Rows) -> list:
         if batch.size % self.num_ranks:
             raise UserError(f"a batch of {batch.size} sequences does not split evenly over {self.num_ranks} learner ranks")
         shards = [batch.shard(r, self.num_ranks) for r in range(self.num_ranks)]
@@ -225,12 +227,12 @@ class LearnerGroup:
             refs = [a.call.remote("dpo_step", shard, beta) for a, shard in zip(self.actors, shards)]
         return self._get(refs)[0]
 
-    def values(self, batch: TrainBatch) -> torch.Tensor:
-        """A value group's (``kind='value'``) per-position values ``[N, T]``."""
+    def values(self, batch: Rows) -> torch.Tensor:
+        """A value group's (``kind='value'``) per-position values ``[N, T]`` of any batch's rows."""
         return torch.cat(self._sharded("values", batch))
 
-    def value_step(self, batch: TrainBatch) -> dict[str, float]:
-        """A value group's update: returns in ``batch.advantages``, old values in ``batch.old_logprobs``."""
+    def value_step(self, batch: ValueBatch) -> dict[str, float]:
+        """A value group's update on a :class:`~learner.batch.ValueBatch` (GAE returns, old values)."""
         return self._sharded("value_step", batch)[0]
 
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:

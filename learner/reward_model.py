@@ -1,5 +1,6 @@
-"""The reward-model learner: the policy learner's DeepSpeed engine, optimizer and checkpoints around a
-token-classification model (one label) trained with binary cross-entropy at labelled token positions.
+"""The reward-model learner: a :class:`learner.engine.LearnerEngine` on a token-classification model (one label)
+composed with :class:`learner.objectives.reward_model.RewardModelObjective` (binary cross-entropy at labelled token
+positions).
 
 Examples are dicts (they are also the JSONL history that iterative GRPO replays)::
 
@@ -8,28 +9,25 @@ Examples are dicts (they are also the JSONL history that iterative GRPO replays)
 ``positions`` are completion-token indices: the outcome RM has one, the completion's last token; the process RM
 has one per step end (``dsmath.reward_models.completion_step_ends``). The score for completion token k sits at
 sequence position ``len(prompt_ids) + k`` (the head reads tokens up to and including k), which is where
-``dsmath.rewards.model.RewardModelScorer`` reads it.
-
-Batches reuse ``learner.batch.TrainBatch`` so micro-batching, sharding and the DeepSpeed step are the policy's:
-for the RM, ``loss_mask`` marks the scored positions (at the token itself, not shifted by one as for logprobs)
-and ``advantages`` carries their 0/1 labels.
+``actors.reward_model.RewardModelScorer`` reads it. :func:`collate_rm_examples` builds the
+:class:`learner.batch.RewardModelBatch` (``score_mask`` at those positions, ``labels`` there).
 """
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from learner.batch import TrainBatch
-from learner.policy import PolicyLearner
+from learner.batch import RewardModelBatch
+from learner.engine import LearnerEngine, load_scalar_head
+from learner.objectives.reward_model import RewardModelObjective
 
 
-def collate_rm_examples(examples: Sequence[dict], pad_id: int) -> TrainBatch:
-    """Right-padded ``[N, T]`` batch with scored positions in ``loss_mask`` and labels in ``advantages``."""
+def collate_rm_examples(examples: Sequence[dict], pad_id: int) -> RewardModelBatch:
+    """Right-padded ``[N, T]`` batch with the scored positions in ``score_mask`` and their labels in ``labels``."""
     seqs = [list(e["prompt_ids"]) + list(e["completion_ids"]) for e in examples]
     t = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)  # [N, T]
@@ -47,63 +45,45 @@ def collate_rm_examples(examples: Sequence[dict], pad_id: int) -> TrainBatch:
                 raise ValueError(f"example {i}: position {k} outside its {len(s) - p} completion tokens")
             scored[i, p + k] = 1.0
             labels[i, p + k] = float(y)
-    return TrainBatch(input_ids=ids, attention_mask=attention, loss_mask=scored, advantages=labels)
+    return RewardModelBatch(input_ids=ids, attention_mask=attention, score_mask=scored, labels=labels)
 
 
-class RewardModelLearner(PolicyLearner):
-    """A reward model on the policy learner's DeepSpeed engine (same ZeRO set-up, same checkpoint layout).
+class RewardModelLearner:
+    """A reward model on DeepSpeed (same ZeRO set-up and checkpoint layout as the policy).
 
     ``model_dir`` is a policy folder (the head starts fresh: ``score`` is initialised by transformers) or an
     earlier reward-model folder/checkpoint (training continues from its weights; the optimizer starts fresh).
-    No reference model.
+    No reference model. Engine keyword arguments (``rank``, ``world_size``, ``seed``, ...) pass through.
     """
 
     def __init__(self, model_dir: str | Path, learner_cfg, **kwargs) -> None:
-        kwargs.setdefault("with_reference", False)
-        super().__init__(model_dir, learner_cfg, None, **kwargs)
+        if kwargs.pop("with_reference", False):
+            raise ValueError("a reward model has no reference")
+        self.engine = LearnerEngine(model_dir, learner_cfg, load_model=load_scalar_head, **kwargs)
+        self.objective = RewardModelObjective(self.engine.device)
 
-    def _load_model(self):
-        from transformers import AutoConfig, AutoModelForTokenClassification
+    rank = property(lambda self: self.engine.rank)
+    device = property(lambda self: self.engine.device)
+    tokenizer = property(lambda self: self.engine.tokenizer)
+    model = property(lambda self: self.engine.module)
 
-        config = AutoConfig.from_pretrained(str(self.model_dir), num_labels=1)
-        config.classifier_dropout = 0.0  # no dropout before the head: scores must not depend on train/eval mode
-        return AutoModelForTokenClassification.from_pretrained(str(self.model_dir), config=config, dtype=torch.float32)
-
-    def _scores(self, model, mb: TrainBatch) -> torch.Tensor:
-        mb = mb.to(self.device)
-        return model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[..., 0].float()  # [n, w]
-
-    def rm_step(self, batch: TrainBatch) -> dict[str, float]:
+    def rm_step(self, batch: RewardModelBatch) -> dict[str, float]:
         """One optimizer step of BCE-with-logits, averaged over all scored positions of the global batch."""
-        (normalizer,) = self._all_reduce([float(batch.loss_mask.sum())])
-        stats = {"correct": 0.0}
+        return self.engine.train_step(self.objective, batch)
 
-        def loss_fn(mb: TrainBatch):
-            logits = self._scores(self.engine, mb)  # [n, w]
-            mb = mb.to(self.device)
-            per_token = F.binary_cross_entropy_with_logits(logits, mb.advantages, reduction="none")  # [n, w]
-            loss = (per_token * mb.loss_mask).sum() / max(normalizer, 1.0)
-            with torch.no_grad():
-                hit = ((logits > 0).float() == mb.advantages).float() * mb.loss_mask  # [n, w]
-                stats["correct"] += float(hit.sum())
-            return loss, {}
-
-        loss, _ = self._run_step(batch, loss_fn)
-        (correct,) = self._all_reduce([stats["correct"]])
-        return {"loss": loss, "accuracy": correct / max(normalizer, 1.0), "labels": normalizer,
-                **self._common_metrics()}
-
-    @torch.no_grad()
-    def evaluate(self, batch: TrainBatch) -> dict[str, float]:
+    def evaluate(self, batch: RewardModelBatch) -> dict[str, float]:
         """Mean BCE and accuracy (score > 0.5) on this rank's batch, no update."""
-        self.engine.eval()
-        logits = self._scores(self.engine, batch)  # [N, T]
-        b = batch.to(self.device)
-        n = float(b.loss_mask.sum())
-        bce = F.binary_cross_entropy_with_logits(logits, b.advantages, reduction="none")  # [N, T]
-        hit = ((logits > 0).float() == b.advantages).float()  # [N, T]
-        return {"loss": float((bce * b.loss_mask).sum()) / max(n, 1.0),
-                "accuracy": float((hit * b.loss_mask).sum()) / max(n, 1.0), "labels": n}
+        self.engine.ds.eval()
+        return self.objective.evaluate(self.engine.ds, batch)
+
+    def named_weights(self, on_device: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        return self.engine.named_weights(on_device=on_device)
+
+    def save_checkpoint(self, path: str | Path, extra: dict | None = None, tokenizer=None) -> Path:
+        return self.engine.save_checkpoint(path, extra, tokenizer)
+
+    def load_checkpoint(self, path: str | Path) -> dict:
+        return self.engine.load_checkpoint(path)
 
 
 def train_reward_model(learner: RewardModelLearner, examples: Sequence[dict], *, epochs: int, batch_size: int,

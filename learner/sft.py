@@ -129,7 +129,7 @@ def run_sft(
 
     from dsmath.config import LearnerConfig
     from dsmath.utils.metrics import MetricsWriter
-    from learner.policy import PolicyLearner
+    from learner.objectives.lm import build_lm
 
     start = time.time()
     exs = [e if isinstance(e, SFTExample) else example_from_record(e, fmt) for e in examples]
@@ -153,7 +153,7 @@ def run_sft(
     warmup = warmup_steps if warmup_steps is not None else max(0, steps // 20)
     cfg = LearnerConfig(lr=lr, warmup_steps=warmup, grad_clip=1.0, zero_stage=0,
                         micro_batch_size=micro_batch_size or batch_size)
-    learner = PolicyLearner(model_dir, cfg, seed=seed, with_reference=False, total_steps=steps)
+    engine, lm = build_lm(model_dir, cfg, seed=seed, total_steps=steps)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     rng = random.Random(seed)
@@ -169,7 +169,7 @@ def run_sft(
                     order = list(range(len(usable)))
                     rng.shuffle(order)
                 rows.append(usable[order.pop()])
-            m = learner.sft_step(build_batch(rows, pad_id, max_length))
+            m = engine.train_step(lm, build_batch(rows, pad_id, max_length))
             losses.append(m["loss"])
             tokens_trained += int(m["tokens"])
             bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
@@ -182,7 +182,7 @@ def run_sft(
             writer.close()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    learner.model.save_pretrained(str(out_dir), safe_serialization=True)
+    engine.module.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
     wall = time.time() - start
     every = max(1, steps // 50)

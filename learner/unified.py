@@ -23,7 +23,7 @@ import torch
 
 from dsmath import algorithms
 from dsmath.config import AlgorithmConfig, TrainConfig
-from learner.batch import TrainBatch
+from learner.batch import TrainBatch, ValueBatch
 
 
 def _per_row(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -97,8 +97,8 @@ class PPOLearner(_Wrapper):
             adv = algorithms.whiten(adv, mask)  # [N, T]
         metrics = self.group.grpo_step(dataclasses.replace(batch, advantages=adv, ref_logprobs=None))
         t2 = time.perf_counter()
-        value_metrics = self.value.value_step(dataclasses.replace(batch, advantages=returns, old_logprobs=values,
-                                                                  ref_logprobs=None))
+        value_metrics = self.value.value_step(ValueBatch(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                                         loss_mask=mask, returns=returns, old_values=values))
         t3 = time.perf_counter()
         sel = mask > 0
         metrics.update(value_metrics)

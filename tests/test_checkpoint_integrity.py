@@ -141,13 +141,13 @@ def test_a_failed_save_leaves_no_manifest_and_no_directory(saved, tmp_path):
     """The manifest is written by publish, after every file: a save that dies before it leaves nothing."""
     model_dir, _root, _ = saved
     learner = make_learner(model_dir)
-    real_write = learner._write_checkpoint
+    real_write = learner.engine._write_checkpoint
 
     def crash(tmp, extra, tok):
         real_write(tmp, extra, tok)
         raise OSError("node lost power")
 
-    learner._write_checkpoint = crash
+    learner.engine._write_checkpoint = crash
     with pytest.raises(OSError, match="node lost power"):
         learner.save_checkpoint(tmp_path / "ck" / "step-000001", {"step": 1})
     assert list((tmp_path / "ck").iterdir()) == []

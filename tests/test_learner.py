@@ -208,16 +208,16 @@ def test_checkpoint_is_hf_loadable_atomic_and_survives_a_failed_save(model_dir, 
     assert json.loads((good / "trainer_state.json").read_text())["extra"] == {"step": 1}
 
     learner.grpo_step(rl_batch(learner, 6))
-    real_write = learner._write_checkpoint
+    real_write = learner.engine._write_checkpoint
 
     def crash_midway(tmp, extra, tok):
         (tmp / "model.safetensors").write_bytes(b"partial")
         raise OSError("disk full")
 
-    learner._write_checkpoint = crash_midway
+    learner.engine._write_checkpoint = crash_midway
     with pytest.raises(OSError, match="disk full"):
         learner.save_checkpoint(run / "step_2", {"step": 2})
-    learner._write_checkpoint = real_write
+    learner.engine._write_checkpoint = real_write
     assert (run / "latest").read_text().strip() == "step_1"
     assert sorted(p.name for p in run.iterdir()) == ["latest", "step_1"]  # no half-written step_2, no temp dir
     fresh = make_learner(model_dir)

@@ -85,6 +85,7 @@ def test_dpo_loss_is_log_two_when_the_policy_is_the_reference(model_dir):
 def test_value_learner_is_causal_and_fits_returns(model_dir):
     from dataclasses import replace
 
+    from learner.batch import ValueBatch
     from learner.value import ValueLearner
 
     learner = ValueLearner(model_dir, LearnerConfig(lr=3e-3, zero_stage=1, micro_batch_size=3), seed=0, value_clip=0.0)
@@ -99,8 +100,11 @@ def test_value_learner_is_causal_and_fits_returns(model_dir):
     assert torch.allclose(values[0, :last], v2[0, :last], atol=1e-6)
     assert not torch.allclose(values[0, last], v2[0, last])
     returns = torch.linspace(-1, 1, batch.input_ids.shape[1])[None, :].expand_as(values) * batch.loss_mask  # [N, T]
-    target = replace(batch, advantages=returns.contiguous(), old_logprobs=values)
+    target = ValueBatch(input_ids=batch.input_ids, attention_mask=batch.attention_mask, loss_mask=batch.loss_mask,
+                        returns=returns.contiguous(), old_values=values)
+    with pytest.raises(TypeError, match="needs a ValueBatch"):  # a policy batch's advantages are not returns
+        learner.value_step(replace(batch, advantages=returns.contiguous(), old_logprobs=values))
     first = learner.value_step(target)
     for _ in range(30):
-        last_m = learner.value_step(replace(target, old_logprobs=learner.values(batch)))
+        last_m = learner.value_step(replace(target, old_values=learner.values(batch)))
     assert last_m["value/loss"] < 0.25 * first["value/loss"], (first, last_m)

@@ -33,7 +33,7 @@ def test_chunked_logprobs_equal_the_full_logits_values_and_gradients(model_dir):
     full-logits learner's to 1e-6 (float32)."""
     full, m_full, g_full = _first_step_gradients(model_dir)
     chunked, m_chunk, g_chunk = _first_step_gradients(model_dir, logprob_chunk_tokens=5)
-    assert full._chunk_tokens == 0 and chunked._chunk_tokens == 5
+    assert full.token_logprobs.chunk_tokens == 0 and chunked.token_logprobs.chunk_tokens == 5
     assert m_chunk["loss"] == pytest.approx(m_full["loss"], abs=1e-6)
     assert m_chunk["entropy"] == pytest.approx(m_full["entropy"], abs=1e-6) and m_full["entropy"] > 1.0
     scale = max(float(g.abs().max()) for g in g_full)
@@ -61,18 +61,18 @@ def test_chunked_logprobs_under_zero3_train_like_the_full_logits(model_dir):
 
 def test_post_processed_logits_fall_back_to_the_full_logits(model_dir):
     """A model whose logits are not lm_head(hidden) is detected (numerically) and trained on its own logits."""
-    from learner import policy
+    from learner.logprobs import head_unsupported, probe_head
 
     learner = make_learner(model_dir, logprob_chunk_tokens=4)
-    assert policy._head_unsupported(learner.engine.module) is None and learner._probe_head() is None
+    assert head_unsupported(learner.engine.module) is None and probe_head(learner.engine.module, learner.device) is None
     handle = learner.engine.module.register_forward_hook(lambda _m, _a, out: out.__setitem__("logits", out.logits * 0.5))
     try:
-        assert "post-processed" in learner._probe_head()
+        assert "post-processed" in probe_head(learner.engine.module, learner.device)
     finally:
         handle.remove()
     learner.engine.module.config.final_logit_softcapping = 30.0  # Gemma-2's switch
     try:
-        assert "final_logit_softcapping=30.0" in policy._head_unsupported(learner.engine.module)
+        assert "final_logit_softcapping=30.0" in head_unsupported(learner.engine.module)
     finally:
         del learner.engine.module.config.final_logit_softcapping
 
@@ -89,9 +89,9 @@ def test_checkpointed_gradients_equal_unchecked_ones_and_keep_fewer_activations(
 
     def saved_numel(learner) -> int:
         sizes = []
-        learner.engine.train()
+        learner.engine.ds.train()
         with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
-            learner._logprobs(learner.engine, rl_batch(learner, 9))
+            learner._logprobs(learner.engine.ds, rl_batch(learner, 9))
         return sum(sizes)
 
     assert saved_numel(ckpt) < 0.5 * saved_numel(plain)
@@ -141,7 +141,7 @@ def test_all_switches_train_and_resume_exactly(model_dir, tmp_path, zero_stage):
     taken after step 2 reproduces steps 3–4 bit for bit (losses and final weights)."""
     switches = dict(zero_stage=zero_stage, precision="bf16", gradient_checkpointing=True, logprob_chunk_tokens=6)
     a = make_learner(model_dir, **switches)
-    assert a._chunk_tokens == 6 and a.engine.module.is_gradient_checkpointing
+    assert a.token_logprobs.chunk_tokens == 6 and a.engine.module.is_gradient_checkpointing
     losses_a = []
     for step in range(4):
         batch = rl_batch(a, 100 + step)

@@ -153,19 +153,19 @@ def warm_up(model_dir: Path, examples: list[dict], boot: BootstrapConfig, *, log
 
     from dsmath.config import LearnerConfig
     from learner.batch import collate_rollouts
-    from learner.policy import PolicyLearner
+    from learner.objectives.lm import build_lm
 
     threads = torch.get_num_threads()
     # One thread: two OpenMP threads next to any other busy process run 20-30x slower on 2 cores.
     torch.set_num_threads(1)
     try:
-        learner = PolicyLearner(
+        engine, lm = build_lm(
             model_dir,
             LearnerConfig(lr=boot.sft_lr, warmup_steps=20, zero_stage=0, micro_batch_size=boot.sft_batch_size,
                           weight_decay=0.0),
-            rank=0, world_size=1, seed=boot.seed, with_reference=False, total_steps=boot.sft_steps,
+            rank=0, world_size=1, seed=boot.seed, total_steps=boot.sft_steps,
         )
-        tok = learner.tokenizer
+        tok = engine.tokenizer
         eos = tok.eos_token_id
         encoded = [(tok(e["prompt"])["input_ids"], tok(e["response"])["input_ids"] + [eos]) for e in examples]
         rng = random.Random(boot.seed)
@@ -173,10 +173,10 @@ def warm_up(model_dir: Path, examples: list[dict], boot: BootstrapConfig, *, log
         for step in tqdm(range(boot.sft_steps), desc="bootstrap sft", unit="step", mininterval=2.0):
             picks = [encoded[rng.randrange(len(encoded))] for _ in range(boot.sft_batch_size)]
             batch = collate_rollouts([p for p, _ in picks], [c for _, c in picks], pad_id=tok.pad_token_id)
-            metrics = learner.sft_step(batch)
+            metrics = engine.train_step(lm, batch)
             if step % 50 == 0 or step == boot.sft_steps - 1:
                 curve.append((step, round(metrics["loss"], 4)))
-        learner.model.save_pretrained(str(model_dir), safe_serialization=True)
+        engine.module.save_pretrained(str(model_dir), safe_serialization=True)
         log(f"bootstrap: SFT loss {curve[0][1]} -> {curve[-1][1]}")
         return {"loss_curve": curve, "steps": boot.sft_steps, "lr": boot.sft_lr, "batch_size": boot.sft_batch_size}
     finally:
