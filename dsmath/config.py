@@ -154,6 +154,8 @@ class RewardConfig:
     correct_reward: float = 1.0
     incorrect_reward: float = 0.0
     format_penalty: float = 0.0
+    # HOST:PORT of `dsmath sandbox serve` (token from $DSMATH_SANDBOX_TOKEN): PoT rewards and tool calls
+    # (rollout.mode=tool) run there; empty = a sandbox pool in each reward worker / generator process.
     sandbox_address: str = ""
     # Reward models (actors/reward_model.py): empty model_path = rule rewards only; otherwise each of the
     # num_workers reward actors grades by rule and scores with the model.
