@@ -107,7 +107,6 @@ class Generator:
         self.sandbox_timeout_s = sandbox_timeout_s
         self.sandbox_address = sandbox_address
         self._sandbox = None  # the runner tool calls use, made on the first call
-        self.tool_calls = 0  # programs run for tool calls, by this generator
         # Device buckets stream into the engine only where it runs in this process (one GPU, the "uni" executor).
         in_process = not self.on_gpu or self.rollout.tensor_parallel_size == 1
         self._receiver = BucketReceiver(generator_id, device=("cuda" if self.on_gpu else "cpu"),
@@ -237,7 +236,6 @@ class Generator:
                 if attempt == TOOL_ATTEMPTS - 1:
                     raise
                 time.sleep(0.2 * (attempt + 1))
-        self.tool_calls += 1
         return format_tool_output(result)
 
     def _generate_tool(self, requests: Sequence[GenerationRequest]) -> list[Rollout]:
