@@ -27,9 +27,12 @@ a complete one. With tensor parallelism > 1 device buckets are staged in host me
 other processes).
 
 Tool mode (``RolloutConfig.mode == "tool"``): generation stops at "```output"; the last ```python block runs in
-``dsmath.sandbox``; its ```output block is appended (``loss_mask`` 0, ``logprobs`` 0.0 for those tokens) and
-generation continues from the token ids so far, at most ``max_tool_rounds`` times, within ``max_new_tokens``
-model-generated tokens in total.
+``dsmath.sandbox`` (this process's pool, or the gRPC sandbox service at ``sandbox_address``, e.g.
+``reward.sandbox_address``; token from $DSMATH_SANDBOX_TOKEN); its ```output block is appended (``loss_mask`` 0,
+``logprobs`` 0.0 for those tokens) and generation continues from the token ids so far, at most ``max_tool_rounds``
+times, within ``max_new_tokens`` model-generated tokens in total. A sandbox failure (not the program's: the
+service unreachable or busy) is retried ``TOOL_ATTEMPTS`` times, then the ``generate`` call raises: a made-up
+output block is never trained on.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from dsmath.weight_receiver import BucketReceiver
 from dsmath.weight_wire import BucketLayout, StaleWeightVersion, WeightSyncError
 
 TOOL_STOP = "```output"
+TOOL_ATTEMPTS = 3  # runs of one tool call before a failing sandbox fails the generate call
 
 
 def _configure_cpu_env(rollout: RolloutConfig) -> None:
@@ -74,6 +78,7 @@ class Generator:
         weight_version: int = 0,
         device: str = "auto",
         sandbox_timeout_s: float = 5.0,
+        sandbox_address: str = "",
     ):
         import torch
 
@@ -103,6 +108,8 @@ class Generator:
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.sandbox_timeout_s = sandbox_timeout_s
+        self.sandbox_address = sandbox_address
+        self._sandbox = None  # the runner tool calls use, made on the first call
         # Device buckets stream into the engine only where it runs in this process (one GPU, the "uni" executor).
         in_process = not self.on_gpu or self.rollout.tensor_parallel_size == 1
         self._receiver = BucketReceiver(generator_id, device=("cuda" if self.on_gpu else "cpu"),
@@ -219,9 +226,19 @@ class Generator:
 
     def _run_tool(self, code: str) -> str:
         """The ```output block (with its fences) for ``code``."""
-        from dsmath.sandbox import format_tool_output, run
+        from dsmath.sandbox import SandboxError, format_tool_output, runner_for
 
-        result = run(code, timeout_s=self.sandbox_timeout_s, memory_mb=512, max_output_bytes=16 * 1024)
+        for attempt in range(TOOL_ATTEMPTS):
+            try:
+                if self._sandbox is None:
+                    self._sandbox = runner_for(self.sandbox_address)
+                result = self._sandbox.run(code, timeout_s=self.sandbox_timeout_s, memory_mb=512,
+                                           max_output_bytes=16 * 1024)
+                break
+            except SandboxError:  # the sandbox failed, not the program: a busy service gets a moment
+                if attempt == TOOL_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
         return format_tool_output(result)
 
     def _generate_tool(self, requests: Sequence[GenerationRequest]) -> list[Rollout]:

@@ -235,7 +235,7 @@ def run_iterations(cfg, runner, out, pool, heldout, seed, report) -> list[dict]:
         negs_before = set(extra_negatives)
         extra_negatives |= {i for i, v in verdicts.items() if v == "not_math"} - seed
         negatives_exclude |= added
-        overlap = len(kept & prev_kept) / len(kept) if prev_kept else None
+        overlap = len(kept & prev_kept) / len(kept) if prev_kept and kept else None
         label_of = {r["id"]: r["label"] for r in s_pool}
         rec = {
             "iteration": it, "seed_pages": len(seed), "negatives": len(negs), "train_seconds": round(train_s, 2),
@@ -257,12 +257,9 @@ def run_iterations(cfg, runner, out, pool, heldout, seed, report) -> list[dict]:
         write_reports(out, report)
         final_kept = kept
         seed = seed | added
-        if overlap is not None and overlap >= cfg.iterate.stop_overlap:
-            rec["stopped"] = f"overlap {overlap:.3f} >= {cfg.iterate.stop_overlap}"
-        elif not added and negs_before == extra_negatives:
-            # Same seed and negatives would retrain the same model and keep the same pages.
-            rec["stopped"] = "the seed did not grow (no newly annotated math pages)"
-        if "stopped" in rec:
+        reason = stop_reason(cfg, it, overlap, grew=bool(added) or negs_before != extra_negatives)
+        if reason:
+            rec["stopped"] = reason
             write_reports(out, report)
             break
         prev_kept = kept
@@ -280,6 +277,22 @@ def run_iterations(cfg, runner, out, pool, heldout, seed, report) -> list[dict]:
 
 
 _URL_CACHE: dict[int, dict[str, str]] = {}
+
+
+def stop_reason(cfg: CorpusConfig, iteration: int, overlap: float | None, *, grew: bool) -> str | None:
+    """Why the loop stops after ``iteration`` (recorded as the iteration's ``stopped``), or None to go on.
+
+    In order: saturation (the paper stopped when ~98% of an iteration's pages had been collected by the previous
+    one: ``overlap`` = |kept ∩ previous kept| / |kept| ≥ ``iterate.stop_overlap``; None in the first iteration);
+    nothing new to learn from (no page was newly annotated math or not-math, so the next classifier would differ
+    only by its random negatives); ``iterate.max_iterations`` reached."""
+    if overlap is not None and overlap >= cfg.iterate.stop_overlap:
+        return f"saturated: overlap {overlap:.3f} >= {cfg.iterate.stop_overlap}"
+    if not grew:
+        return "the seed did not grow (no newly annotated pages)"
+    if iteration >= cfg.iterate.max_iterations:
+        return f"iterate.max_iterations={cfg.iterate.max_iterations} reached"
+    return None
 
 
 def text_url(pool: list[dict], pid: str) -> str:

@@ -156,6 +156,8 @@ class RewardConfig:
     correct_reward: float = 1.0
     incorrect_reward: float = 0.0
     format_penalty: float = 0.0
+    # HOST:PORT of `dsmath sandbox serve` (token from $DSMATH_SANDBOX_TOKEN): PoT rewards and tool calls
+    # (rollout.mode=tool) run there; empty = a sandbox pool in each reward worker / generator process.
     sandbox_address: str = ""
     # Which reward (dsmath/rewards/, one file per kind): auto = combined when model_path is set or
     # algorithm.advantage=process, else sandbox for rollout.mode=pot, else rule.

@@ -117,6 +117,52 @@ def test_cli_corpus_run_two_iterations_writes_report_plot_and_prints_precision_r
     assert "holds a run made with different settings (dedup)" in capsys.readouterr().err
 
 
+# The demo pool at 70 pages per source: after iteration 1 discovers the math hosts, iteration 2 keeps 103 pages
+# of which 99 (0.961) iteration 1 kept too. With ~100 pages one page is ~1%, so the paper's 0.98 (millions of
+# pages) is 0.95 here.
+SATURATING = ["input.max_pages_per_source=70", "classifier.dim=32", "classifier.epoch=10", "classifier.lr=0.5",
+              "select.token_budget_fraction=0.3", "iterate.max_iterations=4", "runner.progress=false"]
+
+
+@needs_shared
+def test_cli_corpus_run_stops_when_the_kept_pages_saturate(tmp_path, capsys):
+    from wiring.cli import main
+
+    def run(out, stop_overlap):
+        assert main(["corpus", "run", "--config", "corpus_demo", f"input.demo_data_dir={SHARED}", f"out_dir={out}",
+                     *SATURATING, f"iterate.stop_overlap={stop_overlap}"]) == 0
+        return json.loads((out / "report.json").read_text()), capsys.readouterr().out
+
+    report, printed = run(tmp_path / "a", 0.95)
+    assert [it["iteration"] for it in report["iterations"]] == [1, 2]  # of max_iterations=4
+    first, second = report["iterations"]
+    assert first["overlap_with_previous"] is None and "stopped" not in first and first["seed_added"] > 0
+    assert second["seed_pages"] == first["seed_pages"] + first["seed_added"]
+    assert (second["kept_pages"], second["overlap_with_previous"]) == (103, pytest.approx(99 / 103))
+    assert second["stopped"] == "saturated: overlap 0.961 >= 0.95"
+    assert "stopped after iter 2: saturated: overlap 0.961 >= 0.95" in printed
+    assert report["final"]["pages"] == 103  # the corpus is the saturated iteration's kept pages
+    # The same pages under the paper's 0.98 are not saturated: that run goes on to its next stop rule.
+    report, _ = run(tmp_path / "b", 0.98)
+    assert [it["overlap_with_previous"] for it in report["iterations"]] == [None, pytest.approx(99 / 103)]
+    assert report["iterations"][-1]["stopped"] == "the seed did not grow (no newly annotated pages)"
+
+
+def test_stop_rules_in_order_saturation_then_no_new_annotations_then_max_iterations():
+    from dataclasses import replace
+
+    from data_pipeline.config import IterateConfig, load_corpus_config
+    from data_pipeline.pipeline import stop_reason
+
+    cfg = replace(load_corpus_config("corpus_demo", []), iterate=IterateConfig(max_iterations=3, stop_overlap=0.98))
+    assert stop_reason(cfg, 1, None, grew=True) is None
+    assert stop_reason(cfg, 2, 0.979, grew=True) is None
+    assert stop_reason(cfg, 2, 0.98, grew=True) == "saturated: overlap 0.980 >= 0.98"
+    assert stop_reason(cfg, 2, 0.99, grew=False) == "saturated: overlap 0.990 >= 0.98"
+    assert stop_reason(cfg, 1, None, grew=False) == "the seed did not grow (no newly annotated pages)"
+    assert stop_reason(cfg, 3, 0.5, grew=True) == "iterate.max_iterations=3 reached"
+
+
 def test_cli_corpus_errors_are_one_line(capsys):
     from wiring.cli import main
 

@@ -557,3 +557,43 @@ def test_job_lookup_with_no_dashboard_is_one_line() -> None:
     assert line.startswith(f"dsmath status: error: no Ray job server answers at http://127.0.0.1:{port}"), line
     out = dsmath_cli("--job", "raysubmit_x")
     assert out.returncode == 2 and "--job needs --address" in out.stderr
+
+
+def test_job_lookups_wait_for_a_job_that_is_not_up_yet_and_only_for_that() -> None:
+    """``--wait``: a pending / still-setting-up job (JobNotReady) or a live job's silent server is retried until
+    the deadline; any other error is raised at once; ``--wait`` without ``--job`` is a one-line error."""
+    import time
+
+    from dsmath.errors import UserError
+    from dsmath.status.client import StatusUnreachable
+    from wiring.commands.status import waiting
+    from wiring.observability import JobNotReady
+
+    failures = [JobNotReady("pending"), StatusUnreachable("not answering"), JobNotReady("no endpoint yet")]
+    calls: list[float] = []
+
+    def flaky():  # fault injection: the job comes up on the fourth lookup
+        calls.append(time.monotonic())
+        if failures:
+            raise failures.pop(0)
+        return "snapshot"
+
+    assert waiting(flaky, 5.0, 0.05) == "snapshot" and len(calls) == 4
+    assert all(b - a >= 0.05 for a, b in zip(calls, calls[1:]))  # retried every interval, not in a busy loop
+    started = time.monotonic()
+    with pytest.raises(JobNotReady, match="still pending"):
+        waiting(lambda: (_ for _ in ()).throw(JobNotReady("still pending")), 0.3, 0.05)
+    assert 0.2 <= time.monotonic() - started < 2.0
+    with pytest.raises(JobNotReady):  # --wait 0: one lookup
+        waiting(lambda: (_ for _ in ()).throw(JobNotReady("x")), 0.0, 0.05)
+    calls.clear()
+
+    def wrong_token():
+        calls.append(0.0)
+        raise UserError("rejected the request (wrong token)")
+
+    with pytest.raises(UserError, match="wrong token"):
+        waiting(wrong_token, 5.0, 0.05)
+    assert len(calls) == 1  # not something waiting fixes
+    out = dsmath_cli("--address", "127.0.0.1:1", "--wait", "10")
+    assert out.returncode == 2 and out.stderr.strip() == "dsmath status: error: --wait S needs --job and S >= 0"

@@ -218,7 +218,8 @@ def start_actor_pools(cfg: TrainConfig, task: TaskData, state: RunState, resume_
 
     def start_generator(i: int, version: int):
         return gen_cls.options(**roles.get("generator", {}), **placement.generator(i)).remote(
-            gen_model, cfg.rollout, generator_id=f"generator-{i}", seed=cfg.seed + i, weight_version=version)
+            gen_model, cfg.rollout, generator_id=f"generator-{i}", seed=cfg.seed + i, weight_version=version,
+            sandbox_address=cfg.reward.sandbox_address)  # tool calls (rollout.mode=tool) run where PoT rewards do
 
     def restart_generator(i: int):
         """A replacement for dead generator i, brought to the learner's current version before it samples."""

@@ -37,11 +37,16 @@ _RESTART_KEYS = {"faults/generator_restarts": "generator", "faults/reward_worker
 
 
 class JobNotRunning(UserError):
-    """The submitted job is not running (finished, failed, stopped, or still pending); ``state``: Ray's, lowercase."""
+    """The submitted job has ended (succeeded, failed or stopped); ``state``: Ray's, lowercase."""
 
     def __init__(self, message: str, state: str) -> None:
         super().__init__(message)
         self.state = state
+
+
+class JobNotReady(UserError):
+    """The submitted job has not put up its status server yet (still pending, or running but not yet past set-up):
+    a later lookup may succeed (``dsmath status --job ... --wait S``)."""
 
 
 @dataclass(frozen=True)
@@ -175,7 +180,8 @@ def start_status(cfg: TrainConfig, run_dir: Path) -> Observability:
 def find_job_endpoint(job_id: str, dashboard: str) -> StatusEndpoint:
     """The status endpoint of Ray job ``job_id`` (submission id or job id) on the cluster whose dashboard/job server
     is ``dashboard`` (``http://HEAD:8265``), through the Ray Jobs API. One-line errors: dashboard unreachable, no
-    such job, job not running (:class:`JobNotRunning`), job running but no status line (yet)."""
+    such job, job ended (:class:`JobNotRunning`), job pending or running but no status line yet
+    (:class:`JobNotReady`)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     try:
@@ -186,18 +192,19 @@ def find_job_endpoint(job_id: str, dashboard: str) -> StatusEndpoint:
         info = client.get_job_info(job_id)
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"Ray job {job_id!r} not found at {dashboard} ({_first_line(exc)})") from None
+    state = info.status.value.lower()
+    if info.status != JobStatus.RUNNING and not info.status.is_terminal():
+        raise JobNotReady(f"Ray job {job_id} is {state}: it has not started yet; retry in a few seconds (or --wait S)")
     if info.status != JobStatus.RUNNING:
-        hint = ("its status server is gone; `dsmath status RUN_DIR` on the driver's node shows the final figures"
-                if info.status.is_terminal() else "it has not started yet; retry in a few seconds")
-        state = info.status.value.lower()
-        raise JobNotRunning(f"Ray job {job_id} is {state}: {hint}", state)
+        raise JobNotRunning(f"Ray job {job_id} is {state}: its status server is gone; `dsmath status RUN_DIR` on "
+                            f"the driver's node shows the final figures", state)
     endpoint = None
     for line in client.get_job_logs(job_id).splitlines():
         if line.startswith(ENDPOINT_MARKER):
             endpoint = StatusEndpoint.from_json(line[len(ENDPOINT_MARKER):])  # the last one wins (a resumed run)
     if endpoint is None:
-        raise UserError(f"Ray job {job_id} is running but has not printed its status endpoint yet (still setting "
-                        f"up, or not a `dsmath train` job); retry in a few seconds")
+        raise JobNotReady(f"Ray job {job_id} is running but has not printed its status endpoint yet (still setting "
+                          f"up, or not a `dsmath train` job); retry in a few seconds (or --wait S)")
     return endpoint
 
 

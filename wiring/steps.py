@@ -68,6 +68,18 @@ def rollout_metrics(rollouts: list[Rollout], results: list[RewardResult], group_
     }
 
 
+def tool_metrics(rollouts: list[Rollout]) -> dict:
+    """Tool-integrated rollouts (``rollout.mode=tool``): the step's tool calls (``output`` blocks the sandbox
+    wrote into completions: runs of ``loss_mask`` 0) and their tokens, which the learner never trains on. Both 0.0
+    in the other modes."""
+    calls = tokens = 0
+    for r in rollouts:
+        mask = r.loss_mask or ()
+        tokens += sum(1 for m in mask if not m)
+        calls += sum(1 for i, m in enumerate(mask) if not m and (i == 0 or mask[i - 1]))
+    return {"rollout/tool_calls": float(calls), "rollout/tool_output_tokens": float(tokens)}
+
+
 def verifier_metrics(results: list[RewardResult]) -> dict:
     """The verifier audit of the step's trained samples: no-answer parses and grader timeouts (rates over all),
     and the second check's disagreement (``reward.audit_fraction``; the rate is over the audited samples, 0.0
@@ -119,6 +131,7 @@ def step_row(samples, train_metrics: dict, timings: dict, *, group_size: int, st
     rollouts, results = samples.rollouts, samples.results
     row = rollout_metrics(rollouts, results, group_size)
     row.update(verifier_metrics(results))
+    row.update(tool_metrics(rollouts))
     row.update({k if "/" in k else f"train/{k}": v for k, v in train_metrics.items()})
     row.update(samples.timings)
     row.update(timings)

@@ -112,6 +112,8 @@ def _run(args: argparse.Namespace) -> int:
               f"recall {h['recall']:.3f} (P(math)>=0.5), at the budget cut {it['budget_score_cut']:.3f}: precision "
               f"{hc['precision']:.3f} recall {hc['recall']:.3f}; recall of non-seed math pages in the pool "
               f"{it['corpus_recall_nonseed_math']:.3f}; flagged domains {it['flagged_domains']}")
+        if it.get("stopped"):
+            print(f"stopped after iter {it['iteration']}: {it['stopped']}")
     print(f"final corpus: {report['final']['pages']} pages, {report['final']['tokens']} tokens -> "
           f"{cfg.out_dir}/corpus/ ; report: {cfg.out_dir}/report.md, report.png")
     return 0

@@ -18,9 +18,10 @@ examples:
   echo 'import sympy; print(sympy.factor("x**2-1"))' | dsmath sandbox run -
   dsmath sandbox run prog.py --timeout 2
 
-Reward workers use it with reward.sandbox_address=HOST:PORT (token from DSMATH_SANDBOX_TOKEN, at least
-16 characters, no whitespace). The server's --max-* flags cap what a request may ask for. SIGTERM drains:
-admitted calls finish, new ones are refused, then the server exits.
+Reward workers (PoT) and generators (rollout.mode=tool) use it with reward.sandbox_address=HOST:PORT
+(token from DSMATH_SANDBOX_TOKEN, at least 16 characters, no whitespace). The server's --max-* flags cap
+what a request may ask for. SIGTERM drains: admitted calls finish, new ones are refused, then the server
+exits.
 """
 
 
