@@ -166,7 +166,7 @@ def run_pipeline(cfg: CorpusConfig) -> dict:
 
         pool, heldout, seed = split(cfg, rows)
         report["stages"]["split"] = {"pool": len(pool), "heldout": len(heldout), "seed": len(seed)}
-        iterations = run_iterations(cfg, runner, out, pool, heldout, seed, report)
+        run_iterations(cfg, runner, out, pool, heldout, seed, report)
     write_reports(out, report)
     return report
 
