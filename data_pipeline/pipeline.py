@@ -266,11 +266,11 @@ def run_iterations(cfg, runner, out, pool, heldout, seed, report) -> list[dict]:
     corpus = [{"id": r["id"], "url": r["url"], "text": r["text"], "score": r["score"]} for r in s_pool
               if r["id"] in final_kept]
     corpus.sort(key=lambda r: (-r["score"], r["id"]))
-    from data_pipeline.runner import _write_shard
+    from data_pipeline.runner import write_shard
 
     (out / "corpus").mkdir(exist_ok=True)
     for k in range(0, len(corpus), cfg.runner.shard_size):
-        _write_shard(out / "corpus" / f"shard-{k // cfg.runner.shard_size:05d}.parquet",
+        write_shard(out / "corpus" / f"shard-{k // cfg.runner.shard_size:05d}.parquet",
                      corpus[k : k + cfg.runner.shard_size])
     report["final"] = {"pages": len(corpus), "tokens": int(sum(len(r["text"].split()) for r in corpus))}
     return report["iterations"]

@@ -20,7 +20,7 @@ from typing import Callable
 StageFn = Callable[..., list[dict]]
 
 
-def _write_shard(path: Path, rows: list[dict]) -> None:
+def write_shard(path: Path, rows: list[dict]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -117,7 +117,7 @@ class Runner:
                 batch = shards[k][i : i + self.batch_size]
                 out.extend(fn(batch, **kwargs))
                 bar.update(len(batch))
-            _write_shard(paths[k], out)
+            write_shard(paths[k], out)
         bar.close()
 
     def _ensure_ray(self) -> None:
@@ -159,4 +159,4 @@ class Runner:
                 k, i = r.pop("_shard"), r.pop("_pos")
                 results[k].append((i, r))
         for k in todo:
-            _write_shard(paths[k], [r for _, r in sorted(results[k], key=lambda x: x[0])])
+            write_shard(paths[k], [r for _, r in sorted(results[k], key=lambda x: x[0])])

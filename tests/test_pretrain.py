@@ -202,15 +202,15 @@ def test_reads_the_corpus_pipelines_parquet_output_folder(tmp_path, tokenizer):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from data_pipeline.runner import _write_shard  # the writer `dsmath corpus run` uses for OUT/corpus/
+    from data_pipeline.runner import write_shard  # the writer `dsmath corpus run` uses for OUT/corpus/
 
     out = tmp_path / "corpus"
     out.mkdir()
     pages = [{"id": f"p{i}", "url": f"https://math.example/{i}", "text": f"page {i} $x^{i}$", "score": 0.9}
              for i in range(5)]
-    _write_shard(out / "shard-00000.parquet", pages[:3])
-    _write_shard(out / "shard-00001.parquet", pages[3:])
-    _write_shard(out / "shard-00002.parquet", [])  # an empty shard (no columns) is fine
+    write_shard(out / "shard-00000.parquet", pages[:3])
+    write_shard(out / "shard-00001.parquet", pages[3:])
+    write_shard(out / "shard-00002.parquet", [])  # an empty shard (no columns) is fine
     assert pq.read_table(out / "shard-00000.parquet").column_names == ["id", "url", "text", "score"]
     s = stream("mined", expand_paths([str(out)]), tokenizer)
     tok = tokenize_fn(tokenizer)

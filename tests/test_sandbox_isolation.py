@@ -128,11 +128,11 @@ def test_the_view_holds_only_what_the_interpreter_needs(pool):
 
 
 def test_the_view_is_listed_in_one_place_with_a_reason():
-    from dsmath.sandbox import _template
+    from dsmath.sandbox import forkserver
 
-    view = _template.filesystem_view(123456, ["sympy", "numpy"])
+    view = forkserver.filesystem_view(123456, ["sympy", "numpy"])
     kinds = {kind for _, kind, _ in view}
-    assert kinds <= set(_template.VIEW_WHY) and {"stdlib", "site-packages", "shared-library", "etc"} <= kinds
+    assert kinds <= set(forkserver.VIEW_WHY) and {"stdlib", "site-packages", "shared-library", "etc"} <= kinds
     for path, kind, _ in view:
         if kind in ("stdlib", "site-packages"):
             assert not str(REPO).startswith(path) and path != str(REPO / ".venv"), path  # never the repo itself

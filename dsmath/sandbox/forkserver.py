@@ -1,6 +1,6 @@
 """The sandbox fork server: a clean template process that forks one fresh child per program.
 
-Run as its own interpreter (``python -I _template.py CONTROL_FD``) by :class:`dsmath.sandbox.SandboxPool`,
+Run as its own interpreter (``python -I forkserver.py CONTROL_FD``) by :class:`dsmath.sandbox.SandboxPool`,
 with a scrubbed environment; it imports only the standard library plus the preloaded modules (sympy,
 numpy) so that a forked child starts with them already imported. This file must not import ``dsmath``:
 the template's memory is what every untrusted child inherits.
@@ -62,7 +62,7 @@ _PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}  # syscall numbers (glibc has no wr
 SANDBOX_HOSTNAME = b"sandbox"
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_HEADER = struct.Struct("!I")
+HEADER = struct.Struct("!I")
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 
 
@@ -85,7 +85,7 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
 
 def send_msg(sock: socket.socket, obj: dict, fds: list[int] | None = None) -> None:
     body = json.dumps(obj).encode()
-    header = _HEADER.pack(len(body))
+    header = HEADER.pack(len(body))
     if fds:
         socket.send_fds(sock, [header], fds)
         sock.sendall(body)
@@ -107,18 +107,18 @@ def recv_msg(sock: socket.socket, max_fds: int = 0) -> tuple[dict | None, list[i
     """One framed message (and any descriptors sent with its header); (None, []) at EOF."""
     fds: list[int] = []
     if max_fds:
-        data, fds, _flags, _addr = socket.recv_fds(sock, _HEADER.size, max_fds)
+        data, fds, _flags, _addr = socket.recv_fds(sock, HEADER.size, max_fds)
         if not data:
             return None, fds
-        rest = _recv_exact(sock, _HEADER.size - len(data)) if len(data) < _HEADER.size else b""
+        rest = _recv_exact(sock, HEADER.size - len(data)) if len(data) < HEADER.size else b""
         if rest is None:
             return None, fds
         header = data + rest
     else:
-        header = _recv_exact(sock, _HEADER.size)
+        header = _recv_exact(sock, HEADER.size)
         if header is None:
             return None, []
-    (size,) = _HEADER.unpack(header)
+    (size,) = HEADER.unpack(header)
     if size > MAX_REQUEST_BYTES:
         raise ValueError(f"message of {size} bytes is over the limit")
     body = _recv_exact(sock, size)

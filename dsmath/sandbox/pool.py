@@ -1,6 +1,6 @@
 """A pool of fork-server templates that runs untrusted Python, one fresh process per program.
 
-Each pool slot is a template interpreter (``_template.py``) started with a scrubbed environment and
+Each pool slot is a template interpreter (``forkserver.py``) started with a scrubbed environment and
 sympy/numpy already imported; a run forks a fresh child from it, so a short program costs milliseconds
 instead of a fresh interpreter's ~1 s of imports, and no process that ran untrusted code is ever reused.
 The caller's process never executes the program: it only sends the source over a Unix socket and reads
@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsmath.errors import UserError
-from dsmath.sandbox import _template
+from dsmath.sandbox import forkserver
 from dsmath.sandbox.result import ExecResult
 
-_TEMPLATE_PATH = Path(_template.__file__).resolve()
+_FORKSERVER_PATH = Path(forkserver.__file__).resolve()
 _TEMPLATE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
                  "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
@@ -74,7 +74,7 @@ class _Worker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-I", str(_TEMPLATE_PATH), str(theirs.fileno()), isolation, ",".join(preload)],
+                [sys.executable, "-I", str(_FORKSERVER_PATH), str(theirs.fileno()), isolation, ",".join(preload)],
                 pass_fds=[theirs.fileno()], env=dict(_TEMPLATE_ENV), stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, cwd="/", close_fds=True,
             )
@@ -86,7 +86,7 @@ class _Worker:
     def wait_ready(self, timeout_s: float = 120.0) -> dict:
         self.sock.settimeout(timeout_s)
         try:
-            msg, _ = _template.recv_msg(self.sock)
+            msg, _ = forkserver.recv_msg(self.sock)
         except (OSError, ValueError) as exc:
             raise SandboxError(f"sandbox template did not start: {exc}") from exc
         finally:
@@ -329,7 +329,7 @@ class SandboxPool:
                 "memory_mb": limits.memory_mb, "max_procs": limits.max_procs,
                 "max_open_files": limits.max_open_files, "max_file_mb": limits.max_file_mb,
                 "scratch_mb": limits.scratch_mb}}
-            _template.send_msg(worker.sock, request, fds=[out_w, err_w])
+            forkserver.send_msg(worker.sock, request, fds=[out_w, err_w])
         except OSError as exc:
             for fd in (out_r, err_r):
                 os.close(fd)
@@ -353,7 +353,7 @@ class SandboxPool:
                     raise SandboxError("sandbox template did not answer in time")
                 if cancel is not None and cancel.is_set() and not cancel_sent:
                     try:
-                        _template.send_msg(worker.sock, {"cancel": True})
+                        forkserver.send_msg(worker.sock, {"cancel": True})
                     except OSError as exc:
                         raise SandboxError(f"sandbox template is gone: {exc}") from exc
                     cancel_sent = True
@@ -429,10 +429,10 @@ class _Output:
 
 
 def _parse_report(buf: bytearray) -> dict | None:
-    size = _template._HEADER.size
+    size = forkserver.HEADER.size
     if len(buf) < size:
         return None
-    (n,) = _template._HEADER.unpack(bytes(buf[:size]))
+    (n,) = forkserver.HEADER.unpack(bytes(buf[:size]))
     if len(buf) < size + n:
         return None
     import json
