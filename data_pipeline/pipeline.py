@@ -172,7 +172,10 @@ def run_pipeline(cfg: CorpusConfig) -> dict:
 
 
 def run_iterations(cfg, runner, out, pool, heldout, seed, report) -> list[dict]:
-    cc, rng = cfg.classifier, random.Random(cfg.classifier.seed)
+    """The paper's iterative loop (§2.1): train fastText on the seed, score the pool, keep the top by token
+    budget, discover and annotate math domains, grow the seed; stop by :func:`stop_reason`. Writes
+    ``OUT/iter_K/`` each round and the final ``OUT/corpus/`` shards; returns ``report["iterations"]``."""
+    rng = random.Random(cfg.classifier.seed)
     text_of = {r["id"]: r["text"] for r in pool}
     pool_ids = [r["id"] for r in pool]
     negatives_exclude: set[str] = set()
@@ -180,79 +183,34 @@ def run_iterations(cfg, runner, out, pool, heldout, seed, report) -> list[dict]:
     person = domains.load_annotations(cfg.domains.annotation_file) if cfg.domains.annotation_file else None
     prev_kept: set[str] | None = None
     target = {r["id"] for r in pool if r.get("label") == "math"} - seed
-    seed_hosts = set(cfg.input.seed_domains)
     for it in range(1, cfg.iterate.max_iterations + 1):
         idir = out / f"iter_{it}"
         idir.mkdir(parents=True, exist_ok=True)
-        # Negatives: random pool pages, never from a seed host or a path already annotated as math.
-        candidates = [i for i in pool_ids if i not in seed and i not in negatives_exclude
-                      and domains.host_of(text_url(pool, i)) not in seed_hosts]
-        n_neg = min(len(candidates), int(round(cc.negatives_per_positive * len(seed))))
-        negs = sorted(set(rng.sample(candidates, n_neg)) | extra_negatives)
-        t0 = time.perf_counter()
-        model_path = idir / "model.bin"
-        if not model_path.exists():
-            classifier.train([text_of[i] for i in sorted(seed)], [text_of[i] for i in negs], model_path, dim=cc.dim,
-                             lr=cc.lr, word_ngrams=cc.word_ngrams, min_count=cc.min_count, epoch=cc.epoch,
-                             bucket=cc.bucket, threads=cc.threads, seed=cc.seed, max_chars=cc.max_chars)
-        train_s = time.perf_counter() - t0
+        negs = _negatives(cfg, rng, pool, pool_ids, seed, negatives_exclude, extra_negatives)
+        model_path, train_s = _train_classifier(cfg, idir, [text_of[i] for i in sorted(seed)],
+                                                [text_of[i] for i in negs])
         scored = runner.map(f"iter_{it}/05_score", pool + heldout, classifier.score_batch, model_path=str(model_path),
-                            max_chars=cc.max_chars)
+                            max_chars=cfg.classifier.max_chars)
         s_pool, s_held = scored[: len(pool)], scored[len(pool):]
-        scores = np.array([r["score"] for r in s_pool])
-        tokens = np.array([r["tokens"] for r in s_pool])
+        scores = np.array([r["score"] for r in s_pool])  # [P]
+        tokens = np.array([r["tokens"] for r in s_pool])  # [P]
         budget = _budget(cfg, int(tokens.sum()))
         kept = set(classifier.select_by_budget(pool_ids, scores, tokens, budget))
-        # Held-out evaluation: math vs web (physics is borderline: reported apart, not in P/R).
-        hs = np.array([r["score"] for r in s_held if r["label"] in ("math", "web")])
-        hl = np.array([r["label"] == "math" for r in s_held if r["label"] in ("math", "web")], dtype=bool)
-        pr = classifier.precision_recall(hs, hl) if len(hs) else {}
-        # The decision the budget actually makes: the score of the last page kept is the effective threshold.
-        cut = float(min(scores[i] for i, x in enumerate(pool_ids) if x in kept)) if kept else 1.0
-        pr_cut = classifier.precision_recall(hs, hl, threshold=cut) if len(hs) else {}
-        phys = [r["score"] for r in s_held if r["label"] == "physics"]
-        dom = domains.discover(s_pool, kept, granularity=cfg.domains.granularity,
-                               min_kept_fraction=cfg.domains.min_kept_fraction, min_pages=cfg.domains.min_pages,
-                               path_depth=cfg.domains.path_depth)
-        (idir / "domains.json").write_text(json.dumps(dom, indent=1))
-        flagged = [d for d in dom if d["flagged"]]
-        (idir / "review.yaml").write_text(yaml.safe_dump(
-            {"note": "Candidate URL paths of domains with > min_kept_fraction of pages kept. Copy patterns into an "
-                     "annotation file (math: [...], not_math: [...]) and set domains.annotation_file to override.",
-             "domains": [{"domain": d["domain"], "kept_fraction": round(d["kept_fraction"], 3),
-                          "paths": [{"pattern": domains.path_glob(p["prefix"]), "pages": p["pages"],
-                                     "kept_fraction": round(p["kept_fraction"], 3),
-                                     "score_mean": round(p["score_mean"], 3)} for p in d["paths"]]}
-                         for d in flagged]}, sort_keys=False, allow_unicode=True))
-        auto = (domains.auto_annotate(dom, min_mean_score=cfg.domains.auto_min_mean_score,
-                                      min_kept_fraction=cfg.domains.auto_min_kept_fraction,
-                                      min_pages=cfg.domains.min_pages)
-                if cfg.domains.auto_annotate else {"math": [], "not_math": []})
-        rules = domains.merge_annotations(auto, person)["rules"]
-        (idir / "annotations.yaml").write_text(yaml.safe_dump({"auto": auto, "person": person}, sort_keys=False))
-        verdicts = {r["id"]: domains.classify_url(r["url"], rules) for r in s_pool}
+        flagged, auto, verdicts = _review_domains(cfg, idir, s_pool, kept, person)
         added = {i for i, v in verdicts.items() if v == "math"} - seed
         negs_before = set(extra_negatives)
         extra_negatives |= {i for i, v in verdicts.items() if v == "not_math"} - seed
         negatives_exclude |= added
         overlap = len(kept & prev_kept) / len(kept) if prev_kept and kept else None
-        label_of = {r["id"]: r["label"] for r in s_pool}
-        rec = {
-            "iteration": it, "seed_pages": len(seed), "negatives": len(negs), "train_seconds": round(train_s, 2),
-            "budget_tokens": budget, "kept_pages": len(kept), "kept_tokens": int(sum(tokens[i] for i, x in
-                                                                                    enumerate(pool_ids) if x in kept)),
-            "kept_domains": len({domains.domain_of(text_url(pool, i), cfg.domains.granularity) for i in kept}),
-            "flagged_domains": [d["domain"] for d in flagged], "annotated_math_patterns": auto["math"] if not person
-            else person.get("math", []) + auto["math"], "seed_added": len(added),
-            "overlap_with_previous": overlap, "heldout": pr, "budget_score_cut": cut, "heldout_at_budget_cut": pr_cut,
-            "heldout_physics_mean_score":
-                float(np.mean(phys)) if phys else None,
-            "corpus_recall_nonseed_math": len(kept & target) / len(target) if target else None,
-            "corpus_precision_labelled": (sum(label_of[i] == "math" for i in kept) /
-                                          max(1, sum(label_of[i] in ("math", "web") for i in kept))),
-            "kept_by_label": {lab: sum(label_of[i] == lab for i in kept) for lab in sorted(set(label_of.values()))},
-            "score_hist": np.histogram(scores, bins=20, range=(0, 1))[0].tolist(),
-        }
+        rec = {"iteration": it, "seed_pages": len(seed), "negatives": len(negs), "train_seconds": round(train_s, 2),
+               "budget_tokens": budget, "kept_pages": len(kept),
+               "kept_tokens": int(sum(tokens[i] for i, x in enumerate(pool_ids) if x in kept)),
+               "kept_domains": len({domains.domain_of(text_url(pool, i), cfg.domains.granularity) for i in kept}),
+               "flagged_domains": [d["domain"] for d in flagged],
+               "annotated_math_patterns": auto["math"] if not person else person.get("math", []) + auto["math"],
+               "seed_added": len(added), "overlap_with_previous": overlap,
+               **_heldout_quality(s_held, scores, pool_ids, kept), **_corpus_quality(s_pool, kept, target),
+               "score_hist": np.histogram(scores, bins=20, range=(0, 1))[0].tolist()}
         report["iterations"].append(rec)
         write_reports(out, report)
         final_kept = kept
@@ -263,17 +221,90 @@ def run_iterations(cfg, runner, out, pool, heldout, seed, report) -> list[dict]:
             write_reports(out, report)
             break
         prev_kept = kept
+    _write_corpus(cfg, out, s_pool, final_kept, report)
+    return report["iterations"]
+
+
+def _negatives(cfg, rng: random.Random, pool, pool_ids, seed, exclude: set[str], extra: set[str]) -> list[str]:
+    """Random pool pages as negatives, never from a seed host or a path already annotated as math, plus the pages
+    annotated not-math (sorted; ``negatives_per_positive`` per seed page)."""
+    seed_hosts = set(cfg.input.seed_domains)
+    candidates = [i for i in pool_ids if i not in seed and i not in exclude
+                  and domains.host_of(text_url(pool, i)) not in seed_hosts]
+    n_neg = min(len(candidates), int(round(cfg.classifier.negatives_per_positive * len(seed))))
+    return sorted(set(rng.sample(candidates, n_neg)) | extra)
+
+
+def _train_classifier(cfg, idir: Path, positives: list[str], negatives: list[str]) -> tuple[Path, float]:
+    """This iteration's fastText model (kept if already there: a rerun resumes); (path, seconds spent)."""
+    cc = cfg.classifier
+    t0 = time.perf_counter()
+    model_path = idir / "model.bin"
+    if not model_path.exists():
+        classifier.train(positives, negatives, model_path, dim=cc.dim, lr=cc.lr, word_ngrams=cc.word_ngrams,
+                         min_count=cc.min_count, epoch=cc.epoch, bucket=cc.bucket, threads=cc.threads, seed=cc.seed,
+                         max_chars=cc.max_chars)
+    return model_path, time.perf_counter() - t0
+
+
+def _heldout_quality(s_held: list[dict], scores: np.ndarray, pool_ids: list[str], kept: set[str]) -> dict:
+    """Held-out math vs web precision/recall (physics is borderline: its mean score apart), also at the score of
+    the last page the budget kept (the effective threshold)."""
+    hs = np.array([r["score"] for r in s_held if r["label"] in ("math", "web")])
+    hl = np.array([r["label"] == "math" for r in s_held if r["label"] in ("math", "web")], dtype=bool)
+    cut = float(min(scores[i] for i, x in enumerate(pool_ids) if x in kept)) if kept else 1.0
+    phys = [r["score"] for r in s_held if r["label"] == "physics"]
+    return {"heldout": classifier.precision_recall(hs, hl) if len(hs) else {}, "budget_score_cut": cut,
+            "heldout_at_budget_cut": classifier.precision_recall(hs, hl, threshold=cut) if len(hs) else {},
+            "heldout_physics_mean_score": float(np.mean(phys)) if phys else None}
+
+
+def _corpus_quality(s_pool: list[dict], kept: set[str], target: set[str]) -> dict:
+    """Recall of the non-seed math pages, precision on the labelled pages, and the kept pages by label."""
+    label_of = {r["id"]: r["label"] for r in s_pool}
+    return {"corpus_recall_nonseed_math": len(kept & target) / len(target) if target else None,
+            "corpus_precision_labelled": (sum(label_of[i] == "math" for i in kept) /
+                                          max(1, sum(label_of[i] in ("math", "web") for i in kept))),
+            "kept_by_label": {lab: sum(label_of[i] == lab for i in kept) for lab in sorted(set(label_of.values()))}}
+
+
+def _review_domains(cfg, idir: Path, s_pool: list[dict], kept: set[str], person) -> tuple[list, dict, dict]:
+    """Domain discovery on this round's kept pages: ``domains.json``, ``review.yaml`` (the flagged domains' paths to
+    review), ``annotations.yaml``; returns (flagged domains, auto annotations, URL verdict per page id)."""
+    dom = domains.discover(s_pool, kept, granularity=cfg.domains.granularity,
+                           min_kept_fraction=cfg.domains.min_kept_fraction, min_pages=cfg.domains.min_pages,
+                           path_depth=cfg.domains.path_depth)
+    (idir / "domains.json").write_text(json.dumps(dom, indent=1))
+    flagged = [d for d in dom if d["flagged"]]
+    (idir / "review.yaml").write_text(yaml.safe_dump(
+        {"note": "Candidate URL paths of domains with > min_kept_fraction of pages kept. Copy patterns into an "
+                 "annotation file (math: [...], not_math: [...]) and set domains.annotation_file to override.",
+         "domains": [{"domain": d["domain"], "kept_fraction": round(d["kept_fraction"], 3),
+                      "paths": [{"pattern": domains.path_glob(p["prefix"]), "pages": p["pages"],
+                                 "kept_fraction": round(p["kept_fraction"], 3),
+                                 "score_mean": round(p["score_mean"], 3)} for p in d["paths"]]}
+                     for d in flagged]}, sort_keys=False, allow_unicode=True))
+    auto = (domains.auto_annotate(dom, min_mean_score=cfg.domains.auto_min_mean_score,
+                                  min_kept_fraction=cfg.domains.auto_min_kept_fraction,
+                                  min_pages=cfg.domains.min_pages)
+            if cfg.domains.auto_annotate else {"math": [], "not_math": []})
+    rules = domains.merge_annotations(auto, person)["rules"]
+    (idir / "annotations.yaml").write_text(yaml.safe_dump({"auto": auto, "person": person}, sort_keys=False))
+    return flagged, auto, {r["id"]: domains.classify_url(r["url"], rules) for r in s_pool}
+
+
+def _write_corpus(cfg, out: Path, s_pool: list[dict], final_kept: set[str], report: dict) -> None:
+    """The last round's kept pages, best score first, as ``OUT/corpus/shard-*.parquet``; ``report["final"]``."""
+    from data_pipeline.runner import write_shard
+
     corpus = [{"id": r["id"], "url": r["url"], "text": r["text"], "score": r["score"]} for r in s_pool
               if r["id"] in final_kept]
     corpus.sort(key=lambda r: (-r["score"], r["id"]))
-    from data_pipeline.runner import write_shard
-
     (out / "corpus").mkdir(exist_ok=True)
     for k in range(0, len(corpus), cfg.runner.shard_size):
         write_shard(out / "corpus" / f"shard-{k // cfg.runner.shard_size:05d}.parquet",
-                     corpus[k : k + cfg.runner.shard_size])
+                    corpus[k : k + cfg.runner.shard_size])
     report["final"] = {"pages": len(corpus), "tokens": int(sum(len(r["text"].split()) for r in corpus))}
-    return report["iterations"]
 
 
 _URL_CACHE: dict[int, dict[str, str]] = {}

@@ -22,7 +22,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from dsmath.datasets import DataError, ReadReport, iter_jsonl
 from dsmath.errors import UserError
@@ -125,13 +125,42 @@ def run_sft(
     follows a cosine to 10 %. Single process (world size 1). Returns a summary dict (loss curve,
     throughput, counts) that is also what :mod:`wiring.commands.sft` prints.
     """
-    from tqdm import tqdm
-
     from dsmath.config import LearnerConfig
-    from dsmath.utils.metrics import MetricsWriter
     from learner.objectives.lm import build_lm
 
     start = time.time()
+    tokenizer, usable, too_long = _tokenized_examples(model_dir, examples, fmt, max_length, log)
+    model_dir = model_folder(model_dir, str(model_dir))
+    steps = steps if steps is not None else math.ceil(len(usable) / batch_size)
+    warmup = warmup_steps if warmup_steps is not None else max(0, steps // 20)
+    cfg = LearnerConfig(lr=lr, warmup_steps=warmup, grad_clip=1.0, zero_stage=0,
+                        micro_batch_size=micro_batch_size or batch_size)
+    engine, lm = build_lm(model_dir, cfg, seed=seed, total_steps=steps)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    losses, tokens_trained = _train(engine, lm, usable, steps=steps, batch_size=batch_size, seed=seed, pad_id=pad_id,
+                                    max_length=max_length, metrics_dir=metrics_dir, progress=progress)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    engine.module.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    wall = time.time() - start
+    every = max(1, steps // 50)
+    return {
+        "steps": steps,
+        "examples": len(usable),
+        "skipped_too_long": too_long,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+        "loss_curve": [round(x, 5) for x in losses[::every]],
+        "tokens_trained": tokens_trained,
+        "wall_seconds": wall,
+        "tokens_per_second": tokens_trained / wall if wall > 0 else 0.0,
+    }
+
+
+def _tokenized_examples(model_dir, examples, fmt: str, max_length: int, log) -> tuple[Any, list, int]:
+    """(tokenizer, the tokenized examples whose prompt fits ``max_length``, how many did not); one-line
+    ``UserError`` for no examples, no tokenizer, or nothing that fits."""
     exs = [e if isinstance(e, SFTExample) else example_from_record(e, fmt) for e in examples]
     if not exs:
         raise UserError("no SFT examples to train on")
@@ -149,12 +178,16 @@ def run_sft(
         raise UserError(f"every prompt is at least max_length={max_length} tokens long")
     if too_long:
         log(f"sft: skipping {too_long} examples whose prompt alone reaches max_length={max_length}")
-    steps = steps if steps is not None else math.ceil(len(usable) / batch_size)
-    warmup = warmup_steps if warmup_steps is not None else max(0, steps // 20)
-    cfg = LearnerConfig(lr=lr, warmup_steps=warmup, grad_clip=1.0, zero_stage=0,
-                        micro_batch_size=micro_batch_size or batch_size)
-    engine, lm = build_lm(model_dir, cfg, seed=seed, total_steps=steps)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return tokenizer, usable, too_long
+
+
+def _train(engine, lm, usable: list, *, steps: int, batch_size: int, seed: int, pad_id: int, max_length: int,
+           metrics_dir, progress: bool) -> tuple[list[float], int]:
+    """``steps`` optimizer steps of ``batch_size`` examples from a seeded shuffle, reshuffled every epoch;
+    returns (loss per step, tokens trained)."""
+    from tqdm import tqdm
+
+    from dsmath.utils.metrics import MetricsWriter
 
     rng = random.Random(seed)
     order: list[int] = []
@@ -180,23 +213,7 @@ def run_sft(
         bar.close()
         if writer is not None:
             writer.close()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    engine.module.save_pretrained(str(out_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(out_dir))
-    wall = time.time() - start
-    every = max(1, steps // 50)
-    return {
-        "steps": steps,
-        "examples": len(usable),
-        "skipped_too_long": too_long,
-        "first_loss": losses[0] if losses else None,
-        "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
-        "loss_curve": [round(x, 5) for x in losses[::every]],
-        "tokens_trained": tokens_trained,
-        "wall_seconds": wall,
-        "tokens_per_second": tokens_trained / wall if wall > 0 else 0.0,
-    }
+    return losses, tokens_trained
 
 
 def summary_line(info: dict) -> str:

@@ -112,18 +112,25 @@ def iterate(cfg: TrainConfig, *, iterations: int, kind: str = "process", progres
         rm = Path(record["rm"]["checkpoint"])
         records.append(record)
         (run_dir / "iterations.json").write_text(json.dumps(records, indent=2))
+    result = _summary(records, iterations=iterations, kind=kind, steps=cfg.steps, policy=policy, rm=rm,
+                      wall_seconds=time.time() - start)
+    (run_dir / "iterations.json").write_text(json.dumps(records, indent=2))
+    (run_dir / "summary.json").write_text(json.dumps({k: v for k, v in result.items() if k != "per_iteration"},
+                                                     indent=2))
+    return result
+
+
+def _summary(records: list[dict], *, iterations: int, kind: str, steps: int, policy, rm, wall_seconds: float) -> dict:
+    """The whole run: held-out accuracy before the first and after the last iteration, samples spent, where the
+    final policy and reward model are, and every iteration's record."""
     grpo = [r["grpo"] for r in records if "grpo" in r]
-    result = {
-        "iterations": iterations, "kind": kind, "steps_per_iteration": cfg.steps,
+    return {
+        "iterations": iterations, "kind": kind, "steps_per_iteration": steps,
         "heldout_accuracy_before": grpo[0]["heldout_accuracy_before"],
         "heldout_accuracy_after": grpo[-1]["heldout_accuracy_after"],
         "heldout_size": grpo[-1]["heldout_size"],
         "samples_trained": sum(g["samples_trained"] for g in grpo),
         "rm_samples": sum(r["rm"].get("label/samples", 0) + r["rm"].get("label/continuations", 0) for r in records),
-        "final_policy": str(policy), "final_reward_model": str(rm), "wall_seconds": time.time() - start,
+        "final_policy": str(policy), "final_reward_model": str(rm), "wall_seconds": wall_seconds,
         "per_iteration": records,
     }
-    (run_dir / "iterations.json").write_text(json.dumps(records, indent=2))
-    (run_dir / "summary.json").write_text(json.dumps({k: v for k, v in result.items() if k != "per_iteration"},
-                                                     indent=2))
-    return result
