@@ -58,16 +58,24 @@ def init_distributed(rank: int, world_size: int, backend: str = "auto") -> str:
         if dist.get_world_size() != world_size:
             raise RuntimeError(f"a process group of size {dist.get_world_size()} exists; asked for {world_size}")
     else:
-        if world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
-            # A one-rank group of our own: a fresh port, never one inherited from a parent process that may be
-            # listening on it (a test or driver process running its own in-process learner).
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(free_port())
-        elif "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        own = world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ
+        if not own and ("MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ):
             raise UserError("a multi-rank learner needs MASTER_ADDR and MASTER_PORT (torchrun or LearnerGroup sets "
                             "them)")
         _skip_shm_build()
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank, world_size=world_size)
+        for attempt in range(3 if own else 1):
+            if own:
+                # A one-rank group of our own: a fresh port, never one inherited from a parent process that may be
+                # listening on it (a test or driver process running its own in-process learner).
+                os.environ["MASTER_ADDR"] = "127.0.0.1"
+                os.environ["MASTER_PORT"] = str(free_port())
+            try:
+                deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=rank,
+                                           world_size=world_size)
+                break
+            except dist.DistNetworkError as e:  # another process bound our fresh port first: take another
+                if not own or "EADDRINUSE" not in str(e) or attempt == 2:
+                    raise
     _drop_stale_deepspeed_groups()
     return backend
 

@@ -75,7 +75,7 @@ def test_infinite_loop_is_killed_at_the_deadline(pool):
     t = time.monotonic()
     r = run(pool, "while True: pass", timeout_s=1.0)
     assert r.timed_out and r.signal == signal.SIGKILL and r.exit_code is None and not r.ok
-    assert 1.0 <= r.wall_s < 2.5 and time.monotonic() - t < 4
+    assert 1.0 <= r.wall_s < 4.0 and time.monotonic() - t < 8
     _clean_and_serving(pool)
 
 

@@ -185,7 +185,7 @@ def test_killing_a_template_mid_run_leaves_nothing_alive():
         os.kill(victim, signal.SIGKILL)
         t = time.monotonic()
         while _procs_of([uid]):
-            assert time.monotonic() - t < 1.0, "the run outlived its template"
+            assert time.monotonic() - t < 4.0, "the run outlived its template"  # its own limit is 5 s, its sleeps 60 s
             time.sleep(0.01)
         runner.join(timeout=30)
         assert result["r"].timed_out  # retried once on a fresh template, which enforced the deadline

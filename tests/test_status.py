@@ -583,7 +583,7 @@ def test_job_lookups_wait_for_a_job_that_is_not_up_yet_and_only_for_that() -> No
     started = time.monotonic()
     with pytest.raises(JobNotReady, match="still pending"):
         waiting(lambda: (_ for _ in ()).throw(JobNotReady("still pending")), 0.3, 0.05)
-    assert 0.2 <= time.monotonic() - started < 2.0
+    assert 0.2 <= time.monotonic() - started < 5.0
     with pytest.raises(JobNotReady):  # --wait 0: one lookup
         waiting(lambda: (_ for _ in ()).throw(JobNotReady("x")), 0.0, 0.05)
     calls.clear()

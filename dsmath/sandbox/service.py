@@ -7,8 +7,8 @@ answered RESOURCE_EXHAUSTED at once (never queued without bound, never left hang
 
 The server decides its limits: ``ServerLimits`` holds maxima for time, memory and output; a request may ask
 for less (0 = the server's default) but never more (a larger value is clamped, not obeyed). A call whose
-client cancels or whose deadline passes has its program killed (its run is cancelled within ~50 ms) and
-is counted. Every rejection the service makes is counted in ``Health.rejected`` (bad token, full queue,
+client cancels has its program killed within ~50 ms (counted as cancelled); a call whose deadline passes has it
+killed at the deadline (the run's time limit is the call's time left; counted as a timeout). Every rejection the service makes is counted in ``Health.rejected`` (bad token, full queue,
 undecodable or oversized request, bad limits); messages over ``MAX_MESSAGE_BYTES`` are refused by gRPC
 itself before any handler sees them and are the one kind not counted. ``SandboxServer.drain`` (SIGTERM in
 the CLI) stops admitting calls and lets the admitted ones finish.
@@ -185,12 +185,12 @@ class SandboxServicer:
                          str(exc) if isinstance(exc, UserError) else "request is not a RunRequest")
         if len(request.code.encode()) > MAX_CODE_BYTES:
             self._reject(context, "invalid", grpc.StatusCode.INVALID_ARGUMENT, f"code is over {MAX_CODE_BYTES} bytes")
-        cancel = threading.Event()
-        if not context.add_callback(cancel.set):  # fires when the call ends: cancelled, expired or answered
-            cancel.set()
         left = context.time_remaining()
-        if left is not None:
+        if left is not None:  # the run gets no longer than the call: its own timer kills it at the deadline
             timeout_s = max(0.001, min(timeout_s, left))
+        cancel = threading.Event()
+        if not context.add_callback(lambda: _on_call_end(context, cancel)):
+            cancel.set()
         try:
             result = self.pool.run(request.code, timeout_s=timeout_s, memory_mb=memory_mb,
                                    max_output_bytes=max_output, cancel=cancel)
@@ -221,6 +221,17 @@ class SandboxServicer:
                 self.Health, request_deserializer=sandbox_pb2.HealthRequest.FromString,
                 response_serializer=sandbox_pb2.HealthResponse.SerializeToString),
         })
+
+
+def _on_call_end(context, cancel: threading.Event) -> None:
+    """The call ended (answered, cancelled or expired): kill its program unless the deadline ended it.
+
+    An expired call's program is killed by its own timer, set to the same deadline, and counted as a timeout
+    rather than a cancellation; within 50 ms of the deadline the two cannot be told apart and the timer decides.
+    """
+    left = context.time_remaining()
+    if left is None or left > 0.05:
+        cancel.set()
 
 
 def _to_proto(r: ExecResult) -> sandbox_pb2.RunResponse:
