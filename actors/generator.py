@@ -26,6 +26,12 @@ this process holds at most one bucket; an update that fails half-way leaves the 
 a complete one. With tensor parallelism > 1 device buckets are staged in host memory (the engine's workers are
 other processes).
 
+Model source: ``model`` is a model folder on this node (loaded by vLLM as usual) or a
+:class:`~dsmath.records.ModelFiles` (``rollout.weights_from=learner``): its config and tokenizer files are written
+to a fresh folder here, the engine is built with ``load_format="dummy"`` (random weights, no weight file read)
+and ``weight_version`` must be one below the learner's, which pushes its weights before the first sample; until
+then ``generate`` refuses. In that case the generator's node needs no copy of ``model.path``.
+
 Tool mode (``RolloutConfig.mode == "tool"``): generation stops at "```output"; the last ```python block runs in
 ``dsmath.sandbox`` (this process's pool, or the gRPC sandbox service at ``sandbox_address``, e.g.
 ``reward.sandbox_address``; token from $DSMATH_SANDBOX_TOKEN); its ```output block is appended (``loss_mask`` 0,
@@ -42,8 +48,7 @@ import time
 from typing import Any, Sequence
 
 from dsmath.config import RolloutConfig
-from dsmath.records import GenerationRequest, GeneratorHealth, Rollout, check_schema
-from dsmath.records import WeightBucket
+from dsmath.records import GenerationRequest, GeneratorHealth, ModelFiles, Rollout, WeightBucket, check_schema
 from dsmath.weight_receiver import BucketReceiver
 from dsmath.weight_wire import BucketLayout, StaleWeightVersion, WeightSyncError
 
@@ -63,14 +68,15 @@ def _configure_cpu_env(rollout: RolloutConfig) -> None:
 
 
 class Generator:
-    """Hosts one vLLM engine for ``model_path`` (an HF model folder holding the tokenizer too).
+    """Hosts one vLLM engine for ``model`` (an HF model folder holding the tokenizer too, or a
+    :class:`~dsmath.records.ModelFiles` whose weights the learner sends).
 
     ``weight_version`` is the policy version the loaded weights correspond to (0 = as loaded from disk).
     """
 
     def __init__(
         self,
-        model_path: str,
+        model: str | ModelFiles,
         rollout: RolloutConfig | None = None,
         *,
         generator_id: str = "generator-0",
@@ -89,6 +95,8 @@ class Generator:
             _configure_cpu_env(self.rollout)
         from vllm import LLM
 
+        self.model_dir, self.model_source = _materialise(model, generator_id)
+        model_path = self.model_dir
         kwargs: dict[str, Any] = dict(model=model_path, tokenizer=model_path, seed=seed,
                                       # the weight-loading bar follows the Hugging Face bars (off while dsmath is quiet)
                                       use_tqdm_on_load=os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") != "1")
@@ -104,6 +112,8 @@ class Generator:
                 kwargs["distributed_executor_backend"] = "uni"
         else:
             kwargs.update(enforce_eager=True, dtype="float32", distributed_executor_backend="uni")
+        if isinstance(model, ModelFiles):
+            kwargs["load_format"] = "dummy"  # random weights in place; the learner's arrive before the first sample
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
@@ -320,6 +330,21 @@ class Generator:
             last_error=self.last_error,
         )
 
+    def describe(self) -> dict[str, Any]:
+        """Where this generator runs and what it loaded: host, Ray node (None outside Ray), process id, the folder
+        vLLM loaded and where that came from."""
+        import socket
+
+        node = None
+        try:
+            import ray
+
+            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        except ImportError:
+            pass
+        return {"generator_id": self.generator_id, "host": socket.gethostname(), "node_id": node, "pid": os.getpid(),
+                "model_dir": self.model_dir, "model_source": self.model_source}
+
     # ------------------------------------------------------------------------- weight receiving (see learner/weight_sync)
 
     def weight_dtype(self) -> str | None:
@@ -384,6 +409,23 @@ class Generator:
         self._receiver.commit(version)
         self._partial = False
         return time.perf_counter() - start
+
+
+def _materialise(model: str | ModelFiles, generator_id: str) -> tuple[str, str]:
+    """The folder vLLM loads and where it came from: ``model`` itself, or ``ModelFiles`` written to a fresh folder
+    on this node (removed when the process exits)."""
+    if not isinstance(model, ModelFiles):
+        return model, f"folder {model}"
+    import atexit
+    import shutil
+    import tempfile
+
+    from dsmath.model_folder import write_model_files
+
+    folder = tempfile.mkdtemp(prefix=f"dsmath-{generator_id}-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    write_model_files(model, folder)
+    return folder, f"config and tokenizer of {model.source} via the object store, weights from the learner"
 
 
 def _load_into_model(worker, weights: list) -> None:

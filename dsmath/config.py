@@ -73,6 +73,10 @@ class RolloutConfig:
     stop: tuple[str, ...] = ()
     mode: Literal["cot", "pot", "tool"] = "cot"
     num_generators: int = 1
+    # Where generators get their starting weights: "path" loads model.path (or the resumed checkpoint) from the
+    # generator's own node; "learner" sends config and tokenizer through the object store and the weights from the
+    # learner, so the generators' nodes need no copy of the model (clusters without a shared filesystem).
+    weights_from: Literal["path", "learner"] = "path"
     gpus_per_generator: float = 0.0
     cpus_per_generator: float = 1.0
     tensor_parallel_size: int = 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dsmath.errors import UserError
+from dsmath.records import ModelFiles, check_schema
 
 LATEST = "latest"
 
@@ -26,3 +27,41 @@ def model_folder(path: str | Path, what: str, hint: str = "") -> Path:
     if not (resolved / "config.json").is_file():
         raise UserError(f"{what}: not a model folder or checkpoint (no config.json){hint}")
     return resolved
+
+
+# Weight files (and their shard indexes) stay behind: the receiver's weights come from the learner.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
+MAX_MODEL_FILES_BYTES = 256 * 2**20
+
+
+def model_files(path: str | Path) -> ModelFiles:
+    """The top-level files of model folder ``path`` except its weights (config, tokenizer, generation config).
+
+    Guaranteed: every regular top-level file not ending in one of ``WEIGHT_SUFFIXES``, in name order. Not
+    included: sub-folders (a checkpoint's optimizer state), weights. Over ``MAX_MODEL_FILES_BYTES`` in all is a
+    one-line UserError (a folder that holds more than a model's small files).
+    """
+    folder = model_folder(path, "model.path")
+    files, total = [], 0
+    for f in sorted(folder.iterdir()):
+        if not f.is_file() or f.name.endswith(WEIGHT_SUFFIXES):
+            continue
+        data = f.read_bytes()
+        total += len(data)
+        if total > MAX_MODEL_FILES_BYTES:
+            raise UserError(f"model.path {folder}: its non-weight files pass {MAX_MODEL_FILES_BYTES >> 20} MiB "
+                            f"(at {f.name}); keep only the config and tokenizer files beside the weights")
+        files.append((f.name, data))
+    return ModelFiles(files=tuple(files), source=str(folder))
+
+
+def write_model_files(bundle: ModelFiles, dest: str | Path) -> Path:
+    """Write ``bundle`` into folder ``dest`` (created); returns it. Names are checked to stay inside ``dest``."""
+    check_schema(bundle)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, data in bundle.files:
+        if "/" in name or name in ("", ".", ".."):
+            raise ValueError(f"model file name {name!r} is not a plain file name")
+        (dest / name).write_bytes(data)
+    return dest

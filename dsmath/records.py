@@ -126,6 +126,17 @@ class GeneratorHealth:
     schema: int = SCHEMA_VERSION
 
 
+@dataclass(frozen=True)
+class ModelFiles:
+    """A model folder without its weights: config, tokenizer and generation files as bytes, sent through the object
+    store so that a generator's node needs no copy of the model (its weights then come from the learner).
+    ``source`` is the folder they were read from, for messages only: the receiver never opens it."""
+
+    files: tuple[tuple[str, bytes], ...]
+    source: str
+    schema: int = SCHEMA_VERSION
+
+
 def check_schema(record: object) -> None:
     """Raise if ``record`` was made by an incompatible dsmath version."""
     version = getattr(record, "schema", None)

@@ -23,6 +23,22 @@ from dsmath.errors import UserError
 from learner.batch import Rows, TrainBatch, ValueBatch
 
 
+def _policy(model_dir, learner_cfg, algo_cfg, **kw):
+    from learner.policy import PolicyLearner
+
+    return PolicyLearner(model_dir, learner_cfg, algo_cfg, **kw)
+
+
+def _value(model_dir, learner_cfg, algo_cfg, **kw):  # PPO's value model: the engine around a scalar head
+    from learner.value import ValueLearner
+
+    return ValueLearner(model_dir, learner_cfg, **kw)
+
+
+# What a rank can host, by ``kind``: a new learner is one entry here (its module imported when first built).
+LEARNERS = {"policy": _policy, "value": _value}
+
+
 class LearnerRank:
     """The actor body: owns one learner (policy or value). Public so tests and drivers can wrap it themselves."""
 
@@ -43,15 +59,10 @@ class LearnerRank:
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0" if torch.cuda.is_available() else str(rank))
         torch.set_num_threads(max(1, int(env.get("OMP_NUM_THREADS", "1"))))
-        from learner.policy import PolicyLearner
-
-        if kind == "value":  # PPO's value model: the same engine around a scalar head, the value objective
-            from learner.value import ValueLearner
-
-            self.learner = ValueLearner(model_dir, learner_cfg, rank=rank, world_size=world_size, seed=seed, **kwargs)
-            return True
-        self.learner = PolicyLearner(model_dir, learner_cfg, algo_cfg, rank=rank, world_size=world_size, seed=seed,
-                                     **kwargs)
+        if kind not in LEARNERS:
+            raise UserError(f"learner kind {kind!r}: one of {sorted(LEARNERS)}")
+        self.learner = LEARNERS[kind](model_dir, learner_cfg, algo_cfg, rank=rank, world_size=world_size, seed=seed,
+                                      **kwargs)
         return True
 
     def call(self, method: str, *args, **kwargs):

@@ -176,6 +176,9 @@ def setup(cfg: TrainConfig, *, resume: bool, timer: StageTimer, changes: list[di
     holder["learner"] = learner
     if resume_from is not None:
         learner.load_checkpoint(resume_from)
+    if cfg.rollout.weights_from == "learner":
+        push_initial_weights(learner, gen_pool, state.weight_version, cfg)
+    record_generators(gen_pool, run_dir)
     status = start_status(cfg, run_dir)  # gRPC status (+ Prometheus, Ray metrics); where it is, printed and written
     builder = SnapshotBuilder(run_dir.name, cfg.steps)
     status.update(builder.step(state.step, {}))  # visible as "running, step N/total" from the start
@@ -206,6 +209,8 @@ def start_actor_pools(cfg: TrainConfig, task: TaskData, state: RunState, resume_
                       holder: dict) -> tuple[Any, Any]:
     """The generator and reward-worker pools; a dead actor is replaced by the pool's factory (a generator is first
     brought to the learner's current weight version, read through ``holder["learner"]``)."""
+    from ray import put as ray_put
+
     from actors.generator import generator_actor_class
     from actors.pool import GeneratorPool, RewardPool
     from actors.reward_worker import reward_worker_actor_class
@@ -213,8 +218,14 @@ def start_actor_pools(cfg: TrainConfig, task: TaskData, state: RunState, resume_
 
     roles = role_resources()
     gen_cls = generator_actor_class(cfg.rollout.cpus_per_generator, cfg.rollout.gpus_per_generator)
-    gen_model = str(resume_from or task.model_dir)
-    base_version = state.weight_version  # the version ``gen_model`` holds
+    if cfg.rollout.weights_from == "learner":  # config + tokenizer by object store; weights pushed by the learner
+        from dsmath.model_folder import model_files
+
+        gen_model = ray_put(model_files(task.model_dir))
+        base_version = state.weight_version - 1  # nothing loaded yet: the learner's version is the next one
+    else:
+        gen_model = str(resume_from or task.model_dir)
+        base_version = state.weight_version  # the version ``gen_model`` holds
 
     def start_generator(i: int, version: int):
         return gen_cls.options(**roles.get("generator", {}), **placement.generator(i)).remote(
@@ -246,6 +257,25 @@ def start_actor_pools(cfg: TrainConfig, task: TaskData, state: RunState, resume_
     reward_pool = RewardPool([start_reward_worker(i) for i in range(cfg.reward.num_workers)],
                              factory=restart_reward_worker, max_restarts=cfg.max_actor_restarts)
     return gen_pool, reward_pool
+
+
+def push_initial_weights(learner, gen_pool, version: int, cfg: TrainConfig) -> None:
+    """``rollout.weights_from=learner``: the learner's weights (``version``) to every generator through the object
+    store, before any sample."""
+    receivers = {f"generator-{i}": a for i, a in enumerate(gen_pool.actors)}
+    stats = learner.push_weights(version, receivers, timeout_s=cfg.weight_sync.timeout_s + 300)
+    log(f"generators: weights version {version} from the learner ({stats.get('bytes', 0) / 2**20:.1f} MiB, "
+        f"{stats.get('seconds', 0.0):.1f} s); config and tokenizer through the object store")
+
+
+def record_generators(gen_pool, run_dir: Path) -> None:
+    """``generators.json``: where each generator runs (host, Ray node, pid) and what it loaded, from where."""
+    from ray import get as ray_get
+
+    from learner.checkpoint import write_text_atomic
+
+    described = ray_get([a.describe.remote() for a in gen_pool.actors])
+    write_text_atomic(run_dir / "generators.json", json.dumps(described, indent=1) + "\n")
 
 
 def start_learner(cfg: TrainConfig, task: TaskData, placement):

@@ -1,0 +1,142 @@
+"""Two Ray nodes on one machine: the generators on a node of their own, never opening ``model.path``.
+
+A head advertises the driver, learner, reward and sandbox roles; a second ``ray start --address`` node, with its
+own ports, advertises only ``generator``. ``dsmath train rollout.weights_from=learner`` joins that cluster: the
+generators land on the second node (their role resource), build their engine from the config and tokenizer
+files sent through the object store, with vLLM's dummy weights, and sample only after the learner pushed its
+weights. The run must equal, step for step, the same run on one node loading ``model.path`` from disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from dsmath.utils.net import free_port
+from tiny_loop import TINY_LOOP
+
+pytestmark = pytest.mark.slow
+
+RAY = str(Path(sys.executable).with_name("ray"))
+DSMATH = str(Path(sys.executable).with_name("dsmath"))
+SAME = ("reward/mean", "response_length/mean", "response_length/max", "train/loss", "train/kl", "samples_trained")
+
+
+def _node_cmd(temp_dir: str, head: bool, gcs: int, num_cpus: int, resources: str) -> list[str]:
+    ports = [free_port() for _ in range(6)]
+    names = ("--dashboard-agent-grpc-port", "--dashboard-agent-listen-port", "--metrics-export-port",
+             "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port")
+    cmd = [RAY, "start", "--block", f"--num-cpus={num_cpus}", "--num-gpus=0", "--node-ip-address=127.0.0.1",
+           f"--resources={resources}", "--object-store-memory=100000000", "--disable-usage-stats"]
+    cmd += [f"{n}={p}" for n, p in zip(names, ports)]
+    if head:
+        cmd += ["--head", f"--port={gcs}", "--include-dashboard=false", f"--ray-client-server-port={free_port()}",
+                f"--temp-dir={temp_dir}"]
+    else:
+        cmd += [f"--address=127.0.0.1:{gcs}"]
+    return cmd
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # the blocking `ray start` stops what it started
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """(GCS address, environment, the generator node's Ray node id)."""
+    if not Path(RAY).exists():
+        pytest.skip("ray CLI not installed next to this Python")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "DSMATH_", "PYTEST"))}
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    temp_dir = tempfile.mkdtemp(prefix="ray2n", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    gcs = free_port()
+    procs = []
+    try:
+        log = open(Path(temp_dir) / "head.log", "w")
+        procs.append(subprocess.Popen(_node_cmd(temp_dir, True, gcs, 3, '{"driver": 1, "learner": 1, "reward": 2}'),
+                                      env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        address = f"127.0.0.1:{gcs}"
+        _wait_nodes(address, env, 1, procs)
+        log2 = open(Path(temp_dir) / "node2.log", "w")
+        procs.append(subprocess.Popen(_node_cmd(temp_dir, False, gcs, 1, '{"generator": 1}'), env=env, stdout=log2,
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+        nodes = _wait_nodes(address, env, 2, procs)
+        (gen_node,) = [n["NodeID"] for n in nodes if "generator" in n["Resources"]]
+        yield address, env, gen_node
+    finally:
+        for p in reversed(procs):
+            _stop(p)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_nodes(address: str, env: dict, n: int, procs: list, deadline_s: float = 120) -> list[dict]:
+    """The cluster's alive nodes once there are ``n`` (asked through a short-lived driver)."""
+    probe = ("import json, ray; ray.init(address=%r, log_to_driver=False); "
+             "print('NODES', json.dumps([{'NodeID': x['NodeID'], 'Resources': x['Resources']} "
+             "for x in ray.nodes() if x['Alive']]))" % address)
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError("a `ray start` exited early; see its log")
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+        line = [x for x in out.stdout.splitlines() if x.startswith("NODES ")]
+        if line and len(nodes := json.loads(line[0][6:])) >= n:
+            return nodes
+        time.sleep(1.0)  # a readiness poll interval
+    raise TimeoutError(f"{n} Ray nodes did not come up within {deadline_s} s")
+
+
+def _train(run_dir: Path, cache: Path, env: dict, extra: list[str]) -> subprocess.CompletedProcess:
+    args = TINY_LOOP + ["steps=2", "checkpoint_every=0", f"run_dir={run_dir}", f"bootstrap.data_dir={cache}"] + extra
+    return subprocess.run([DSMATH, "train", "--overwrite", *args], env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def test_generators_on_a_second_node_get_everything_from_the_learner(two_nodes, tmp_path: Path) -> None:
+    address, env, gen_node = two_nodes
+    cache = tmp_path / "cache"
+    # The reference: one local node, the generators loading model.path from disk.
+    ref = _train(tmp_path / "ref", cache, env, ["rollout.weights_from=path"])
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    out = _train(tmp_path / "two", cache, {**env, "RAY_ADDRESS": address}, ["rollout.weights_from=learner"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    said = out.stdout + out.stderr
+    assert "joining Ray cluster at" in said and "generators: weights version 0 from the learner" in said, said[-3000:]
+
+    (gen,) = json.loads((tmp_path / "two" / "generators.json").read_text())
+    assert gen["node_id"] == gen_node  # placed on the generator node by its role resource
+    # model.path is the bootstrap's model under ``cache``: the reference loaded it, the two-node run did not.
+    assert not gen["model_dir"].startswith(str(cache)) and "object store" in gen["model_source"]
+    (ref_gen,) = json.loads((tmp_path / "ref" / "generators.json").read_text())
+    assert ref_gen["model_dir"].startswith(str(cache)) and ref_gen["model_source"].startswith("folder ")
+
+    # Same weights, same seeds: the same samples, rewards and losses as the one-node run from disk.
+    got, want = _rows(tmp_path / "two"), _rows(tmp_path / "ref")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2]
+    for g, w in zip(got, want):
+        for k in SAME:
+            assert g[k] == pytest.approx(w[k], rel=1e-5, abs=1e-7), (k, g[k], w[k])
