@@ -316,6 +316,11 @@ def test_the_driver_never_repeats_a_variable_the_job_runtime_env_sets(monkeypatc
     assert "HF_HUB_OFFLINE" in added and not set(added) & set(job["env_vars"])
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
     assert worker_runtime_env()["env_vars"]["OMP_NUM_THREADS"] == "1"
+    # The sandbox token reaches actors on other nodes (their processes do not descend from this driver).
+    monkeypatch.delenv("DSMATH_SANDBOX_TOKEN", raising=False)
+    assert "DSMATH_SANDBOX_TOKEN" not in worker_runtime_env().get("env_vars", {})
+    monkeypatch.setenv("DSMATH_SANDBOX_TOKEN", "t" * 32)
+    assert worker_runtime_env()["env_vars"]["DSMATH_SANDBOX_TOKEN"] == "t" * 32
 
 
 def test_submit_7b_refuses_to_start_without_a_model_folder() -> None:

@@ -35,10 +35,14 @@ def worker_runtime_env() -> dict:
     job has a setup hook of its own (Ray takes one)."""
     from dsmath.env import WORKER_ENV_KEYS, env_to_add
     from dsmath.logs import WORKER_HOOK, worker_env
+    from dsmath.sandbox.service import TOKEN_ENV
 
     job = job_runtime_env()
     quiet = {} if job.get("worker_process_setup_hook") else worker_env()
-    ours = {**{k: os.environ[k] for k in WORKER_ENV_KEYS if k in os.environ}, **quiet}
+    # The sandbox service's token: on a multi-node cluster the actors' processes descend from each node's
+    # `ray start`, not from this driver, so it travels with the job (readable by whoever may read its runtime env).
+    keys = WORKER_ENV_KEYS + (TOKEN_ENV,)
+    ours = {**{k: os.environ[k] for k in keys if k in os.environ}, **quiet}
     job_env = job.get("env_vars") or {}
     added = env_to_add(ours, job_env)
     if job_env:
