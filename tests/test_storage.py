@@ -157,6 +157,7 @@ def test_restore_brings_back_run_files_and_the_newest_checkpoint_once(tmp_path):
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
     (run / "samples" / "step-1.parquet").write_bytes(b"PAR1")
     (run / "logs" / "driver.log").write_text("not uploaded")
+    (run / "status_token").write_text("a secret: not uploaded")
     upload(_checkpoint(run / "checkpoints", 1), checkpoints_uri(uri), keep=1)
     assert upload_run_files(run, uri) == 3
     assert restore(run, uri, log=pytest.fail) is None  # an intact checkpoint here: nothing to do

@@ -9,7 +9,7 @@
 Guaranteed: a checkpoint in storage that has its manifest was uploaded whole, and one is taken on resume only after
 it verifies. Not guaranteed: that the run files in storage are as new as its newest checkpoint (a driver that dies
 between the two uploads leaves ``metrics.jsonl`` a row short; the resumed run's rows follow it all the same), and
-``logs/`` and ``tensorboard/`` are not uploaded.
+``logs/``, ``tensorboard/`` and :data:`LOCAL_ONLY` are not uploaded.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from dsmath import storage
 
 CHECKPOINTS = "checkpoints"
 RUN = "run"
+# Not uploaded: the status server's secret token and live address (this attempt's, meaningless to the next).
+LOCAL_ONLY = ("status_token", "status_address")
 
 
 def checkpoints_uri(uri: str) -> str:
@@ -28,10 +30,10 @@ def checkpoints_uri(uri: str) -> str:
 
 
 def upload_run_files(run_dir: str | Path, uri: str) -> int:
-    """Copy ``run_dir``'s top-level regular files and its ``samples/`` folder to ``STORAGE/run``; returns how many
-    files were copied."""
+    """Copy ``run_dir``'s top-level regular files (but :data:`LOCAL_ONLY`) and its ``samples/`` folder to
+    ``STORAGE/run``; returns how many files were copied. Every call copies them all again."""
     run_dir = Path(run_dir)
-    names = [p.name for p in run_dir.iterdir() if p.is_file() and not p.is_symlink()]
+    names = [p.name for p in run_dir.iterdir() if p.is_file() and not p.is_symlink() and p.name not in LOCAL_ONLY]
     if (run_dir / "samples").is_dir():
         names.append("samples")
     return storage.upload_dir(run_dir, storage.join(uri, RUN), names=names)
