@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import importlib.util
 import os
+import re
 import sys
 import types
 import typing
@@ -253,7 +254,12 @@ class StatusConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The root of the tree."""
+    """The root of the tree.
+
+    ``storage``: a URI of any pyarrow filesystem (``file:///abs/path``, ``s3://bucket/prefix``), "" = off. Learner
+    rank 0 copies every checkpoint to ``STORAGE/checkpoints`` (keeping the newest ``keep_checkpoints`` there too)
+    and the driver the run's files to ``STORAGE/run``; ``--resume`` fetches both when the run directory has no
+    intact checkpoint, so a cluster needs no shared filesystem to resume (:mod:`wiring.run_storage`)."""
 
     run_dir: str = "runs/latest"
     seed: int = 0
@@ -262,6 +268,7 @@ class TrainConfig:
     eval_size: int = 500
     checkpoint_every: int = 0
     keep_checkpoints: int = 2  # the newest N checkpoints are kept (a damaged latest falls back to the one before)
+    storage: str = ""
     ray_address: str = ""
     max_actor_restarts: int = 3  # per pool (generators, reward workers) per run; a learner failure ends the run
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -549,6 +556,8 @@ def _check_run(cfg: TrainConfig) -> None:
     _need(cfg.max_actor_restarts >= 0, "max_actor_restarts: must be >= 0")
     _need(cfg.keep_checkpoints >= 1, "keep_checkpoints: must be >= 1 (2 or more lets --resume fall back past a "
                                      "damaged checkpoint)")
+    _need(not cfg.storage or bool(re.match(r"[A-Za-z][A-Za-z0-9+.-]*:/", cfg.storage)) or cfg.storage.startswith("/"),
+          f"storage: {cfg.storage!r} is not a URI; use e.g. file:///abs/path, s3://bucket/prefix, or an absolute path")
     _need(not cfg.data.train or bool(cfg.model.path),
           "data.train: questions from files need the model that answers them: set model.path too")
     _need(not cfg.data.heldout or bool(cfg.data.train), "data.heldout: set data.train too")

@@ -37,6 +37,7 @@ MUTABLE_ON_RESUME = (
     "status.*",
     "ray_address",
     "run_dir",
+    "storage",
     "max_actor_restarts",
     "weight_sync.timeout_s",
     "reward.timeout_s",

@@ -8,7 +8,9 @@ any moment leaves either the previous checkpoint or the new one — never a half
 Every checkpoint proves itself: ``manifest.json``, written last (atomically, after every other file is fsynced and
 before the rename), lists each file's size and sha256. :func:`verify` re-reads a checkpoint against it;
 :func:`pick_intact` picks the newest checkpoint that verifies, saying in one line which newer ones are damaged;
-:func:`prune` keeps the newest ``keep`` after a new one is published. What is guaranteed: a checkpoint that
+:func:`prune` keeps the newest ``keep`` after a new one is published. With a storage URI (:mod:`dsmath.storage`),
+:func:`upload` copies a published checkpoint there (manifest last) and prunes it alike; :func:`download_newest`
+brings back the newest one that verifies. What is guaranteed: a checkpoint that
 verifies holds, byte for byte, what the save wrote. What is not: that the save itself was correct, or that a
 checkpoint without a manifest (saved before manifests existed) is sound — it is refused as damaged.
 """
@@ -28,6 +30,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from dsmath import storage
 from dsmath.errors import UserError
 from dsmath.model_folder import LATEST
 
@@ -78,6 +81,12 @@ def publish(tmp_dir: Path, final: Path) -> None:
     """
     fsync_tree(tmp_dir)
     write_manifest(tmp_dir)
+    _swap_in(tmp_dir, final)
+
+
+def _swap_in(tmp_dir: Path, final: Path) -> None:
+    """Rename the durable ``tmp_dir`` to ``final`` (a folder already there is moved aside, then removed) and point
+    ``latest`` at it."""
     old = None
     if final.exists():
         old = final.with_name(f"{final.name}.old-{os.getpid()}")
@@ -107,9 +116,10 @@ def write_manifest(ckpt_dir: Path) -> dict:
     return manifest
 
 
-def verify(ckpt_dir: Path) -> str | None:
+def verify(ckpt_dir: Path, checksums: bool = True) -> str | None:
     """None when ``ckpt_dir`` matches its manifest (every listed file present, same size, same sha256); else the
-    first problem found, in a few words naming the file. Files not in the manifest are ignored."""
+    first problem found, in a few words naming the file. Files not in the manifest are ignored. ``checksums``
+    False: sizes only (a missing or truncated file is found, a flipped bit is not)."""
     try:
         manifest = json.loads((ckpt_dir / MANIFEST).read_bytes())
         files = manifest["files"]
@@ -123,7 +133,7 @@ def verify(ckpt_dir: Path) -> str | None:
             return f"{rel} is missing"
         if path.stat().st_size != want["size"]:
             return f"{rel} is {path.stat().st_size} bytes, {want['size']} were saved"
-    for rel, want in sorted(files.items()):
+    for rel, want in sorted(files.items()) if checksums else []:
         if _sha256(ckpt_dir / rel) != want["sha256"]:
             return f"{rel} does not match its checksum"
     return None
@@ -178,18 +188,100 @@ def pick_intact(root: Path, log: Callable[[str], None] = print) -> Path:
                     + " (start the run again without --resume)")
 
 
+def _doomed(found: list[Path], keep: int, current: str) -> list[Path]:
+    """Of ``found`` (checkpoints, newest first), those :func:`prune` deletes after ``current`` was published."""
+    if keep <= 0:
+        return []
+    step = _step_of(Path(current))
+    newer = [p for p in found if _step_of(p) > step]
+    older = [p for p in found if _step_of(p) <= step and p.name != current]
+    return newer + older[max(0, keep - 1):]
+
+
 def prune(root: Path, keep: int, current: Path) -> list[Path]:
     """After ``current`` was published: delete checkpoints newer than it (an abandoned or damaged future) and all
     but the newest ``keep`` (``current`` included) older ones. ``keep`` <= 0 keeps everything. Returns the deleted."""
-    if keep <= 0:
-        return []
-    step = _step_of(current)
-    newer = [p for p in checkpoints(root) if _step_of(p) > step]
-    older = [p for p in checkpoints(root) if _step_of(p) <= step and p.name != current.name]
-    doomed = newer + older[max(0, keep - 1):]
+    doomed = _doomed(checkpoints(root), keep, current.name)
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
+
+
+# ------------------------------------------------------------------------------------------------ storage URIs
+
+
+def _stored(root_uri: str) -> list[Path]:
+    """The checkpoint folders under a storage URI as :func:`checkpoints` orders them (names only; newest first)."""
+    names = [n for n in storage.list_dirs(root_uri) if not any(m in n for m in _NOT_CHECKPOINTS)]
+    return sorted((Path(n) for n in names), key=lambda p: (_step_of(p), p.name), reverse=True)
+
+
+def upload(ckpt_dir: Path, root_uri: str, keep: int) -> list[str]:
+    """Copy the published checkpoint ``ckpt_dir`` to ``root_uri/<its name>`` with its manifest last (a copy cut
+    short has no manifest there, and :func:`download_newest` passes over it), then prune ``root_uri`` as
+    :func:`prune` prunes a local folder. A same-named copy already there (from an abandoned future) is removed
+    first. Returns the names pruned from storage. Call it where ``ckpt_dir`` is (learner rank 0's node)."""
+    ckpt_dir = Path(ckpt_dir)
+    dest = storage.join(root_uri, ckpt_dir.name)
+    storage.remove_dir(dest)
+    storage.upload_dir(ckpt_dir, dest, last=[MANIFEST])
+    doomed = _doomed(_stored(root_uri), keep, ckpt_dir.name)
+    for path in doomed:
+        storage.remove_dir(storage.join(root_uri, path.name))
+    return [p.name for p in doomed]
+
+
+def download_newest(root_uri: str, root: Path, log: Callable[[str], None] = print) -> Path:
+    """Download the newest checkpoint under ``root_uri`` that verifies into ``root/<its name>`` (through a
+    ``.tmp-`` folder, renamed when it verified) and return it. Copies without a manifest (an upload cut short) are
+    passed over without downloading; one that fails :func:`verify` after download is said in one line and the
+    next older tried. None intact is a one-line :class:`UserError`."""
+    passed = []
+    for name in (p.name for p in _stored(root_uri)):
+        reason = _download(root_uri, name, Path(root))
+        if reason is None:
+            if passed:
+                log(f"storage {root_uri}: {'; '.join(passed)}: took {name}, the newest intact one")
+            return Path(root) / name
+        passed.append(f"{name} is {reason}")
+    raise UserError(f"no intact checkpoint in storage {root_uri}" + (f": {'; '.join(passed)}" if passed else ""))
+
+
+def fetch(ckpt_dir: Path, root_uri: str) -> bool:
+    """Make sure checkpoint ``ckpt_dir`` is on this machine: when no copy whose files have the manifest's sizes is
+    there, download ``root_uri/<its name>`` (verified) into its place. Returns whether it downloaded; a stored copy
+    that is missing or fails :func:`verify` is a one-line :class:`UserError`. Not safe for two processes fetching
+    the same checkpoint on one machine at once (call it rank after rank)."""
+    ckpt_dir = Path(ckpt_dir)
+    if verify(ckpt_dir, checksums=False) is None:
+        return False
+    reason = _download(root_uri, ckpt_dir.name, ckpt_dir.parent)
+    if reason is not None:
+        raise UserError(f"{ckpt_dir} is not on this machine and its copy in storage {root_uri} is {reason}")
+    return True
+
+
+def _download(root_uri: str, name: str, root: Path) -> str | None:
+    """Download ``root_uri/name`` into ``root/name`` through a ``.tmp-`` folder that is renamed only once it
+    verifies (``latest`` then names it). None when done; else why not, in a few words (nothing is left behind)."""
+    src = storage.join(root_uri, name)
+    if not storage.exists(storage.join(src, MANIFEST)):
+        return f"incomplete (no {MANIFEST})"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        storage.download_dir(src, tmp)
+        reason = verify(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if reason is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return f"damaged ({reason})"
+    fsync_tree(tmp)
+    _swap_in(tmp, root / name)
+    return None
 
 
 def rng_state() -> dict:

@@ -142,6 +142,22 @@ class LearnerRank:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.learner.named_weights()}
 
+    def upload_checkpoint(self, path: str, root_uri: str, keep: int) -> list[str]:
+        """On rank 0, whose node holds the published checkpoint ``path``: keep this node's newest ``keep``, copy
+        ``path`` to ``root_uri`` (manifest last) and keep storage's newest ``keep``
+        (:func:`learner.checkpoint.upload`). Returns the names pruned from storage."""
+        from learner.checkpoint import prune, upload
+
+        prune(Path(path).parent, keep, Path(path))
+        return upload(Path(path), root_uri, keep)
+
+    def fetch_checkpoint(self, path: str, root_uri: str) -> bool:
+        """Download checkpoint ``path`` from ``root_uri`` onto this rank's node unless it is already there
+        (:func:`learner.checkpoint.fetch`); True when it downloaded."""
+        from learner.checkpoint import fetch
+
+        return fetch(Path(path), root_uri)
+
 
 def _drain(weights, quiet: bool = False) -> None:
     """Run a (ZeRO-3: gathering) weight iterator to its end, dropping each tensor. ``quiet``: after a failed send,
@@ -286,6 +302,21 @@ class LearnerGroup:
 
     def load_checkpoint(self, path: str | Path) -> dict:
         return self._all("load_checkpoint", str(path))[0]
+
+    def upload_checkpoint(self, path: str | Path, root_uri: str, keep: int) -> list[str]:
+        """Rank 0 copies the checkpoint it just published at ``path`` to ``root_uri`` and prunes there and on its
+        node to the newest ``keep`` (:meth:`LearnerRank.upload_checkpoint`). Waits as long as the store takes (no
+        timeout: a checkpoint's upload may take longer than any step)."""
+        import ray
+
+        return ray.get(self.actors[0].upload_checkpoint.remote(str(path), root_uri, keep))
+
+    def fetch_checkpoint(self, path: str | Path, root_uri: str) -> int:
+        """Every rank's node gets checkpoint ``path`` (from ``root_uri`` where it is not there yet), one rank after
+        another (ranks sharing a node then download once). Returns how many ranks downloaded it."""
+        import ray
+
+        return sum(bool(ray.get(a.fetch_checkpoint.remote(str(path), root_uri))) for a in self.actors)
 
     def shutdown(self) -> None:
         import ray

@@ -75,11 +75,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
           fault_hook: Callable[[str, int, Any, Any], None] | None = None, overwrite: bool = False) -> dict:
     """Run online GRPO (or the configured method) as configured; returns (and writes) the run summary.
 
-    A fresh run refuses a run directory holding a run unless ``overwrite`` (then that run's files go first). A
-    resume refuses a ``cfg`` that changes the run's saved config beyond :data:`dsmath.run_dir.MUTABLE_ON_RESUME`
-    (allowed changes go to ``config_changes.jsonl``), and returns the saved summary of a finished run without
-    setting anything up. Refusals come before anything is created or started; any later failure leaves
-    ``status.json`` ``failed``.
+    A fresh run refuses a run directory (and a ``storage``) holding a run unless ``overwrite`` (then that run's
+    files go first). A resume first fetches the run from ``storage`` when the run directory has no intact
+    checkpoint (:func:`wiring.run_storage.restore`); it refuses a ``cfg`` that changes the run's saved config beyond
+    :data:`dsmath.run_dir.MUTABLE_ON_RESUME` (allowed changes go to ``config_changes.jsonl``), and returns the saved
+    summary of a finished run without setting anything up. Refusals come before anything is created or started;
+    any later failure leaves ``status.json`` ``failed``.
 
     ``fault_hook(event, step, gen_pool, reward_pool)`` is called at ``rollout_submitted`` (generation in flight),
     ``reward_pending`` (scoring in flight) and ``weight_sync`` of every step: tests kill actors at a known point.
@@ -90,6 +91,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
 
     wall_start = time.time()
     changes: list[dict] = []
+    if cfg.storage:
+        prepare_storage(cfg, resume=resume, overwrite=overwrite)
     if resume:
         changes = resume_changes(cfg.run_dir, to_dict(cfg))
         done = finished_summary(cfg.run_dir, cfg.steps)
@@ -112,6 +115,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         while run.state.step < cfg.steps:
             row = train_step(run, producer)
             report_step(run, row, bar, progress)
+            upload_run_files(run, checkpointed=True)
         bar.close()
         producer.finish()
         timer.pop()  # a final sync belongs to the evaluation below, not to a step's figures
@@ -127,6 +131,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
             run.metrics_out.close()
             run.status.stop()
             release_actors(run.gen_pool.actors + run.reward_pool.actors, run.learner, run.placement)
+
+
+def prepare_storage(cfg: TrainConfig, *, resume: bool, overwrite: bool) -> None:
+    """``storage`` before anything starts: a URI pyarrow cannot open is one line naming the key; a resume fetches
+    the run when the run directory has no intact checkpoint; a fresh run claims it (:mod:`wiring.run_storage`)."""
+    from dsmath.storage import open_uri
+    from wiring.run_storage import claim_fresh, restore
+
+    open_uri(cfg.storage)
+    if resume:
+        restore(cfg.run_dir, cfg.storage, log)
+    else:
+        claim_fresh(cfg.storage, overwrite=overwrite)
 
 
 def mark_failed(cfg: TrainConfig, run: Run | None, exc: BaseException) -> None:
@@ -175,6 +192,10 @@ def setup(cfg: TrainConfig, *, resume: bool, timer: StageTimer, changes: list[di
     learner = start_learner(cfg, task, placement)
     holder["learner"] = learner
     if resume_from is not None:
+        if cfg.storage:  # a learner node without this checkpoint (no shared filesystem) downloads it first
+            from wiring.run_storage import checkpoints_uri
+
+            learner.fetch_checkpoint(resume_from, checkpoints_uri(cfg.storage))
         learner.load_checkpoint(resume_from)
     if cfg.rollout.weights_from == "learner":
         push_initial_weights(learner, gen_pool, state.weight_version, cfg)
@@ -456,8 +477,22 @@ def maybe_checkpoint(run: Run, row: dict, step: int) -> None:
         path = run.learner.save_checkpoint(run.run_dir / "checkpoints" / f"step-{step:06d}",
                                            extra=dataclasses_asdict(run.state))
         prune(run.run_dir / "checkpoints", cfg.keep_checkpoints, Path(path))
+        if cfg.storage:  # rank 0, whose node has the files, uploads and prunes storage
+            from wiring.run_storage import checkpoints_uri
+
+            run.learner.upload_checkpoint(path, checkpoints_uri(cfg.storage), cfg.keep_checkpoints)
     row.update(run.timer.pop())
     run.last_ckpt = {"step": step, "path": str(path)}
+
+
+def upload_run_files(run: Run, *, checkpointed: bool = False) -> None:
+    """With ``storage`` set: the run's files to ``STORAGE/run`` (:mod:`wiring.run_storage`). ``checkpointed``:
+    only when this step saved a checkpoint (called after its metrics row is written, so the row goes too)."""
+    if not run.cfg.storage or (checkpointed and (run.last_ckpt or {}).get("step") != run.state.step):
+        return
+    from wiring.run_storage import upload_run_files as upload
+
+    upload(run.run_dir, run.cfg.storage)
 
 
 def report_step(run: Run, row: dict, bar, progress: bool) -> None:
@@ -503,6 +538,7 @@ def finish(run: Run, before: dict, *, wall_start: float, setup_s: float, resume:
     }
     summary_path.write_text(json.dumps(summary, indent=2))
     run.status.update(run.builder.finish())
+    upload_run_files(run)
     return summary
 
 

@@ -26,6 +26,9 @@ On GPU configs (learner.gpus_per_rank > 0 or rollout.gpus_per_generator > 0) the
 GPU) is checked before anything starts; a config whose estimate exceeds learner.gpu_memory_gb /
 rollout.gpu_memory_gb is refused in one line naming the biggest term and the setting that would fix it.
 
+With storage=URI (file:///abs/path, s3://bucket/prefix) checkpoints and run files are also copied there, and
+--resume storage=URI fetches them when RUN_DIR holds no intact checkpoint (no shared filesystem needed).
+
 --resume runs the config saved in RUN_DIR/config.yaml (the --config preset is not read); an override that
 changes it is refused naming the key, except the keys a resume may change (steps, eval_every,
 checkpoint_every, keep_checkpoints, status settings, ray_address, ...: dsmath.run_dir.MUTABLE_ON_RESUME),
@@ -95,9 +98,13 @@ def resumed_config(args: argparse.Namespace, overrides: list[str]):
     from dsmath.config import load_config, parse_overrides
     from dsmath.run_dir import saved_config_path
 
-    run_dir = next((str(v) for k, v in reversed(parse_overrides(overrides)) if k == "run_dir"), None)
-    if run_dir is None:
-        run_dir = load_config(args.config, overrides).run_dir
+    given = dict(parse_overrides(overrides))  # the last of a repeated key wins
+    run_dir = str(given["run_dir"]) if "run_dir" in given else load_config(args.config, overrides).run_dir
+    if given.get("storage"):  # a run kept in storage: its files and newest checkpoint, unless already here
+        from wiring.console import log
+        from wiring.run_storage import restore
+
+        restore(run_dir, str(given["storage"]), log)
     return load_config(str(saved_config_path(run_dir)), overrides)
 
 
