@@ -54,10 +54,13 @@ def _local_files(local: Path, names: Iterable[str] | None) -> list[str]:
     return sorted(found)
 
 
-def upload_dir(local: str | Path, uri: str, *, last: Iterable[str] = (), names: Iterable[str] | None = None) -> int:
+def upload_dir(local: str | Path, uri: str, *, last: Iterable[str] = (), names: Iterable[str] | None = None,
+               changed_only: bool = False) -> int:
     """Copy the files under ``local`` to ``uri`` (same relative paths; a file already there is overwritten, one
     that is not in ``local`` is left as it is). ``names``: only these top-level files and folders of ``local``.
     ``last``: relative paths copied after every other file (a checkpoint's manifest), in the order given.
+    ``changed_only``: skip a file already there with the same size (for files that are written once or only
+    grow, such as per-step sample files and ``metrics.jsonl``: not a content check).
     Returns the number of files copied. A file that does not exist locally (nor in ``last``) is skipped."""
     import pyarrow.fs as pafs
 
@@ -65,6 +68,12 @@ def upload_dir(local: str | Path, uri: str, *, last: Iterable[str] = (), names: 
     fs, root = open_uri(uri)
     last = [rel for rel in last if (local / rel).is_file()]
     files = [rel for rel in _local_files(local, names) if rel not in last] + last
+    if changed_only:
+        base = root.rstrip("/")
+        there = {i.path[len(base):].lstrip("/"): i.size
+                 for i in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+                 if i.type == pafs.FileType.File}
+        files = [rel for rel in files if there.get(rel) != (local / rel).stat().st_size]
     made: set[str] = set()
     for rel in files:
         dest = f"{root.rstrip('/')}/{rel}"

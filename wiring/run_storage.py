@@ -31,12 +31,13 @@ def checkpoints_uri(uri: str) -> str:
 
 def upload_run_files(run_dir: str | Path, uri: str) -> int:
     """Copy ``run_dir``'s top-level regular files (but :data:`LOCAL_ONLY`) and its ``samples/`` folder to
-    ``STORAGE/run``; returns how many files were copied. Every call copies them all again."""
+    ``STORAGE/run``; returns how many files were copied: those not there yet or of another size (sample files
+    are written once, ``metrics.jsonl`` only grows), so a long run does not copy its whole history every time."""
     run_dir = Path(run_dir)
     names = [p.name for p in run_dir.iterdir() if p.is_file() and not p.is_symlink() and p.name not in LOCAL_ONLY]
     if (run_dir / "samples").is_dir():
         names.append("samples")
-    return storage.upload_dir(run_dir, storage.join(uri, RUN), names=names)
+    return storage.upload_dir(run_dir, storage.join(uri, RUN), names=names, changed_only=True)
 
 
 def claim_fresh(uri: str, *, overwrite: bool) -> None:
