@@ -34,21 +34,22 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 MAX_MODEL_FILES_BYTES = 256 * 2**20
 
 
-def model_files(path: str | Path) -> ModelFiles:
-    """The top-level files of model folder ``path`` except its weights (config, tokenizer, generation config).
+def model_files(path: str | Path, *, weights: bool = False) -> ModelFiles:
+    """The top-level files of model folder ``path``: without its weights (config, tokenizer, generation config), or
+    with them (``weights=True``: the whole model, for a node that has no copy of it).
 
-    Guaranteed: every regular top-level file not ending in one of ``WEIGHT_SUFFIXES``, in name order. Not
-    included: sub-folders (a checkpoint's optimizer state), weights. Over ``MAX_MODEL_FILES_BYTES`` in all is a
-    one-line UserError (a folder that holds more than a model's small files).
+    Guaranteed: every regular top-level file (not ending in one of ``WEIGHT_SUFFIXES`` unless ``weights``), in
+    name order. Not included: sub-folders (a checkpoint's optimizer state). Without weights, over
+    ``MAX_MODEL_FILES_BYTES`` in all is a one-line UserError (a folder that holds more than a model's small files).
     """
     folder = model_folder(path, "model.path")
     files, total = [], 0
     for f in sorted(folder.iterdir()):
-        if not f.is_file() or f.name.endswith(WEIGHT_SUFFIXES):
+        if not f.is_file() or (f.name.endswith(WEIGHT_SUFFIXES) and not weights):
             continue
         data = f.read_bytes()
         total += len(data)
-        if total > MAX_MODEL_FILES_BYTES:
+        if total > MAX_MODEL_FILES_BYTES and not weights:
             raise UserError(f"model.path {folder}: its non-weight files pass {MAX_MODEL_FILES_BYTES >> 20} MiB "
                             f"(at {f.name}); keep only the config and tokenizer files beside the weights")
         files.append((f.name, data))

@@ -20,7 +20,21 @@ import torch
 from dsmath import transports
 from dsmath.config import AlgorithmConfig, LearnerConfig
 from dsmath.errors import UserError
+from dsmath.records import ModelFiles
 from learner.batch import Rows, TrainBatch, ValueBatch
+
+
+def _materialise(model: ModelFiles, rank: int) -> str:
+    """``model`` written to a fresh folder on this node, removed when the process exits."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from dsmath.model_folder import write_model_files
+
+    folder = tempfile.mkdtemp(prefix=f"dsmath-learner{rank}-model-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return str(write_model_files(model, folder))
 
 
 def _policy(model_dir, learner_cfg, algo_cfg, **kw):
@@ -52,9 +66,17 @@ class LearnerRank:
 
         return ray.util.get_node_ip_address(), free_port()
 
+    def has_model(self, model_dir: str) -> bool:
+        """Whether this rank's node sees the model folder ``model_dir`` (no shared filesystem: maybe not)."""
+        return (Path(model_dir) / "config.json").is_file()
+
     def setup(self, model_dir: str, learner_cfg: LearnerConfig, algo_cfg: AlgorithmConfig, *, rank: int,
               world_size: int, master_addr: str, master_port: int, seed: int, env: dict[str, str], kwargs: dict,
-              kind: str = "policy") -> bool:
+              kind: str = "policy", model: ModelFiles | None = None) -> bool:
+        """Build this rank's learner from ``model_dir``, or from ``model`` (the whole folder, sent through the object
+        store because this node has no copy) written to a fresh folder here first."""
+        if model is not None:
+            model_dir = _materialise(model, rank)
         os.environ.update(env)
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0" if torch.cuda.is_available() else str(rank))
@@ -211,15 +233,35 @@ class LearnerGroup:
         opts = rank_options or [{}] * self.num_ranks
         self.actors = [actor_cls.options(**opts[r]).remote() for r in range(self.num_ranks)]
         addr, port = self._get(self.actors[0].address.remote())
+        model = self._ship_model_if_missing(model_dir)
         worker_env = {k: os.environ[k] for k in ("DS_ACCELERATOR", "OMP_NUM_THREADS", "HF_HUB_OFFLINE",
                                                  "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM") if k in os.environ}
         worker_env.update(env or {})
         self._get([
             a.setup.remote(str(model_dir), learner_cfg, algo_cfg or AlgorithmConfig(), rank=r,
-                           world_size=self.num_ranks, master_addr=addr, master_port=port, seed=seed, env=worker_env, kwargs=learner_kwargs,
-                           kind=kind)
+                           world_size=self.num_ranks, master_addr=addr, master_port=port, seed=seed, env=worker_env,
+                           kwargs=learner_kwargs, kind=kind, model=model[r])
             for r, a in enumerate(self.actors)
         ])
+
+    def _ship_model_if_missing(self, model_dir: str | Path) -> list:
+        """Per rank: None where the rank's node sees ``model_dir``, else an object-store reference to the whole
+        folder (read here, once) — a cluster without a shared filesystem, e.g. the bootstrap model the driver
+        built on the head node, or a model folder kept on the head only."""
+        import ray
+
+        from dsmath.model_folder import model_files
+
+        seen = self._get([a.has_model.remote(str(model_dir)) for a in self.actors])
+        if all(seen):
+            return [None] * self.num_ranks
+        bundle = model_files(model_dir, weights=True)
+        size = sum(len(data) for _, data in bundle.files)
+        ref = ray.put(bundle)
+        missing = [r for r, ok in enumerate(seen) if not ok]
+        print(f"[dsmath] learner rank(s) {missing}: no {model_dir} on their node; sending the model through the "
+              f"object store ({size / 2**20:.1f} MiB)", flush=True)
+        return [None if ok else ref for ok in seen]
 
     def _get(self, refs):
         import ray

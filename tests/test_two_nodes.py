@@ -1,10 +1,13 @@
-"""Two Ray nodes on one machine: the generators on a node of their own, never opening ``model.path``.
+"""Two Ray nodes on one machine, the second without the model: generators and learner get it through Ray.
 
-A head advertises the driver, learner, reward and sandbox roles; a second ``ray start --address`` node, with its
-own ports, advertises only ``generator``. ``dsmath train rollout.weights_from=learner`` joins that cluster: the
-generators land on the second node (their role resource), build their engine from the config and tokenizer
-files sent through the object store, with vLLM's dummy weights, and sample only after the learner pushed its
-weights. The run must equal, step for step, the same run on one node loading ``model.path`` from disk.
+A head advertises the driver and reward roles; a second ``ray start --address`` node, with its own ports,
+advertises ``generator`` and ``learner`` and runs in a private mount namespace in which the bootstrap cache —
+``model.path`` and its data — is hidden under an empty tmpfs, as on a cluster without a shared filesystem (where
+``unshare`` is not permitted the node sees the folder, and the test says so). ``dsmath train
+rollout.weights_from=learner`` joins that cluster: the learner finds no model folder on its node and is sent
+the whole folder through the object store; the generators build their engine from the config and tokenizer
+files sent the same way, with vLLM's dummy weights, and sample only after the learner pushed its weights. The
+run must equal, step for step, the same run on one node loading ``model.path`` from disk.
 """
 
 from __future__ import annotations
@@ -60,28 +63,43 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
+def _hiding(folder: Path) -> list[str]:
+    """The command prefix that runs a command with ``folder`` hidden under an empty tmpfs (a private mount
+    namespace), or [] where this machine does not allow it."""
+    prefix = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+              f'mount -t tmpfs -o size=1m none "{folder}" && exec "$0" "$@"']
+    probe = subprocess.run([*prefix, "sh", "-c", f'test -z "$(ls -A "{folder}")"'], capture_output=True, timeout=30)
+    return prefix if probe.returncode == 0 else []
+
+
 @pytest.fixture(scope="module")
-def two_nodes():
-    """(GCS address, environment, the generator node's Ray node id)."""
+def two_nodes(tmp_path_factory):
+    """(GCS address, environment, the second node's Ray node id, the bootstrap cache, whether node 2 cannot see
+    it)."""
     if not Path(RAY).exists():
         pytest.skip("ray CLI not installed next to this Python")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "DSMATH_", "PYTEST"))}
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    cache = tmp_path_factory.mktemp("cache")
+    (cache / "probe").write_text("visible")
+    hide = _hiding(cache)
+    if not hide:
+        print("unshare/mount not permitted here: the second node sees the model folder")
     temp_dir = tempfile.mkdtemp(prefix="ray2n", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     gcs = free_port()
     procs = []
     try:
         log = open(Path(temp_dir) / "head.log", "w")
-        procs.append(subprocess.Popen(_node_cmd(temp_dir, True, gcs, 3, '{"driver": 1, "learner": 1, "reward": 2}'),
+        procs.append(subprocess.Popen(_node_cmd(temp_dir, True, gcs, 2, '{"driver": 1, "reward": 2}'),
                                       env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         address = f"127.0.0.1:{gcs}"
         _wait_nodes(address, env, 1, procs)
         log2 = open(Path(temp_dir) / "node2.log", "w")
-        procs.append(subprocess.Popen(_node_cmd(temp_dir, False, gcs, 1, '{"generator": 1}'), env=env, stdout=log2,
-                                      stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(subprocess.Popen(hide + _node_cmd(temp_dir, False, gcs, 2, '{"generator": 1, "learner": 1}'),
+                                      env=env, stdout=log2, stderr=subprocess.STDOUT, start_new_session=True))
         nodes = _wait_nodes(address, env, 2, procs)
-        (gen_node,) = [n["NodeID"] for n in nodes if "generator" in n["Resources"]]
-        yield address, env, gen_node
+        (node2,) = [n["NodeID"] for n in nodes if "generator" in n["Resources"]]
+        yield address, env, node2, cache, bool(hide)
     finally:
         for p in reversed(procs):
             _stop(p)
@@ -115,20 +133,21 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
-def test_generators_on_a_second_node_get_everything_from_the_learner(two_nodes, tmp_path: Path) -> None:
-    address, env, gen_node = two_nodes
-    cache = tmp_path / "cache"
-    # The reference: one local node, the generators loading model.path from disk.
+def test_generators_and_learner_on_a_node_without_the_model_get_it_through_ray(two_nodes, tmp_path: Path) -> None:
+    address, env, node2, cache, hidden = two_nodes
+    # The reference: one local node, generators and learner loading model.path from disk.
     ref = _train(tmp_path / "ref", cache, env, ["rollout.weights_from=path"])
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     out = _train(tmp_path / "two", cache, {**env, "RAY_ADDRESS": address}, ["rollout.weights_from=learner"])
-    assert out.returncode == 0, out.stderr[-3000:]
     said = out.stdout + out.stderr
+    assert out.returncode == 0, said[-3000:]
     assert "joining Ray cluster at" in said and "generators: weights version 0 from the learner" in said, said[-3000:]
+    # The learner's node has no copy of model.path (the bootstrap the driver built): it was sent the folder.
+    assert ("sending the model through the object store" in said) == hidden, said[-3000:]
 
     (gen,) = json.loads((tmp_path / "two" / "generators.json").read_text())
-    assert gen["node_id"] == gen_node  # placed on the generator node by its role resource
+    assert gen["node_id"] == node2  # placed on the second node by its role resource
     # model.path is the bootstrap's model under ``cache``: the reference loaded it, the two-node run did not.
     assert not gen["model_dir"].startswith(str(cache)) and "object store" in gen["model_source"]
     (ref_gen,) = json.loads((tmp_path / "ref" / "generators.json").read_text())
