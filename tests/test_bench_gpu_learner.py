@@ -74,15 +74,9 @@ def test_mfu_and_card_arithmetic():
     assert "64 sequences × 1024 tokens (256 prompt + 768 completion), micro-batch 8, beta 0.04" in card
 
 
-def test_bench_tiny_runs_every_arm_end_to_end_without_ray(tmp_path):
+def _check_tiny_card(rows: list[dict], card: str, last_line: str) -> None:
     """--tiny on CPU, Ray and vLLM absent in the bench and in every arm's process: four rows, same batch, losses
     that agree (bf16 to bf16 precision)."""
-    card_path, json_path = tmp_path / "card.md", tmp_path / "rows.json"
-    out = subprocess.run([sys.executable, "bench/gpu_learner.py", "--tiny", "--steps", "1", "--warmup", "1",
-                          "--out", str(card_path), "--json", str(json_path)],
-                         capture_output=True, text=True, cwd=ROOT, env=blocked_env(), timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = json.loads(json_path.read_text())
     assert [r["arm"] for r in rows] == ["fp32", "bf16", "bf16_lean", "plain_bf16"]
     for r in rows:
         assert "error" not in r, r
@@ -93,7 +87,6 @@ def test_bench_tiny_runs_every_arm_end_to_end_without_ray(tmp_path):
     assert fp32_loss != 0.0  # off-policy old log-probs: the loss depends on the weights
     for r in rows[1:]:
         assert abs(r["first_loss"] - fp32_loss) <= 2e-3 + 2e-2 * abs(fp32_loss), (r["arm"], r["first_loss"], fp32_loss)
-    card = card_path.read_text()
     table = [line for line in card.splitlines() if line.startswith("| ") and "arm" not in line]
     assert len(table) == 4 and table[-1].startswith("| plain PyTorch loop") and "| 1.00× |" in table[-1]
     assert all(re.search(r"\| [\d.]+ \| [\d.]+ k \| [\d.]+× \| n/a \| [\d.]+ GB \| -?[\d.]+ \|$", row) for row in table)
@@ -101,17 +94,17 @@ def test_bench_tiny_runs_every_arm_end_to_end_without_ray(tmp_path):
 
     tiny = ModelShape("tiny", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=128,
                       vocab_size=256, tie_word_embeddings=True, attention_bias=True)
-    last = json.loads(out.stdout.strip().splitlines()[-1])  # the card's JSON line
+    last = json.loads(last_line)  # the card's JSON line
     assert last["params"] == tiny.num_parameters() and [r["arm"] for r in last["rows"]] == [r["arm"] for r in rows]
 
 
 @pytest.mark.slow
 def test_gpu_check_script_runs_on_cpu_in_tiny_mode(tmp_path):
-    """bench/gpu_check.sh end to end where there is no GPU: the gpu tests are skipped, the bench runs --tiny, and
-    every output file the GPU session fetches is written."""
+    """bench/gpu_check.sh end to end where there is no GPU: the gpu tests are skipped, the bench runs --tiny (every
+    arm, checked by :func:`_check_tiny_card`), and every output file the GPU session fetches is written."""
     out_dir = tmp_path / "out"
     env = {**blocked_env(), "OUT": str(out_dir), "DS_ACCELERATOR": "cpu", "PYTHON": sys.executable,
-           "GPU_CHECK_BENCH_ARGS": "--tiny --steps 1"}
+           "GPU_CHECK_BENCH_ARGS": "--tiny --steps 1 --warmup 1"}
     out = subprocess.run(["bash", "bench/gpu_check.sh"], capture_output=True, text=True, cwd=ROOT, env=env,
                          timeout=900)
     assert out.returncode == 0, out.stdout[-3000:]
@@ -120,4 +113,6 @@ def test_gpu_check_script_runs_on_cpu_in_tiny_mode(tmp_path):
     log = (out_dir / "gpu_check.log").read_text()
     assert "gpu_check: tests exit 0, bench exit 0" in log and "ray present: False | vllm present: False" in log
     assert "skipped" in (out_dir / "gpu_tests.log").read_text()
-    assert len(json.loads((out_dir / "gpu_learner.json").read_text())) == 4
+    bench_lines = [x for x in (out_dir / "gpu_learner.log").read_text().splitlines() if x.startswith("{")]
+    _check_tiny_card(json.loads((out_dir / "gpu_learner.json").read_text()),
+                     (out_dir / "gpu_learner_card.md").read_text(), bench_lines[-1])
