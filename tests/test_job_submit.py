@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from ray_nodes import stop_ray_start
 from wiring.jobsubmit import DEFAULT_EXCLUDES, preflight
 
 pytestmark = pytest.mark.slow
@@ -84,19 +84,7 @@ def ray_head() -> Iterator[tuple[str, dict, int]]:
         wait_http(f"{address}/api/version", proc, deadline_s=120)
         yield address, env, metrics
     finally:
-        # SIGTERM to the blocking `ray start`: it shuts down the processes it started. Whatever of our own
-        # process group is left after that gets SIGKILL.
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)
+        stop_ray_start(proc)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 

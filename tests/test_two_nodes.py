@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from dsmath.utils.net import free_port
+from ray_nodes import stop_ray_start
 from tiny_loop import TINY_LOOP
 
 pytestmark = pytest.mark.slow
@@ -47,20 +47,6 @@ def _node_cmd(temp_dir: str, head: bool, gcs: int, num_cpus: int, resources: str
     else:
         cmd += [f"--address=127.0.0.1:{gcs}"]
     return cmd
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)  # the blocking `ray start` stops what it started
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
 
 
 def _hiding(folder: Path) -> list[str]:
@@ -102,7 +88,7 @@ def two_nodes(tmp_path_factory):
         yield address, env, node2, cache, bool(hide)
     finally:
         for p in reversed(procs):
-            _stop(p)
+            stop_ray_start(p)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
