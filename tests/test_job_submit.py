@@ -18,6 +18,7 @@ import time
 import urllib.request
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,54 @@ def sample_values(text: str, name: str, **labels: str) -> list[float]:
     return out
 
 
+class LiveViews(threading.Thread):
+    """Asks `dsmath status` about a live run the moment its status server is up (a 0.1 s file poll: the tiny run is
+    live for only its few steps): a wrong token, `dsmath status RUN_DIR --json` and `dsmath status --job ID --json`,
+    all three at once, each until it has its answer."""
+
+    def __init__(self, run_dir: Path, status: Callable, job_id: str, dashboard: str) -> None:
+        super().__init__(daemon=True)
+        self.run_dir, self.status, self.job_id, self.dashboard = run_dir, status, job_id, dashboard
+        self.stop = threading.Event()
+        self.seen_live = self.seen_job = self.wrong_token = self.last_job = None
+
+    def run(self) -> None:
+        import json
+
+        with ThreadPoolExecutor(3) as pool:
+            while not self.stop.is_set() and (self.seen_live is None or self.seen_job is None):
+                try:
+                    token = (self.run_dir / "status_token").read_text().strip()
+                    address = json.loads((self.run_dir / "status_endpoint.json").read_text())["address"]
+                    up = (self.run_dir / "status_address").exists()
+                except (OSError, ValueError, KeyError):
+                    up = False
+                if not up:
+                    time.sleep(0.1)  # a poll interval, not a synchronisation sleep
+                    continue
+                calls = {"live": pool.submit(self.status, [str(self.run_dir), "--json"])}
+                if self.wrong_token is None:
+                    calls["wrong"] = pool.submit(self.status, ["--address", address, "--token", "wrong"])
+                if self.seen_job is None:  # --wait rides out the job log's lag behind the run
+                    calls["job"] = pool.submit(self.status, ["--job", self.job_id, "--address", self.dashboard,
+                                                             "--json", "--wait", "30", "--interval", "0.5"], token)
+                if "wrong" in calls:
+                    self.wrong_token = calls["wrong"].result()
+                live = _json_view(calls["live"].result())
+                if self.seen_live is None and live is not None and live["state"] == "running":
+                    self.seen_live = live
+                if "job" in calls:
+                    self.last_job = calls["job"].result()
+                    self.seen_job = _json_view(self.last_job)
+
+
+def _json_view(view: subprocess.CompletedProcess) -> dict | None:
+    import json
+
+    return json.loads(view.stdout) if view.returncode == 0 and view.stdout.lstrip().startswith("{") else None
+
+
+
 def test_ray_job_submit_runs_dsmath_train_and_status_shows_it(ray_head: tuple[str, dict, int], tmp_path: Path) -> None:
     """`ray job submit -- dsmath train ...` on the head: the job joins that cluster (RAY_ADDRESS), trains, and
     - `dsmath status RUN_DIR` shows the run while it is live (reading the generated RUN_DIR/status_token itself)
@@ -167,7 +216,10 @@ def test_ray_job_submit_runs_dsmath_train_and_status_shows_it(ray_head: tuple[st
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     dsmath = str(Path(sys.executable).with_name("dsmath"))
     # 2 CPUs on this head: shrink the actors' CPU requests so generator, learner and reward worker all fit.
-    args = TINY + [f"run_dir={run_dir}", f"bootstrap.data_dir={cache}", "steps=2", "rollout.num_generators=1",
+    # A tiny step takes ~0.3 s: 24 of them keep the run live long enough for `dsmath status --job` (which imports
+    # Ray and reads the job's log) to answer on a loaded 2-core machine; 2 steps were too short for it.
+    steps = 24
+    args = TINY + [f"run_dir={run_dir}", f"bootstrap.data_dir={cache}", f"steps={steps}", f"checkpoint_every={steps}", "rollout.num_generators=1",
                    "rollout.cpus_per_generator=0.5", "learner.cpus_per_rank=0.5", "status.token=generate",
                    "status.prometheus_port=0"]
     out = subprocess.run([RAY, "job", "submit", "--address", address, "--no-wait", "--", dsmath, "train",
@@ -181,7 +233,6 @@ def test_ray_job_submit_runs_dsmath_train_and_status_shows_it(ray_head: tuple[st
             e["DSMATH_STATUS_TOKEN"] = token
         return subprocess.run([dsmath, "status", *argv], capture_output=True, text=True, env=e, timeout=120)
 
-    seen_live = seen_job = wrong_token = None
     endpoint_file = run_dir / "status_endpoint.json"
 
     def prometheus_url() -> str | None:
@@ -194,25 +245,19 @@ def test_ray_job_submit_runs_dsmath_train_and_status_shows_it(ray_head: tuple[st
                 Scraper(lambda: f"http://127.0.0.1:{metrics_port}/metrics", "ray_dsmath_reward_mean")]
     for scraper in scrapers:
         scraper.start()
+    live = LiveViews(run_dir, lambda argv, token=None: status(*argv, token=token), job_id, address)
+    live.start()
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         job = subprocess.run([RAY, "job", "status", "--address", address, job_id], capture_output=True,
                              text=True, env=env, timeout=60)
         state = (job.stdout + job.stderr).lower()  # the Ray CLI logs "Job '…' succeeded" to stderr
-        if (run_dir / "status_address").exists() and (run_dir / "status_endpoint.json").exists():
-            token = (run_dir / "status_token").read_text().strip()
-            endpoint = json.loads(endpoint_file.read_text())
-            if wrong_token is None:  # first: the server is up from set-up on, the run's end comes soon after
-                wrong_token = status("--address", endpoint["address"], "--token", "wrong")
-            if seen_live is None:
-                view = status(str(run_dir), "--json")
-                seen_live = json.loads(view.stdout) if view.returncode == 0 else None
-            if seen_job is None:
-                view = status("--job", job_id, "--address", address, "--json", token=token)
-                seen_job = json.loads(view.stdout) if view.returncode == 0 else None
         if any(word in state for word in ("succeeded", "failed", "stopped")):
             break
         time.sleep(1.0)  # a status poll interval, not a synchronisation sleep
+    live.stop.set()
+    live.join(timeout=120)
+    seen_live, seen_job, wrong_token = live.seen_live, live.seen_job, live.wrong_token
     for scraper in scrapers:
         scraper.stop.set()
         scraper.join(timeout=30)
@@ -222,28 +267,28 @@ def test_ray_job_submit_runs_dsmath_train_and_status_shows_it(ray_head: tuple[st
     assert "succeeded" in state, state[-500:] + logs[-3000:]
     assert "joining Ray cluster" in logs and "[dsmath] status endpoint: {" in logs
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 2 and summary["samples_trained"] == 2 * 4 * 4
+    assert summary["steps"] == steps and summary["samples_trained"] == steps * 4 * 4
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rewards = {row["reward/mean"] for row in rows}
 
     assert seen_live is not None, "dsmath status never saw the live job"
-    assert seen_live["run_name"] == "run" and seen_live["state"] == "running" and seen_live["total_steps"] == 2
-    assert seen_job is not None, "dsmath status --job never found the live job through the Jobs API"
-    assert seen_job["run_name"] == "run" and seen_job["total_steps"] == 2
+    assert seen_live["run_name"] == "run" and seen_live["state"] == "running" and seen_live["total_steps"] == steps
+    assert seen_job is not None, f"dsmath status --job never found the live job through the Jobs API: {live.last_job}"
+    assert seen_job["run_name"] == "run" and seen_job["total_steps"] == steps
     assert wrong_token is not None and wrong_token.returncode == 2 and wrong_token.stdout == ""
     assert wrong_token.stderr.strip().count("\n") == 0 and "rejected the request (wrong token)" in wrong_token.stderr
 
-    assert sample_values(prom, "dsmath_total_steps", run="run") == [2.0], prom[-2000:]
+    assert sample_values(prom, "dsmath_total_steps", run="run") == [float(steps)], prom[-2000:]
     assert sample_values(prom, "dsmath_reward_mean", run="run")[0] in rewards, prom[-2000:]
     ray_reward = sample_values(ray_metrics, "ray_dsmath_reward_mean", run="run")
     assert ray_reward and ray_reward[0] in rewards, ray_metrics[-3000:]
     versions = sample_values(ray_metrics, "ray_dsmath_generator_weight_version", run="run", generator="0")
-    assert versions and versions[0] in {0.0, 1.0, 2.0}, ray_metrics[-3000:]
+    assert versions and versions[0] in {float(v) for v in range(steps + 1)}, ray_metrics[-3000:]
     assert sample_values(ray_metrics, "ray_dsmath_stage_seconds", run="run", stage="update"), ray_metrics[-3000:]
 
     final = status(str(run_dir), "--json")
     snap = json.loads(final.stdout)
-    assert snap["state"] == "finished" and snap["step"] == 2
+    assert snap["state"] == "finished" and snap["step"] == steps
     ended = status("--job", job_id, "--address", address)
     assert ended.returncode == 0, ended.stderr
     assert ended.stdout.strip() == (f"Ray job {job_id} is succeeded: its status server is gone; `dsmath status "
