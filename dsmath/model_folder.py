@@ -20,13 +20,17 @@ def resolve(path: str | Path) -> Path:
     return path
 
 
+def has_model_folder(path: str | Path) -> bool:
+    """Whether ``path`` (``~`` expanded, ``latest`` followed) holds a model's ``config.json`` on this machine."""
+    return (resolve(Path(path).expanduser()) / "config.json").is_file()
+
+
 def model_folder(path: str | Path, what: str, hint: str = "") -> Path:
     """``path`` resolved (``~`` expanded, ``latest`` followed) when it holds a model's ``config.json``; else a
     one-line UserError naming ``what`` (e.g. ``"--model runs/x"``) and ending with ``hint``."""
-    resolved = resolve(Path(path).expanduser())
-    if not (resolved / "config.json").is_file():
+    if not has_model_folder(path):
         raise UserError(f"{what}: not a model folder or checkpoint (no config.json){hint}")
-    return resolved
+    return resolve(Path(path).expanduser())
 
 
 # Weight files (and their shard indexes) stay behind: the receiver's weights come from the learner.

@@ -68,7 +68,9 @@ class LearnerRank:
 
     def has_model(self, model_dir: str) -> bool:
         """Whether this rank's node sees the model folder ``model_dir`` (no shared filesystem: maybe not)."""
-        return (Path(model_dir) / "config.json").is_file()
+        from dsmath.model_folder import has_model_folder
+
+        return has_model_folder(model_dir)
 
     def setup(self, model_dir: str, learner_cfg: LearnerConfig, algo_cfg: AlgorithmConfig, *, rank: int,
               world_size: int, master_addr: str, master_port: int, seed: int, env: dict[str, str], kwargs: dict,

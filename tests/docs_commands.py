@@ -104,6 +104,6 @@ def block_script(commands: list[DocCommand]) -> str:
     for c in commands:
         if c.needs:
             continue
-        lines += [f"echo 'DOC-RUN {c.where}' >&2", c.text,
+        lines += [f"echo 'DOC-RUN {c.where} at '$EPOCHREALTIME >&2", c.text,  # when: the log says where time went
                   f"rc=$?; if [ $rc -ne 0 ]; then echo 'DOC-FAILED {c.where} (exit '$rc')' >&2; exit 97; fi"]
     return "\n".join(lines) + "\n"

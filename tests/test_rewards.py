@@ -245,3 +245,28 @@ def test_combined_reward_is_the_rule_plus_the_models_own_scores(reward_model, mo
         assert res.step_end_token_index == tuple(ends) and res.step_rewards == pytest.approx(steps, abs=1e-5)
         assert res.reward == pytest.approx(steps[-1], abs=1e-5)
     assert len([e for e in (completion_step_ends(decode, r.completion_ids, "\n") for r in ros) if len(e) > 1]) == 2
+
+
+def test_a_reward_worker_whose_node_lacks_the_reward_model_loads_the_copy_it_was_sent(reward_model, tmp_path):
+    """No shared filesystem: ``reward.model_path`` is not on the worker's node. Without a copy that is one line
+    naming the fix; with the folder's files (what the driver sends under ``rollout.weights_from=learner``) the
+    worker scores exactly as one that loads the folder itself, and removes its copy on close."""
+    from actors.reward_worker import RewardWorker
+    from dsmath.model_folder import model_files
+
+    path, tok = reward_model
+    completions = ["The answer is \\boxed{7}.", "3 + 4 = 7\nThe answer is \\boxed{8}."]
+    prompt = tok("Q: 3 + 4?\nA:")["input_ids"]
+    ros = [rollout(i, c, "7", prompt, tok(c)["input_ids"] + [tok.eos_token_id]) for i, c in enumerate(completions)]
+    elsewhere = config(f"reward.model_path={tmp_path / 'on-the-head-only' / 'rm'}", "reward.model_kind=outcome")
+    with pytest.raises(UserError, match=r"no such model folder on reward-3's node; .*rollout\.weights_from=learner"):
+        RewardWorker(elsewhere, worker_id="reward-3")
+    worker = RewardWorker(elsewhere, worker_id="reward-3", model=[model_files(path, weights=True)])
+    copy = Path(worker.local_model)
+    try:
+        got = worker.score(ros)
+    finally:
+        worker.close()
+    want = score(config(f"reward.model_path={path}", "reward.model_kind=outcome"), ros)
+    assert [(r.reward, r.reason) for r in got] == [(r.reward, r.reason) for r in want]
+    assert "; orm weighted score " in got[0].reason and not copy.exists()

@@ -240,7 +240,7 @@ def test_hostile_programs_are_contained_and_leave_nothing(pool):
                for name, code in HOSTILE.items()}
     for name, r in results.items():
         assert "LEAK" not in r.stdout and "WROTE" not in r.stdout, (name, r)
-        assert r.wall_s < 6, (name, r.wall_s)
+        assert r.wall_s < 10, (name, r.wall_s)  # its 3 s limit enforced (a runaway takes 60 s+), with slack for load
         _clean(pool)
     assert results["fork_bomb"].timed_out and results["ignores_signals"].timed_out
     assert results["never_ending_thread"].timed_out and results["never_ending_thread"].stdout == "answer: 42\n"

@@ -1,13 +1,15 @@
-"""Two Ray nodes on one machine, the second without the model: generators and learner get it through Ray.
+"""Two Ray nodes on one machine, the second without the models: generators, learner and reward worker get them
+through Ray.
 
-A head advertises the driver and reward roles; a second ``ray start --address`` node, with its own ports,
-advertises ``generator`` and ``learner`` and runs in a private mount namespace in which the bootstrap cache —
-``model.path`` and its data — is hidden under an empty tmpfs, as on a cluster without a shared filesystem (where
-``unshare`` is not permitted the node sees the folder, and the test says so). ``dsmath train
-rollout.weights_from=learner`` joins that cluster: the learner finds no model folder on its node and is sent
-the whole folder through the object store; the generators build their engine from the config and tokenizer
-files sent the same way, with vLLM's dummy weights, and sample only after the learner pushed its weights. The
-run must equal, step for step, the same run on one node loading ``model.path`` from disk.
+A head advertises the driver role; a second ``ray start --address`` node, with its own ports, advertises
+``generator``, ``learner`` and ``reward`` and runs in a private mount namespace in which the bootstrap cache —
+``model.path``, its data and a reward model — is hidden under an empty tmpfs, as on a cluster without a shared
+filesystem (where ``unshare`` is not permitted the node sees the folder, and the test says so). ``dsmath train
+rollout.weights_from=learner reward.model_path=...`` joins that cluster: the learner finds no model folder on its
+node and is sent the whole folder through the object store; the generators build their engine from the config and
+tokenizer files sent the same way, with vLLM's dummy weights, and sample only after the learner pushed its weights;
+the reward worker writes the reward model it was sent to a temporary folder and scores with it. The run must
+equal, step for step, the same run on one node loading ``model.path`` from disk (the reward model's weight is 0).
 """
 
 from __future__ import annotations
@@ -76,12 +78,13 @@ def two_nodes(tmp_path_factory):
     procs = []
     try:
         log = open(Path(temp_dir) / "head.log", "w")
-        procs.append(subprocess.Popen(_node_cmd(temp_dir, True, gcs, 2, '{"driver": 1, "reward": 2}'),
+        procs.append(subprocess.Popen(_node_cmd(temp_dir, True, gcs, 2, '{"driver": 1}'),
                                       env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         address = f"127.0.0.1:{gcs}"
         _wait_nodes(address, env, 1, procs)
         log2 = open(Path(temp_dir) / "node2.log", "w")
-        procs.append(subprocess.Popen(hide + _node_cmd(temp_dir, False, gcs, 2, '{"generator": 1, "learner": 1}'),
+        procs.append(subprocess.Popen(hide + _node_cmd(temp_dir, False, gcs, 3,
+                                                       '{"generator": 1, "learner": 1, "reward": 2}'),
                                       env=env, stdout=log2, stderr=subprocess.STDOUT, start_new_session=True))
         nodes = _wait_nodes(address, env, 2, procs)
         (node2,) = [n["NodeID"] for n in nodes if "generator" in n["Resources"]]
@@ -119,24 +122,51 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
-def test_generators_and_learner_on_a_node_without_the_model_get_it_through_ray(two_nodes, tmp_path: Path) -> None:
+def _reward_model(policy: Path, out: Path) -> Path:
+    """A reward model beside the policy: its body, a seeded one-label head (the model kind `dsmath rm train` saves)."""
+    import torch
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    AutoModelForTokenClassification.from_pretrained(str(policy), num_labels=1).save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(policy)).save_pretrained(str(out))
+    return out
+
+
+def _reasons(run_dir: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return [r for f in sorted((run_dir / "samples").glob("*.parquet")) for r in pq.read_table(f)["reason"].to_pylist()]
+
+
+def test_generators_learner_and_reward_model_on_a_node_without_them_get_them_through_ray(two_nodes,
+                                                                                         tmp_path: Path) -> None:
     address, env, node2, cache, hidden = two_nodes
     # The reference: one local node, generators and learner loading model.path from disk.
     ref = _train(tmp_path / "ref", cache, env, ["rollout.weights_from=path"])
     assert ref.returncode == 0, ref.stderr[-3000:]
+    # A reward model kept only on the head (under the hidden cache): scored with weight 0, so the rewards stay the
+    # rule's and the run stays comparable, while every sample's reason carries the model's score.
+    (ref_gen,) = json.loads((tmp_path / "ref" / "generators.json").read_text())
+    rm = _reward_model(Path(ref_gen["model_dir"]), cache / "rm")
+    rm_args = [f"reward.model_path={rm}", "reward.model_kind=outcome", "reward.model_weight=0.0"]
 
-    out = _train(tmp_path / "two", cache, {**env, "RAY_ADDRESS": address}, ["rollout.weights_from=learner"])
+    out = _train(tmp_path / "two", cache, {**env, "RAY_ADDRESS": address}, ["rollout.weights_from=learner"] + rm_args)
     said = out.stdout + out.stderr
     assert out.returncode == 0, said[-3000:]
     assert "joining Ray cluster at" in said and "generators: weights version 0 from the learner" in said, said[-3000:]
     # The learner's node has no copy of model.path (the bootstrap the driver built): it was sent the folder.
     assert ("sending the model through the object store" in said) == hidden, said[-3000:]
+    # The reward worker's node has no copy of the reward model either: it was sent the folder (its log says so).
+    worker_logs = "".join(f.read_text(errors="replace") for f in (tmp_path / "two" / "logs").glob("*.log"))
+    assert ("the reward model came through the object store" in worker_logs) == hidden, worker_logs[-3000:]
+    reasons = _reasons(tmp_path / "two")
+    assert len(reasons) == 2 * 4 * 4 and all("; orm weighted score " in r for r in reasons), reasons[:4]
 
     (gen,) = json.loads((tmp_path / "two" / "generators.json").read_text())
     assert gen["node_id"] == node2  # placed on the second node by its role resource
     # model.path is the bootstrap's model under ``cache``: the reference loaded it, the two-node run did not.
     assert not gen["model_dir"].startswith(str(cache)) and "object store" in gen["model_source"]
-    (ref_gen,) = json.loads((tmp_path / "ref" / "generators.json").read_text())
     assert ref_gen["model_dir"].startswith(str(cache)) and ref_gen["model_source"].startswith("folder ")
 
     # Same weights, same seeds: the same samples, rewards and losses as the one-node run from disk.

@@ -451,7 +451,7 @@ def test_silent_receiver_times_out_by_name(cluster, transport):
     assert isinstance(cause, WeightSyncTimeout)
     assert cause.receivers == ("gen-stuck",)
     assert "gen-stuck" in str(cause) and "3s" in str(cause)
-    assert 3.0 <= elapsed < 3.0 + 4.0  # the deadline, not a hang
+    assert 3.0 <= elapsed < 3.0 + 10.0  # the deadline, not a hang (30 s); slack for a loaded 2-core machine
     assert ray.get(good.state.remote())[0] == version + 1  # the good one kept its last complete version
 
 

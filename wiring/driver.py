@@ -265,9 +265,14 @@ def start_actor_pools(cfg: TrainConfig, task: TaskData, state: RunState, resume_
 
     rewards.choose(cfg)  # reward.kind's refusal, as one line, before any reward actor starts
     reward_cls = reward_worker_actor_class()
+    rm_files = None  # no shared filesystem: the reward model travels too, fetched only by a node without it
+    if cfg.reward.model_path and cfg.rollout.weights_from == "learner":
+        from dsmath.model_folder import model_files
+
+        rm_files = [ray_put(model_files(cfg.reward.model_path, weights=True))]  # a list: Ray leaves the ref unfetched
 
     def start_reward_worker(i: int):
-        return reward_cls.options(**roles.get("reward", {})).remote(cfg, worker_id=f"reward-{i}")
+        return reward_cls.options(**roles.get("reward", {})).remote(cfg, worker_id=f"reward-{i}", model=rm_files)
 
     def restart_reward_worker(i: int):
         log(f"reward-{i} died: starting a replacement")
