@@ -123,7 +123,7 @@ def scrape(url: str) -> str:
 
 
 class Scraper(threading.Thread):
-    """Scrapes ``url()`` every 0.3 s until stopped, keeping the last answer that holds a ``name`` series: a 2-step
+    """Scrapes ``url()`` every 0.3 s until stopped, keeping the last answer that holds a ``name`` series: a tiny
     run's figures exist for a few seconds only, too short for the main loop's slower subprocess polls."""
 
     def __init__(self, url: Callable[[], str | None], name: str) -> None:
