@@ -390,7 +390,7 @@ def _count(n: int) -> str:
 def format_plan(memory: MemoryPlan) -> str:
     """The plan as a text table (GB = 1e9 bytes)."""
     s = memory.shape
-    lines = [f"memory plan (estimate from dsmath.memory_plan, not measured; GB = 1e9 bytes)",
+    lines = ["memory plan (estimate from dsmath.memory_plan, not measured; GB = 1e9 bytes)",
              f"model: {s.name} from {memory.shape_source}: {_count(s.num_parameters())} parameters, "
              f"{s.num_layers} layers, hidden {s.hidden_size}, {s.num_heads} heads / {s.num_kv_heads} kv heads, "
              f"intermediate {s.intermediate_size}, vocab {s.vocab_size}"]

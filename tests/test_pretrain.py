@@ -199,7 +199,6 @@ def test_resume_continues_the_stream_token_for_token(tmp_path, tokenizer, cut):
 
 
 def test_reads_the_corpus_pipelines_parquet_output_folder(tmp_path, tokenizer):
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from data_pipeline.runner import write_shard  # the writer `dsmath corpus run` uses for OUT/corpus/

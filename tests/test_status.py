@@ -562,8 +562,6 @@ def test_job_lookup_with_no_dashboard_is_one_line() -> None:
 def test_job_lookups_wait_for_a_job_that_is_not_up_yet_and_only_for_that() -> None:
     """``--wait``: a pending / still-setting-up job (JobNotReady) or a live job's silent server is retried until
     the deadline; any other error is raised at once; ``--wait`` without ``--job`` is a one-line error."""
-    import time
-
     from dsmath.errors import UserError
     from dsmath.status.client import StatusUnreachable
     from wiring.commands.status import waiting
