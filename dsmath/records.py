@@ -128,9 +128,10 @@ class GeneratorHealth:
 
 @dataclass(frozen=True)
 class ModelFiles:
-    """A model folder without its weights: config, tokenizer and generation files as bytes, sent through the object
-    store so that a generator's node needs no copy of the model (its weights then come from the learner).
-    ``source`` is the folder they were read from, for messages only: the receiver never opens it."""
+    """A folder's files as bytes, sent through the object store to a node without a copy (no shared filesystem):
+    a model folder without its weights for a generator (its weights then come from the learner), a whole model
+    folder for a learner rank or a reward worker, a whole checkpoint (names relative, with sub-folders) for the
+    driver. ``source`` is the folder they were read from, for messages only: the receiver never opens it."""
 
     files: tuple[tuple[str, bytes], ...]
     source: str

@@ -24,7 +24,7 @@ import random
 import re
 import shutil
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 import numpy as np
@@ -33,6 +33,7 @@ import torch
 from dsmath import storage
 from dsmath.errors import UserError
 from dsmath.model_folder import LATEST
+from dsmath.records import ModelFiles, check_schema
 
 MANIFEST = "manifest.json"
 _CHUNK = 8 << 20  # bytes read per hashing call
@@ -282,6 +283,43 @@ def _download(root_uri: str, name: str, root: Path) -> str | None:
     fsync_tree(tmp)
     _swap_in(tmp, root / name)
     return None
+
+
+def checkpoint_files(ckpt_dir: Path) -> ModelFiles:
+    """Every file of the published checkpoint ``ckpt_dir`` (its manifest included), names relative to it: what
+    :func:`write_checkpoint_files` puts back on another node. Read into memory whole."""
+    ckpt_dir = Path(ckpt_dir)
+    if verify(ckpt_dir, checksums=False) is not None:
+        raise UserError(f"checkpoint {ckpt_dir}: {verify(ckpt_dir, checksums=False)}")
+    files = tuple((p.relative_to(ckpt_dir).as_posix(), p.read_bytes())
+                  for p in sorted(ckpt_dir.rglob("*")) if p.is_file())
+    return ModelFiles(files=files, source=str(ckpt_dir))
+
+
+def write_checkpoint_files(bundle: ModelFiles, final: Path) -> Path:
+    """Put checkpoint ``bundle`` (:func:`checkpoint_files`) at ``final`` as a save would: into a ``.tmp-`` folder
+    beside it, verified against its own manifest, then renamed into place with ``latest`` pointing at it. A file
+    name that would leave the folder, or a bundle that does not verify, is refused and nothing is published."""
+    check_schema(bundle)
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{final.name}.tmp-home-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for name, data in bundle.files:
+            rel = PurePosixPath(name)
+            if rel.is_absolute() or not rel.parts or any(part in ("", ".", "..") for part in rel.parts):
+                raise ValueError(f"checkpoint file name {name!r} leaves the checkpoint folder")
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(data)
+        problem = verify(tmp)
+        if problem is not None:
+            raise UserError(f"checkpoint {final.name} from {bundle.source}: {problem}")
+        fsync_tree(tmp)
+        _swap_in(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def rng_state() -> dict:

@@ -175,6 +175,24 @@ class LearnerRank:
         prune(Path(path).parent, keep, Path(path))
         return upload(Path(path), root_uri, keep)
 
+    def has_checkpoint(self, path: str) -> bool:
+        """Whether this rank's node holds a published checkpoint at ``path`` (its manifest is there)."""
+        from learner.checkpoint import MANIFEST
+
+        return (Path(path) / MANIFEST).is_file()
+
+    def put_checkpoint(self, path: str, bundle) -> None:
+        """Publish checkpoint ``bundle`` (the driver's copy) at ``path`` on this rank's node."""
+        from learner.checkpoint import write_checkpoint_files
+
+        write_checkpoint_files(bundle, Path(path))
+
+    def checkpoint_files(self, path: str):
+        """The published checkpoint ``path`` on this rank's node, every file (:func:`learner.checkpoint.checkpoint_files`)."""
+        from learner.checkpoint import checkpoint_files
+
+        return checkpoint_files(Path(path))
+
     def fetch_checkpoint(self, path: str, root_uri: str) -> bool:
         """Download checkpoint ``path`` from ``root_uri`` onto this rank's node unless it is already there
         (:func:`learner.checkpoint.fetch`); True when it downloaded."""
@@ -354,6 +372,36 @@ class LearnerGroup:
         import ray
 
         return ray.get(self.actors[0].upload_checkpoint.remote(str(path), root_uri, keep))
+
+    def bring_home(self, path: str | Path) -> int:
+        """No shared filesystem: checkpoint ``path``, which rank 0 just published on its node, copied onto this
+        (the driver's) node through the object store when it is not here, so that the run directory holds its
+        checkpoints and ``latest`` as on one node (the next ``dsmath iterate`` iteration starts from it, ``--resume``
+        finds it). Returns the bytes copied: 0 when it was already here (one node, or a shared filesystem)."""
+        from learner.checkpoint import MANIFEST, write_checkpoint_files
+
+        if (Path(path) / MANIFEST).is_file():
+            return 0
+        bundle = self._get(self.actors[0].checkpoint_files.remote(str(path)))
+        write_checkpoint_files(bundle, Path(path))
+        return sum(len(data) for _, data in bundle.files)
+
+    def send_checkpoint(self, path: str | Path) -> int:
+        """No shared filesystem, resuming: every rank's node that lacks checkpoint ``path`` gets the driver's copy
+        (:meth:`bring_home` put it there) through the object store, one rank after another (ranks sharing a node
+        then receive it once). Returns how many ranks were sent it."""
+        import ray
+
+        from learner.checkpoint import checkpoint_files
+
+        ref, sent = None, 0
+        for actor in self.actors:
+            if self._get(actor.has_checkpoint.remote(str(path))):
+                continue
+            ref = ref if ref is not None else ray.put(checkpoint_files(Path(path)))
+            self._get(actor.put_checkpoint.remote(str(path), ref))
+            sent += 1
+        return sent
 
     def fetch_checkpoint(self, path: str | Path, root_uri: str) -> int:
         """Every rank's node gets checkpoint ``path`` (from ``root_uri`` where it is not there yet), one rank after

@@ -168,3 +168,27 @@ def test_checksums_cost_on_the_tiny_model_is_small(saved, tmp_path):
     t2 = time.perf_counter()
     print(f"checkpoint {size / 1e6:.2f} MB: manifest {1e3 * (t1 - t0):.1f} ms, verify {1e3 * (t2 - t1):.1f} ms")
     assert t1 - t0 < 5.0 and t2 - t1 < 5.0
+
+
+def test_a_checkpoint_sent_as_files_is_published_on_the_other_side_and_resumes_alike(saved, tmp_path):
+    """No shared filesystem: the driver's copy of a checkpoint the learner published on its node (every file, the
+    optimizer state's sub-folders too) verifies, is what ``latest`` names, and resumes with the same losses; a
+    name that leaves the folder, or a damaged file, publishes nothing."""
+    from dataclasses import replace
+
+    model_dir, root, want = saved
+    bundle = ckpt.checkpoint_files(root / "step-000003")
+    assert any("/" in name for name, _ in bundle.files)  # the DeepSpeed state lives in a sub-folder
+    home = tmp_path / "home" / "checkpoints"
+    ckpt.write_checkpoint_files(bundle, home / "step-000003")
+    assert ckpt.verify(home / "step-000003") is None and ckpt.read_latest(home) == "step-000003"
+    assert resume_losses(model_dir, home) == want[3]
+
+    for name in ("../escape.bin", "/abs.bin"):
+        with pytest.raises(ValueError, match="leaves the checkpoint folder"):
+            ckpt.write_checkpoint_files(replace(bundle, files=bundle.files + ((name, b"x"),)), tmp_path / "x" / "s")
+    damaged = tuple((n, d[:-1] if n.endswith(".safetensors") else d) for n, d in bundle.files)
+    with pytest.raises(UserError, match=r"checkpoint step-000009 from .*step-000003: .*safetensors is \d+ bytes"):
+        ckpt.write_checkpoint_files(replace(bundle, files=damaged), tmp_path / "y" / "step-000009")
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+    assert list((tmp_path / "y").iterdir()) == []

@@ -196,6 +196,9 @@ def setup(cfg: TrainConfig, *, resume: bool, timer: StageTimer, changes: list[di
             from wiring.run_storage import checkpoints_uri
 
             learner.fetch_checkpoint(resume_from, checkpoints_uri(cfg.storage))
+        elif cfg.rollout.weights_from == "learner" and learner.send_checkpoint(resume_from):
+            log(f"--resume: the learner's node had no {resume_from.name}; sent the driver's copy through the object "
+                f"store")
         learner.load_checkpoint(resume_from)
     if cfg.rollout.weights_from == "learner":
         push_initial_weights(learner, gen_pool, state.weight_version, cfg)
@@ -481,6 +484,11 @@ def maybe_checkpoint(run: Run, row: dict, step: int) -> None:
     with run.timer.stage("checkpoint"):
         path = run.learner.save_checkpoint(run.run_dir / "checkpoints" / f"step-{step:06d}",
                                            extra=dataclasses_asdict(run.state))
+        if cfg.rollout.weights_from == "learner":  # no shared filesystem: the learner's node may be another one
+            copied = run.learner.bring_home(path)
+            if copied and run.last_ckpt is None:
+                log(f"checkpoints: the learner's node is not this one; each checkpoint is copied into {run.run_dir} "
+                    f"through the object store ({copied / 2**20:.1f} MiB now)")
         prune(run.run_dir / "checkpoints", cfg.keep_checkpoints, Path(path))
         if cfg.storage:  # rank 0, whose node has the files, uploads and prunes storage
             from wiring.run_storage import checkpoints_uri
