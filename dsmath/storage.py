@@ -59,8 +59,10 @@ def upload_dir(local: str | Path, uri: str, *, last: Iterable[str] = (), names: 
     """Copy the files under ``local`` to ``uri`` (same relative paths; a file already there is overwritten, one
     that is not in ``local`` is left as it is). ``names``: only these top-level files and folders of ``local``.
     ``last``: relative paths copied after every other file (a checkpoint's manifest), in the order given.
-    ``changed_only``: skip a file already there with the same size (for files that are written once or only
-    grow, such as per-step sample files and ``metrics.jsonl``: not a content check).
+    ``changed_only``: skip a file this process already copied to the same place and that has not changed since:
+    same size and modification time (the quick check rsync makes; not a content check). A run's per-step sample
+    files are then copied once, while a rewritten ``summary.json`` of the same size is copied again. Another
+    process (a resumed run) copies everything once.
     Returns the number of files copied. A file that does not exist locally (nor in ``last``) is skipped."""
     import pyarrow.fs as pafs
 
@@ -68,12 +70,13 @@ def upload_dir(local: str | Path, uri: str, *, last: Iterable[str] = (), names: 
     fs, root = open_uri(uri)
     last = [rel for rel in last if (local / rel).is_file()]
     files = [rel for rel in _local_files(local, names) if rel not in last] + last
+    stamps = {}
+    for rel in files:
+        st = (local / rel).stat()
+        stamps[rel] = (st.st_size, st.st_mtime_ns)  # taken before the copy: a write during it is copied next time
+    where = f"{uri.rstrip('/')}/"
     if changed_only:
-        base = root.rstrip("/")
-        there = {i.path[len(base):].lstrip("/"): i.size
-                 for i in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-                 if i.type == pafs.FileType.File}
-        files = [rel for rel in files if there.get(rel) != (local / rel).stat().st_size]
+        files = [rel for rel in files if _COPIED.get(where + rel) != stamps[rel]]
     made: set[str] = set()
     for rel in files:
         dest = f"{root.rstrip('/')}/{rel}"
@@ -82,7 +85,12 @@ def upload_dir(local: str | Path, uri: str, *, last: Iterable[str] = (), names: 
             fs.create_dir(parent, recursive=True)
             made.add(parent)
         pafs.copy_files(str(local / rel), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        _COPIED[where + rel] = stamps[rel]
     return len(files)
+
+
+# What this process copied where: destination -> (size, mtime_ns) of the local file when it was copied.
+_COPIED: dict[str, tuple[int, int]] = {}
 
 
 def download_dir(uri: str, local: str | Path) -> int:

@@ -2,7 +2,9 @@
 checkpoint upload's manifest-last order under injected copy failures, and a run resumed from storage alone."""
 
 import json
+import os
 import shutil
+import time
 
 import pytest
 
@@ -40,12 +42,17 @@ def test_upload_list_download_round_trip(tmp_path):
     assert storage.exists(storage.join(uri, "top.txt")) and not storage.exists(storage.join(uri, "skipped.txt"))
     assert storage.download_dir(uri, tmp_path / "back") == 2
     assert _files(tmp_path / "back") == {"top.txt": b"top", "a/b/deep.bin": bytes(range(256)) * 40}
-    # changed_only: a file already there with its size is not copied again; a grown or new one is.
+    # changed_only: a file copied before and unchanged since is not copied again; a grown, rewritten or new one is.
     assert storage.upload_dir(src, uri, names=["top.txt", "a"], changed_only=True) == 0
     (src / "top.txt").write_text("top, grown")
     (src / "a" / "new.txt").write_text("new")
     assert storage.upload_dir(src, uri, names=["top.txt", "a"], changed_only=True) == 2
     assert storage.download_dir(uri, tmp_path / "back2") == 3 and (tmp_path / "back2" / "top.txt").read_text() == "top, grown"
+    # Rewritten with the same size (summary.json's "steps": 2 -> 3): its modification time says it changed.
+    (src / "top.txt").write_text("TOP, grown")
+    os.utime(src / "top.txt", ns=(time.time_ns() + 10**9,) * 2)  # past the filesystem's timestamp granularity
+    assert storage.upload_dir(src, uri, names=["top.txt", "a"], changed_only=True) == 1
+    assert storage.download_dir(uri, tmp_path / "back3") == 3 and (tmp_path / "back3" / "top.txt").read_text() == "TOP, grown"
     storage.remove_dir(uri)
     assert storage.list_dirs(f"file://{tmp_path}/store") == []
     storage.remove_dir(uri)  # gone already: not an error
