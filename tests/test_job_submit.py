@@ -19,6 +19,7 @@ import urllib.request
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -199,6 +200,71 @@ def _json_view(view: subprocess.CompletedProcess) -> dict | None:
     return json.loads(view.stdout) if view.returncode == 0 and view.stdout.lstrip().startswith("{") else None
 
 
+@dataclass
+class Watched:
+    """What a tiny submitted job showed while it ran and after: its final state, its log, the live views, the last
+    scrape of each metrics endpoint that carried the run's series."""
+
+    state: str
+    logs: str
+    live: LiveViews
+    prom: str
+    ray_metrics: str
+
+
+def _watch_job(address: str, env: dict, job_id: str, run_dir: Path, status: Callable, metrics_port: int) -> Watched:
+    """Scrapers and live views run while ``ray job status`` is polled until the job ends."""
+    import json
+
+    def prometheus_url() -> str | None:
+        try:
+            return json.loads((run_dir / "status_endpoint.json").read_text())["prometheus"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    scrapers = [Scraper(prometheus_url, "dsmath_reward_mean"),
+                Scraper(lambda: f"http://127.0.0.1:{metrics_port}/metrics", "ray_dsmath_reward_mean")]
+    for scraper in scrapers:
+        scraper.start()
+    live = LiveViews(run_dir, lambda argv, token=None: status(*argv, token=token), job_id, address)
+    live.start()
+    deadline, state = time.monotonic() + 600, ""
+    while time.monotonic() < deadline:
+        job = subprocess.run([RAY, "job", "status", "--address", address, job_id], capture_output=True,
+                             text=True, env=env, timeout=60)
+        state = (job.stdout + job.stderr).lower()  # the Ray CLI logs "Job '…' succeeded" to stderr
+        if any(word in state for word in ("succeeded", "failed", "stopped")):
+            break
+        time.sleep(1.0)  # a status poll interval, not a synchronisation sleep
+    live.stop.set()
+    live.join(timeout=120)
+    for scraper in scrapers:
+        scraper.stop.set()
+        scraper.join(timeout=30)
+    logs = subprocess.run([RAY, "job", "logs", "--address", address, job_id], capture_output=True, text=True,
+                          env=env, timeout=60).stdout
+    return Watched(state, logs, live, scrapers[0].text, scrapers[1].text)
+
+
+def _check_live_views(live: LiveViews, steps: int) -> None:
+    seen_live, seen_job, wrong_token = live.seen_live, live.seen_job, live.wrong_token
+    assert seen_live is not None, "dsmath status never saw the live job"
+    assert seen_live["run_name"] == "run" and seen_live["state"] == "running" and seen_live["total_steps"] == steps
+    assert seen_job is not None, f"dsmath status --job never found the live job through the Jobs API: {live.last_job}"
+    assert seen_job["run_name"] == "run" and seen_job["total_steps"] == steps
+    assert wrong_token is not None and wrong_token.returncode == 2 and wrong_token.stdout == ""
+    assert wrong_token.stderr.strip().count("\n") == 0 and "rejected the request (wrong token)" in wrong_token.stderr
+
+
+def _check_exported_metrics(prom: str, ray_metrics: str, rewards: set, steps: int) -> None:
+    assert sample_values(prom, "dsmath_total_steps", run="run") == [float(steps)], prom[-2000:]
+    assert sample_values(prom, "dsmath_reward_mean", run="run")[0] in rewards, prom[-2000:]
+    ray_reward = sample_values(ray_metrics, "ray_dsmath_reward_mean", run="run")
+    assert ray_reward and ray_reward[0] in rewards, ray_metrics[-3000:]
+    versions = sample_values(ray_metrics, "ray_dsmath_generator_weight_version", run="run", generator="0")
+    assert versions and versions[0] in {float(v) for v in range(steps + 1)}, ray_metrics[-3000:]
+    assert sample_values(ray_metrics, "ray_dsmath_stage_seconds", run="run", stage="update"), ray_metrics[-3000:]
+
 
 def test_ray_job_submit_runs_dsmath_train_and_status_shows_it(ray_head: tuple[str, dict, int], tmp_path: Path) -> None:
     """`ray job submit -- dsmath train ...` on the head: the job joins that cluster (RAY_ADDRESS), trains, and
@@ -219,9 +285,9 @@ def test_ray_job_submit_runs_dsmath_train_and_status_shows_it(ray_head: tuple[st
     # A tiny step takes ~0.3 s: 24 of them keep the run live long enough for `dsmath status --job` (which imports
     # Ray and reads the job's log) to answer on a loaded 2-core machine; 2 steps were too short for it.
     steps = 24
-    args = TINY + [f"run_dir={run_dir}", f"bootstrap.data_dir={cache}", f"steps={steps}", f"checkpoint_every={steps}", "rollout.num_generators=1",
-                   "rollout.cpus_per_generator=0.5", "learner.cpus_per_rank=0.5", "status.token=generate",
-                   "status.prometheus_port=0"]
+    args = TINY + [f"run_dir={run_dir}", f"bootstrap.data_dir={cache}", f"steps={steps}", f"checkpoint_every={steps}",
+                   "rollout.num_generators=1", "rollout.cpus_per_generator=0.5", "learner.cpus_per_rank=0.5",
+                   "status.token=generate", "status.prometheus_port=0"]
     out = subprocess.run([RAY, "job", "submit", "--address", address, "--no-wait", "--", dsmath, "train",
                           "--no-progress", *args], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -233,61 +299,16 @@ def test_ray_job_submit_runs_dsmath_train_and_status_shows_it(ray_head: tuple[st
             e["DSMATH_STATUS_TOKEN"] = token
         return subprocess.run([dsmath, "status", *argv], capture_output=True, text=True, env=e, timeout=120)
 
-    endpoint_file = run_dir / "status_endpoint.json"
-
-    def prometheus_url() -> str | None:
-        try:
-            return json.loads(endpoint_file.read_text())["prometheus"]
-        except (OSError, ValueError, KeyError):
-            return None
-
-    scrapers = [Scraper(prometheus_url, "dsmath_reward_mean"),
-                Scraper(lambda: f"http://127.0.0.1:{metrics_port}/metrics", "ray_dsmath_reward_mean")]
-    for scraper in scrapers:
-        scraper.start()
-    live = LiveViews(run_dir, lambda argv, token=None: status(*argv, token=token), job_id, address)
-    live.start()
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        job = subprocess.run([RAY, "job", "status", "--address", address, job_id], capture_output=True,
-                             text=True, env=env, timeout=60)
-        state = (job.stdout + job.stderr).lower()  # the Ray CLI logs "Job '…' succeeded" to stderr
-        if any(word in state for word in ("succeeded", "failed", "stopped")):
-            break
-        time.sleep(1.0)  # a status poll interval, not a synchronisation sleep
-    live.stop.set()
-    live.join(timeout=120)
-    seen_live, seen_job, wrong_token = live.seen_live, live.seen_job, live.wrong_token
-    for scraper in scrapers:
-        scraper.stop.set()
-        scraper.join(timeout=30)
-    prom, ray_metrics = scrapers[0].text, scrapers[1].text
-    logs = subprocess.run([RAY, "job", "logs", "--address", address, job_id], capture_output=True, text=True,
-                          env=env, timeout=60).stdout
-    assert "succeeded" in state, state[-500:] + logs[-3000:]
-    assert "joining Ray cluster" in logs and "[dsmath] status endpoint: {" in logs
+    seen = _watch_job(address, env, job_id, run_dir, status, metrics_port)
+    assert "succeeded" in seen.state, seen.state[-500:] + seen.logs[-3000:]
+    assert "joining Ray cluster" in seen.logs and "[dsmath] status endpoint: {" in seen.logs
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == steps and summary["samples_trained"] == steps * 4 * 4
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rewards = {row["reward/mean"] for row in rows}
+    _check_live_views(seen.live, steps)
+    _check_exported_metrics(seen.prom, seen.ray_metrics, {row["reward/mean"] for row in rows}, steps)
 
-    assert seen_live is not None, "dsmath status never saw the live job"
-    assert seen_live["run_name"] == "run" and seen_live["state"] == "running" and seen_live["total_steps"] == steps
-    assert seen_job is not None, f"dsmath status --job never found the live job through the Jobs API: {live.last_job}"
-    assert seen_job["run_name"] == "run" and seen_job["total_steps"] == steps
-    assert wrong_token is not None and wrong_token.returncode == 2 and wrong_token.stdout == ""
-    assert wrong_token.stderr.strip().count("\n") == 0 and "rejected the request (wrong token)" in wrong_token.stderr
-
-    assert sample_values(prom, "dsmath_total_steps", run="run") == [float(steps)], prom[-2000:]
-    assert sample_values(prom, "dsmath_reward_mean", run="run")[0] in rewards, prom[-2000:]
-    ray_reward = sample_values(ray_metrics, "ray_dsmath_reward_mean", run="run")
-    assert ray_reward and ray_reward[0] in rewards, ray_metrics[-3000:]
-    versions = sample_values(ray_metrics, "ray_dsmath_generator_weight_version", run="run", generator="0")
-    assert versions and versions[0] in {float(v) for v in range(steps + 1)}, ray_metrics[-3000:]
-    assert sample_values(ray_metrics, "ray_dsmath_stage_seconds", run="run", stage="update"), ray_metrics[-3000:]
-
-    final = status(str(run_dir), "--json")
-    snap = json.loads(final.stdout)
+    snap = json.loads(status(str(run_dir), "--json").stdout)
     assert snap["state"] == "finished" and snap["step"] == steps
     ended = status("--job", job_id, "--address", address)
     assert ended.returncode == 0, ended.stderr
