@@ -148,16 +148,14 @@ def warm_up(model_dir: Path, examples: list[dict], boot: BootstrapConfig, *, log
 
     Loss on response tokens only.
     """
-    import torch
     from tqdm import tqdm
 
     from dsmath.config import LearnerConfig
+    from dsmath.utils.threads import ThreadTuner
     from learner.batch import collate_rollouts
     from learner.objectives.lm import build_lm
 
-    threads = torch.get_num_threads()
-    # One thread: two OpenMP threads next to any other busy process run 20-30x slower on 2 cores.
-    torch.set_num_threads(1)
+    tuner = ThreadTuner()  # 1 thread or all cores, whichever the loop measures faster: the same numbers either way
     try:
         engine, lm = build_lm(
             model_dir,
@@ -173,13 +171,14 @@ def warm_up(model_dir: Path, examples: list[dict], boot: BootstrapConfig, *, log
         for step in tqdm(range(boot.sft_steps), desc="bootstrap sft", unit="step", mininterval=2.0):
             picks = [encoded[rng.randrange(len(encoded))] for _ in range(boot.sft_batch_size)]
             batch = collate_rollouts([p for p, _ in picks], [c for _, c in picks], pad_id=tok.pad_token_id)
-            metrics = engine.train_step(lm, batch)
+            with tuner.step(work=batch.input_ids.numel()):
+                metrics = engine.train_step(lm, batch)
             if step % 50 == 0 or step == boot.sft_steps - 1:
                 curve.append((step, round(metrics["loss"], 4)))
         engine.module.save_pretrained(str(model_dir), safe_serialization=True)
-        log(f"bootstrap: SFT loss {curve[0][1]} -> {curve[-1][1]}")
+        log(f"bootstrap: SFT loss {curve[0][1]} -> {curve[-1][1]} ({tuner.current} torch thread(s) at the end)")
         return {"loss_curve": curve, "steps": boot.sft_steps, "lr": boot.sft_lr, "batch_size": boot.sft_batch_size}
     finally:
         # The one-rank process group stays: a later learner in this process (another bootstrap, a compare run)
         # reuses it. Destroying it leaves DeepSpeed's cached world group dangling ("Group ... is not registered").
-        torch.set_num_threads(threads)
+        tuner.restore()

@@ -1,0 +1,99 @@
+"""The bootstrap's thread tuner: it keeps whichever count its loop measures faster, and that is safe only because
+the count changes speed, never the numbers (checked here bit for bit on the default preset's model shape)."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from dsmath.utils.threads import ThreadTuner, usable_cores
+
+
+@pytest.mark.parametrize("fast", [1, 2])
+def test_the_tuner_keeps_the_count_its_steps_run_faster_at(fast: int) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    tuner = ThreadTuner(choices=(1, 2), every=10, trial=3)
+    seen = []
+    for _ in range(12):
+        with tuner.step(work=1.0) as threads:
+            seen.append(threads)
+            assert torch.get_num_threads() == threads
+            time.sleep(0.002 if threads == fast else 0.03)
+    # step 0 untimed, steps 1-6 the trial (3 at each count), then the winner; step 11 starts the next trial
+    assert seen[:7] == [1, 1, 1, 1, 2, 2, 2] and seen[7:11] == [fast] * 4 and seen[11] == 1
+    assert tuner.current == fast and tuner.history == [(7, fast)]
+    tuner.restore()
+    assert torch.get_num_threads() == before
+
+
+def test_one_candidate_only_sets_it() -> None:
+    tuner = ThreadTuner(choices=(1,), every=1, trial=2)
+    for _ in range(4):
+        with tuner.step() as threads:
+            assert threads == 1
+    assert tuner.choices == (1,) and tuner.history == []
+    tuner.restore()
+
+
+def _train(model_dir: Path, threads: int, steps: int = 8) -> dict:
+    import torch
+
+    from dsmath.config import LearnerConfig
+    from learner.batch import collate_rollouts
+    from dsmath.config import load_config
+    from dsmath.tasks import arithmetic
+    from learner.objectives.lm import build_lm
+    from wiring.bootstrap import sft_examples
+
+    boot = load_config("tiny_cpu").bootstrap
+    engine, lm = build_lm(model_dir, LearnerConfig(lr=3e-3, warmup_steps=2, zero_stage=0, micro_batch_size=32,
+                                                   weight_decay=0.0), rank=0, world_size=1, seed=0, total_steps=steps)
+    tok = engine.tokenizer
+    problems = arithmetic.generate_split("train", 200, levels=(1, 2, 3), seed=0)
+    encoded = [(tok(e["prompt"])["input_ids"], tok(e["response"])["input_ids"] + [tok.eos_token_id])
+               for e in sft_examples(problems, boot)]
+    rng = random.Random(0)
+    torch.set_num_threads(threads)
+    for _ in range(steps):
+        picks = [encoded[rng.randrange(len(encoded))] for _ in range(32)]
+        engine.train_step(lm, collate_rollouts([p for p, _ in picks], [c for _, c in picks], pad_id=tok.pad_token_id))
+    return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+@pytest.mark.skipif(usable_cores() < 2, reason="needs 2 usable cores to run 2 threads")
+def test_thread_count_changes_speed_not_numbers(tmp_path: Path) -> None:
+    """The default preset's model shape and batch (32 sequences of arithmetic SFT): 8 steps at 1 and at 2 threads
+    end in bit-identical weights."""
+    import torch
+
+    from dsmath.config import load_config
+    from dsmath.tasks import arithmetic
+    from dsmath.tiny import build_model, train_tokenizer
+    from wiring.bootstrap import sft_examples
+
+    cfg = load_config("tiny_cpu")
+    texts = [e["prompt"] + e["response"] for e in
+             sft_examples(arithmetic.generate_split("train", 400, levels=(1, 2, 3), seed=0), cfg.bootstrap)]
+    base = tmp_path / "model"
+    build_model(cfg.model, train_tokenizer(texts, cfg.model.vocab_size, base), seed=0).save_pretrained(str(base))
+    before = torch.get_num_threads()
+    try:
+        got = {}
+        for threads in (1, 2):
+            shutil.copytree(base, tmp_path / f"m{threads}")
+            got[threads] = _train(tmp_path / f"m{threads}", threads)
+    finally:
+        torch.set_num_threads(before)
+    from safetensors.torch import load_file
+
+    start = load_file(str(base / "model.safetensors"))
+    assert sum(not torch.equal(start[k], got[1][k]) for k in start if k in got[1]) > len(start) // 2  # it trained
+    assert got[1].keys() == got[2].keys()
+    changed = [k for k in got[1] if not torch.equal(got[1][k], got[2][k])]
+    assert changed == [], f"weights differ between 1 and 2 threads: {changed[:5]}"
