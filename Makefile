@@ -7,6 +7,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dsmath-installed
 PYTEST_ARGS ?=
+# Test files run on this many pytest-xdist workers, a whole file per worker (module fixtures such as a test
+# module's Ray cluster stay in one process), longest files first (tests/conftest.py); TEST_WORKERS=0 runs them
+# in this process, one after another.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 # Environment the CPU stack needs (dsmath/env.py holds the same values): offline hub, no Ray token auth, DeepSpeed on CPU,
 # a small vLLM KV cache, the in-process vLLM engine, one OpenMP thread per process.
@@ -37,10 +42,10 @@ run: $(STAMP)
 	$(VENV)/bin/dsmath train --overwrite   # the default job, from scratch each time (runs/tiny_cpu)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -1,3 +1,5 @@
+import os
+
 from dsmath.env import apply_cpu_env_defaults
 
 # The CPU stack's environment (dsmath/env.py), also when pytest is run without the Makefile.
@@ -7,8 +9,27 @@ apply_cpu_env_defaults()
 import pytest  # noqa: E402 - the environment above must be set before anything imports torch or ray
 
 
+# Test files by measured wall time, longest first (a fresh-clone run on the 2-core machine, 2026-12-05: the docs
+# blocks 505 s, the golden run 253 s, ...). With pytest-xdist (`make test` runs 2 workers, a whole file each, in
+# this order: --no-loadscope-reorder) the longest files start first, so no long file is left to run alone at the
+# end. Only the order changes; a file missing from this list runs after these.
+LONGEST_FIRST = ("test_docs_commands", "test_golden", "test_train_loop", "test_iterative", "test_two_nodes",
+                 "test_paradigm_loop", "test_job_submit", "test_cli_quiet", "test_async_loop", "test_eval",
+                 "test_bench_gpu_learner", "test_storage", "test_resume_config", "test_tool_loop", "test_pretrain",
+                 "test_generator_ray", "test_sandbox_isolation", "test_zero3_sync", "test_learner_precision",
+                 "test_corpus_pipeline")
+
+
+def _longest_first(items: list) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: the order within a file is kept
+
+
 def pytest_collection_modifyitems(config, items):
-    """``@pytest.mark.gpu`` tests are skipped, with the reason, where torch sees no CUDA device."""
+    """Under pytest-xdist, the longest files first; ``@pytest.mark.gpu`` tests are skipped, with the reason,
+    where torch sees no CUDA device."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        _longest_first(items)
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return
