@@ -1,10 +1,17 @@
 """The bootstrap's thread tuner: it keeps whichever count its loop measures faster, and that is safe only because
-the count changes speed, never the numbers (checked here bit for bit on the default preset's model shape)."""
+the count changes speed, never the numbers (checked here bit for bit on the default preset's model shape).
+
+Each case runs in a fresh interpreter: a vLLM CPU engine replaces ``torch.set_num_threads`` with a no-op in the
+process it ran in (the generator tests run engines in the pytest process), and a count that cannot be set would
+make the comparison vacuous.
+"""
 
 from __future__ import annotations
 
 import random
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,8 +20,20 @@ import pytest
 from dsmath.utils.threads import ThreadTuner, usable_cores
 
 
+def _in_fresh_process(call: str, *args: object) -> None:
+    """Runs ``test_threads.<call>(*args)`` in a new Python; its failure fails the calling test with its output."""
+    code = f"import test_threads; test_threads.{call}(*{args!r})"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
 @pytest.mark.parametrize("fast", [1, 2])
 def test_the_tuner_keeps_the_count_its_steps_run_faster_at(fast: int) -> None:
+    _in_fresh_process("check_tuner_keeps_the_faster_count", fast)
+
+
+def check_tuner_keeps_the_faster_count(fast: int) -> None:
     import torch
 
     before = torch.get_num_threads()
@@ -60,6 +79,7 @@ def _train(model_dir: Path, threads: int, steps: int = 8) -> dict:
                for e in sft_examples(problems, boot)]
     rng = random.Random(0)
     torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads, "torch.set_num_threads had no effect in this process"
     for _ in range(steps):
         picks = [encoded[rng.randrange(len(encoded))] for _ in range(32)]
         engine.train_step(lm, collate_rollouts([p for p, _ in picks], [c for _, c in picks], pad_id=tok.pad_token_id))
@@ -70,6 +90,10 @@ def _train(model_dir: Path, threads: int, steps: int = 8) -> dict:
 def test_thread_count_changes_speed_not_numbers(tmp_path: Path) -> None:
     """The default preset's model shape and batch (32 sequences of arithmetic SFT): 8 steps at 1 and at 2 threads
     end in bit-identical weights."""
+    _in_fresh_process("check_same_weights_at_1_and_2_threads", str(tmp_path))
+
+
+def check_same_weights_at_1_and_2_threads(tmp: str) -> None:
     import torch
 
     from dsmath.config import load_config
@@ -80,6 +104,7 @@ def test_thread_count_changes_speed_not_numbers(tmp_path: Path) -> None:
     cfg = load_config("tiny_cpu")
     texts = [e["prompt"] + e["response"] for e in
              sft_examples(arithmetic.generate_split("train", 400, levels=(1, 2, 3), seed=0), cfg.bootstrap)]
+    tmp_path = Path(tmp)
     base = tmp_path / "model"
     build_model(cfg.model, train_tokenizer(texts, cfg.model.vocab_size, base), seed=0).save_pretrained(str(base))
     before = torch.get_num_threads()

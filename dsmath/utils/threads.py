@@ -65,7 +65,8 @@ class ThreadTuner:
             self._times = {c: [] for c in self.choices}
         trying = self._plan.pop(0) if self._plan else None
         threads = trying or self.current
-        self._torch.set_num_threads(threads)
+        if threads != self._torch.get_num_threads():  # only on a change: a vLLM engine in this process makes
+            self._torch.set_num_threads(threads)      # set_num_threads a no-op that logs a warning each call
         start = time.perf_counter()
         yield threads
         seconds = time.perf_counter() - start
