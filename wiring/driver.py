@@ -25,6 +25,7 @@ import yaml
 
 from dsmath.config import TrainConfig, to_dict
 from dsmath.errors import UserError
+from dsmath.model_folder import pad_token_id
 from dsmath.sampler import ProblemStream
 from dsmath.utils.metrics import MetricsWriter
 from dsmath.utils.timing import StageTimer
@@ -56,7 +57,7 @@ class Run:
     run_dir: Path
     state: RunState
     timer: StageTimer
-    tokenizer: Any
+    pad_id: int | None  # the tokenizer's pad token id (dsmath.model_folder.pad_token_id)
     gen_pool: Any
     reward_pool: Any
     learner: Any
@@ -183,9 +184,7 @@ def setup(cfg: TrainConfig, *, resume: bool, timer: StageTimer, changes: list[di
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     link_latest(run_dir)
     connect_ray(cfg)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(task.model_dir))
+    pad_id = pad_token_id(task.model_dir)
     placement = place_actors(cfg)
     holder: dict[str, Any] = {}  # the learner, for the generator factory's catch-up push
     gen_pool, reward_pool = start_actor_pools(cfg, task, state, resume_from, placement, holder)
@@ -206,7 +205,7 @@ def setup(cfg: TrainConfig, *, resume: bool, timer: StageTimer, changes: list[di
     status = start_status(cfg, run_dir)  # gRPC status (+ Prometheus, Ray metrics); where it is, printed and written
     builder = SnapshotBuilder(run_dir.name, cfg.steps)
     status.update(builder.step(state.step, {}))  # visible as "running, step N/total" from the start
-    return Run(cfg=cfg, task=task, run_dir=run_dir, state=state, timer=timer, tokenizer=tokenizer, gen_pool=gen_pool,
+    return Run(cfg=cfg, task=task, run_dir=run_dir, state=state, timer=timer, pad_id=pad_id, gen_pool=gen_pool,
                reward_pool=reward_pool, learner=learner, placement=placement,
                stream=ProblemStream(task.train, seed=cfg.seed, position=state.data_position), status=status,
                builder=builder, metrics_out=MetricsWriter(run_dir), resume_from=resume_from)
@@ -430,7 +429,7 @@ def advantages_batch(run: Run, samples: StepSamples):
     adv = sample_advantages(cfg.algorithm, samples.rollouts, samples.results,
                             cfg.rollout.group_size)  # B*G floats/lists
     max_len = cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens
-    return build_train_batch(samples.rollouts, adv, run.tokenizer.pad_token_id, max_len,
+    return build_train_batch(samples.rollouts, adv, run.pad_id, max_len,
                              mask_truncated=cfg.rollout.overlong == "mask")
 
 
