@@ -13,7 +13,7 @@ import pytest  # noqa: E402 - the environment above must be set before anything 
 # blocks 505 s, the golden run 253 s, ...). With pytest-xdist (`make test` runs 2 workers, a whole file each, in
 # this order: --no-loadscope-reorder) the longest files start first, so no long file is left to run alone at the
 # end. Only the order changes; a file missing from this list runs after these.
-LONGEST_FIRST = ("test_docs_commands", "test_golden", "test_train_loop", "test_iterative", "test_two_nodes",
+LONGEST_FIRST = ("test_docs_commands", "test_golden", "test_train_loop", "test_two_nodes",
                  "test_paradigm_loop", "test_job_submit", "test_cli_quiet", "test_async_loop", "test_eval",
                  "test_bench_gpu_learner", "test_storage", "test_resume_config", "test_tool_loop", "test_pretrain",
                  "test_generator_ray", "test_sandbox_isolation", "test_zero3_sync", "test_learner_precision",

@@ -9,6 +9,8 @@ Commands tagged ``[needs …]`` are listed as skipped with the reason.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import signal
@@ -18,8 +20,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from docs_commands import ROOT, DocCommand, all_commands, block_script, blocks, extract
+from dsmath.utils.metrics import read_metrics
 from tiny_loop import TINY_LOOP
 
 COMMANDS = all_commands()
@@ -130,12 +134,15 @@ def _stop_local_cluster(repo: Path, env: dict) -> None:
                    timeout=120)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("key", [k for k, cmds in BLOCKS.items() if _runnable(cmds)], ids=lambda k: f"{k[0]}:{k[1]}")
-def test_doc_block_runs_as_written(key: tuple[str, int], docs_env: tuple[Path, dict]) -> None:
+_RAN: dict[tuple[str, int], tuple[int, str]] = {}  # block -> (exit code, its output): each block runs once
+
+
+def run_block(key: tuple[str, int], docs_env: tuple[Path, dict]) -> tuple[int, str]:
+    """Run one block as written (once per module; later callers get the first run's exit code and output)."""
+    if key in _RAN:
+        return _RAN[key]
     repo, env = docs_env
-    cmds = _runnable(BLOCKS[key])
-    script = block_script(cmds)
+    script = block_script(_runnable(BLOCKS[key]))
     log = repo.parent / f"{key[0].replace('/', '_')}-{key[1]}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(["bash", "-c", script], cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -150,8 +157,16 @@ def test_doc_block_runs_as_written(key: tuple[str, int], docs_env: tuple[Path, d
         except ProcessLookupError:
             pass
         proc.wait()
-    text = log.read_text(errors="replace")
-    if proc.returncode != 0:
+    _RAN[key] = (proc.returncode, log.read_text(errors="replace"))
+    return _RAN[key]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", [k for k, cmds in BLOCKS.items() if _runnable(cmds)], ids=lambda k: f"{k[0]}:{k[1]}")
+def test_doc_block_runs_as_written(key: tuple[str, int], docs_env: tuple[Path, dict]) -> None:
+    cmds = _runnable(BLOCKS[key])
+    returncode, text = run_block(key, docs_env)
+    if returncode != 0:
         failed = [line for line in text.splitlines() if line.startswith("DOC-FAILED")]
         where = failed[-1].split()[1] if failed else f"{key[0]}:{key[1]} (block)"
         cmd = next((c.text for c in cmds if c.where == where), "")
@@ -159,3 +174,131 @@ def test_doc_block_runs_as_written(key: tuple[str, int], docs_env: tuple[Path, d
                     pytrace=False)
     ran = [line.split()[1] for line in text.splitlines() if line.startswith("DOC-RUN")]
     assert ran == [c.where for c in cmds], text[-2000:]
+
+
+# ---------------------------------------------------------------------------------- what the documented runs show
+# The runs the blocks above start are the feature tests of `dsmath compare` and `dsmath iterate`: a second run of
+# the same path in another test file would cost minutes and prove less (it would not be the user's command).
+def documented_run(command: str, docs_env: tuple[Path, dict]) -> tuple[Path, str]:
+    """(the repository copy the block ran in, its output) for the one block that runs ``command``; the block runs
+    here if its own test has not run it yet."""
+    keys = [k for k, cmds in BLOCKS.items() if any(c.text.startswith(command) for c in _runnable(cmds))]
+    assert len(keys) == 1, f"{command!r}: in {len(keys)} runnable blocks, expected 1"
+    returncode, text = run_block(keys[0], docs_env)
+    if returncode != 0:
+        pytest.fail(f"{keys[0][0]}:{keys[0][1]}: the block failed (its test_doc_block_runs_as_written says where)",
+                    pytrace=False)
+    return docs_env[0], text
+
+
+COMPARED = (("grpo", "online"), ("online_rft", "online"), ("rft", "offline"), ("ppo", "online"), ("dpo", "offline"))
+SAMPLES_PER_STEP = 4 * 4  # TINY_LOOP: rollout.questions_per_step × rollout.group_size
+
+
+@pytest.mark.slow
+def test_documented_compare_gives_every_method_one_budget_and_offline_step_one_equals_online(docs_env) -> None:
+    repo, text = documented_run("dsmath compare", docs_env)
+    out = repo / "runs" / "compare"
+    samples = 2 * SAMPLES_PER_STEP  # the shrink's steps=2 wins over --samples (DSMATH_OVERRIDES come last)
+    for i, (name, sampling) in enumerate(COMPARED, 1):
+        assert f"[compare] {i}/{len(COMPARED)} {name}: {name}, {sampling} sampling, 2 steps" in text, text[-3000:]
+    table = (out / "compare.md").read_text()
+    for name, sampling in COMPARED:
+        assert f"| {name} | {name} | {sampling} | 2 | {samples} |" in table, table
+    png = (out / "compare.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    rows = {r["name"]: r for r in json.loads((out / "compare.json").read_text())}
+    for name, _ in COMPARED:
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert summary["samples_trained"] == samples and summary["steps"] == 2
+        assert [p[1] for p in rows[name]["curve"]] == [0, samples]  # before and after (--eval-every 8 > 2 steps)
+    on, off = read_metrics(out / "online_rft"), read_metrics(out / "rft")
+    # Offline step s uses the questions and sampling seed of online step s, drawn from the starting policy:
+    # at step 1 both are the starting policy, so the samples (hence rewards, lengths) are identical.
+    for key in ("reward/mean", "response_length/mean"):
+        assert on[0][key] == off[0][key], key
+    # The generators still receive every update (evaluation needs the current weights); the pool does not.
+    assert [r["weight_version"] for r in off] == [1, 2]
+    # The coefficient is I(o): every advantage over trained tokens lies in [0, 1], never negative. (The tiny model
+    # rarely answers right when sampling, so this is mostly 0 here; tests/test_algorithms.py checks the values.)
+    for r in on + off:
+        assert 0.0 <= r["train/adv_min"] and r["train/adv_max"] <= 1.0
+    _check_ppo(read_metrics(out / "ppo"))
+
+
+def _check_ppo(rows: list[dict]) -> None:
+    """PPO learned a value model beside the policy (its own engine: timed passes, a finite loss that moved)."""
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["time/values"] > 0 and r["time/value_update"] > 0
+        assert math.isfinite(r["value/loss"]) and r["value/loss"] >= 0
+        assert r["weight_version"] == r["step"]
+    # Step 1: old policy == reference, so the per-token KL penalty is 0; whitened advantages have mean 0.
+    assert abs(rows[0]["ppo/kl_penalty_mean"]) < 1e-5
+    assert abs(rows[0]["train/adv_mean"]) < 1e-4
+    # The value model was trained: its error on step 2's returns differs from step 1's (it moved).
+    assert rows[0]["value/abs_err"] != rows[1]["value/abs_err"]
+
+
+REFERENCE_VS = """
+import json, sys
+from safetensors.torch import load_file
+from dsmath.config import AlgorithmConfig, LearnerConfig
+from learner.policy import PolicyLearner
+start, others = sys.argv[1], sys.argv[2:]
+learner = PolicyLearner(start, LearnerConfig(lr=1e-3, zero_stage=0), AlgorithmConfig(), with_reference=True)
+ref = {k: v.detach() for k, v in learner.reference.state_dict().items()}
+saved = [load_file(f"{o}/model.safetensors") for o in others]
+print(json.dumps([max(float((ref[k] - w[k]).abs().max()) for k in w) for w in saved]))
+"""
+
+
+@pytest.mark.slow
+def test_documented_iterate_resets_the_reference_and_replays_ten_percent(docs_env) -> None:
+    """Paper Algorithm 1 as the README runs it (2 iterations, a process reward model): iteration 2 starts from
+    iteration 1's final policy and its reference holds exactly those weights (not the initial model's); the first
+    step of every iteration measures KL = 0; the reward model's replay is 10 % of each later round's set."""
+    from safetensors.torch import load_file
+
+    from dsmath.model_folder import resolve
+    from dsmath.reward_models import replay_count
+
+    repo, _ = documented_run("dsmath iterate", docs_env)
+    run = repo / "runs" / "iterate_tiny_cpu"
+    records = json.loads((run / "iterations.json").read_text())
+    assert [r["iteration"] for r in records] == [0, 1, 2]
+    initial, end1 = records[1]["policy_start"], resolve(run / "iter-1" / "checkpoints")
+    assert repo / records[1]["policy_end"] == end1 and repo / records[2]["policy_start"] == end1
+
+    cfg2 = yaml.safe_load((run / "iter-2" / "config.yaml").read_text())
+    assert repo / cfg2["model"]["path"] == end1
+    assert cfg2["algorithm"]["advantage"] == "process"
+    assert cfg2["reward"]["model_path"] == records[1]["rm"]["checkpoint"]
+    # Iteration 1 changed the policy, so "reference = end of iteration 1" differs from "reference = initial".
+    w0, w1 = load_file(f"{initial}/model.safetensors"), load_file(f"{end1}/model.safetensors")
+    assert max(float((w0[k] - w1[k]).abs().max()) for k in w0) > 1e-4
+    # The reference a learner builds from iteration 2's start holds iteration 1's final weights (a fresh process:
+    # DeepSpeed keeps process-wide state).
+    got = subprocess.run([sys.executable, "-c", REFERENCE_VS, str(end1), str(end1), initial], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert got.returncode == 0, got.stderr[-3000:]
+    to_end1, to_initial = json.loads(got.stdout.strip().splitlines()[-1])
+    assert to_end1 == 0.0 and to_initial > 1e-4, (to_end1, to_initial)
+
+    # The first step of every iteration sees policy == reference (KL exactly 0); by the second it has moved.
+    for k in (1, 2):
+        rows = read_metrics(run / f"iter-{k}")
+        assert [r["step"] for r in rows] == [1, 2]
+        assert rows[0]["train/kl"] == 0.0 and rows[1]["train/kl"] > 0.0, (k, rows)
+    # Reward model: round k trains on its fresh examples + 10 % replay of all earlier rounds.
+    fresh = [r["rm"]["fresh_examples"] for r in records]
+    for k in (1, 2):
+        rm = records[k]["rm"]
+        assert rm["history_examples"] == sum(fresh[:k])
+        assert rm["replayed_examples"] == min(replay_count(rm["fresh_examples"], 0.1), rm["history_examples"])
+        assert rm["replayed_examples"] > 0 and rm["train_examples"] == rm["fresh_examples"] + rm["replayed_examples"]
+        assert (run / f"iter-{k}" / "rm" / "checkpoint" / "config.json").exists()
+        assert (run / f"iter-{k}" / "summary.json").exists()
+    assert records[0]["rm"]["replayed_examples"] == 0
+    summary = json.loads((run / "iter-2" / "summary.json").read_text())
+    assert summary["samples_trained"] == 2 * SAMPLES_PER_STEP
