@@ -10,14 +10,15 @@ import pytest  # noqa: E402 - the environment above must be set before anything 
 
 
 # Test files by measured wall time, longest first (a fresh-clone run on the 2-core machine, 2026-12-05: the docs
-# blocks 505 s, the golden run 253 s, ...). With pytest-xdist (`make test` runs 2 workers, a whole file each, in
-# this order: --no-loadscope-reorder) the longest files start first, so no long file is left to run alone at the
-# end. Only the order changes; a file missing from this list runs after these.
-LONGEST_FIRST = ("test_docs_commands", "test_golden", "test_train_loop", "test_two_nodes",
-                 "test_paradigm_loop", "test_job_submit", "test_cli_quiet", "test_async_loop", "test_eval",
-                 "test_bench_gpu_learner", "test_storage", "test_resume_config", "test_tool_loop", "test_pretrain",
-                 "test_generator_ray", "test_sandbox_isolation", "test_zero3_sync", "test_learner_precision",
-                 "test_corpus_pipeline")
+# blocks and the compare/iterate checks on them about 800 s, the golden run 320 s, ...). With pytest-xdist (`make
+# test` runs 2 workers, a whole file each, in this order: --no-loadscope-reorder) the longest files start first, so
+# no long file is left to run alone at the end. Only the order changes; a file missing from this list runs after
+# these.
+LONGEST_FIRST = ("test_docs_commands", "test_golden", "test_train_loop", "test_two_nodes", "test_async_loop",
+                 "test_paradigm_loop", "test_job_submit", "test_cli_quiet", "test_eval", "test_zero3_sync",
+                 "test_tool_loop", "test_bench_gpu_learner", "test_resume_config", "test_storage",
+                 "test_corpus_pipeline", "test_generator_ray", "test_pretrain", "test_cli_fuzz",
+                 "test_learner_precision", "test_user_data_loop", "test_sandbox_isolation")
 
 
 def _longest_first(items: list) -> None:
