@@ -85,10 +85,12 @@ def pad_token_id(folder: str | Path) -> int | None:
 
     folder = Path(folder)
     pad = None
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the first file that names the key decides
         path = folder / name
-        if pad is None and path.is_file():
-            pad = json.loads(path.read_text()).get("pad_token")
+        named = json.loads(path.read_text()) if path.is_file() else {}
+        if "pad_token" in named:
+            pad = named["pad_token"]
+            break
     pad = pad.get("content") if isinstance(pad, dict) else pad
     if isinstance(pad, str) and (folder / "tokenizer.json").is_file():
         spec = json.loads((folder / "tokenizer.json").read_text())

@@ -29,7 +29,7 @@ def _variant(src: Path, dest: Path, config_pad, special_map_pad=None) -> Path:
     cfg = json.loads(cfg_path.read_text())
     cfg.pop("pad_token", None)
     if config_pad is not None:
-        cfg["pad_token"] = config_pad
+        cfg["pad_token"] = None if config_pad == "null" else config_pad
     cfg_path.write_text(json.dumps(cfg))
     (dest / "special_tokens_map.json").unlink(missing_ok=True)
     if special_map_pad is not None:
@@ -44,7 +44,8 @@ def _variant(src: Path, dest: Path, config_pad, special_map_pad=None) -> Path:
     ("a", None),                                        # a plain vocabulary entry, not an added token
     ("<|not-in-the-vocab|>", None),                     # AutoTokenizer's own answer (it adds the token)
     (None, None),                                       # no pad token at all
-], ids=["config", "dict", "special-map", "vocab-entry", "unknown-token", "none"])
+    ("null", "<|pad|>"),                                # null in the config, named in the special-tokens map
+], ids=["config", "dict", "special-map", "vocab-entry", "unknown-token", "none", "null-then-map"])
 def test_pad_token_id_equals_autotokenizers(tokenizer_dir, tmp_path, config_pad, special_map_pad) -> None:
     from transformers import AutoTokenizer
 
