@@ -595,3 +595,35 @@ def test_job_lookups_wait_for_a_job_that_is_not_up_yet_and_only_for_that() -> No
     assert len(calls) == 1  # not something waiting fixes
     out = dsmath_cli("--address", "127.0.0.1:1", "--wait", "10")
     assert out.returncode == 2 and out.stderr.strip() == "dsmath status: error: --wait S needs --job and S >= 0"
+
+
+def test_a_reader_that_finds_the_address_is_served_the_named_run_from_the_first_answer(tmp_path: Path) -> None:
+    """The driver's status service (``start_status``) serves the run's name and step count from its first answer:
+    a reader polling for ``status_address`` (as `dsmath status` and the job-submit test do) never meets an unnamed,
+    zero-step run, and ``status.json`` is already there when the address appears."""
+    from dsmath.config import load_config
+    from dsmath.status.snapshot import SnapshotBuilder
+    from wiring.observability import start_status
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = load_config("tiny_cpu", ["status.ray_metrics=false"])
+    first: list = []
+
+    def watch() -> None:
+        while not (run_dir / "status_address").exists():
+            time.sleep(0.0005)  # a poll interval, as tight as the reader can afford
+        first.append(((run_dir / "status.json").exists(),
+                      fetch_snapshot((run_dir / "status_address").read_text().strip(), timeout_s=10)))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    obs = start_status(cfg, run_dir, SnapshotBuilder("run", 24).step(3, {}))
+    try:
+        watcher.join(timeout=30)
+        assert first, "the watcher never saw status_address"
+        had_status_file, snap = first[0]
+        assert had_status_file
+        assert (snap.run_name, snap.state, snap.step, snap.total_steps) == ("run", "running", 3, 24)
+    finally:
+        obs.stop()

@@ -202,9 +202,10 @@ def setup(cfg: TrainConfig, *, resume: bool, timer: StageTimer, changes: list[di
     if cfg.rollout.weights_from == "learner":
         push_initial_weights(learner, gen_pool, state.weight_version, cfg)
     record_generators(gen_pool, run_dir)
-    status = start_status(cfg, run_dir)  # gRPC status (+ Prometheus, Ray metrics); where it is, printed and written
     builder = SnapshotBuilder(run_dir.name, cfg.steps)
-    status.update(builder.step(state.step, {}))  # visible as "running, step N/total" from the start
+    # gRPC status (+ Prometheus, Ray metrics), serving "running, step N/total" from its first answer; where it is,
+    # printed and written
+    status = start_status(cfg, run_dir, builder.step(state.step, {}))
     return Run(cfg=cfg, task=task, run_dir=run_dir, state=state, timer=timer, pad_id=pad_id, gen_pool=gen_pool,
                reward_pool=reward_pool, learner=learner, placement=placement,
                stream=ProblemStream(task.train, seed=cfg.seed, position=state.data_position), status=status,

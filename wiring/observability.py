@@ -148,10 +148,11 @@ class Observability:
         self.server.stop()
 
 
-def start_status(cfg: TrainConfig, run_dir: Path) -> Observability:
+def start_status(cfg: TrainConfig, run_dir: Path, first: RunSnapshot) -> Observability:
     """Start the status service (and the exporter, and the Ray gauges) as ``cfg.status`` says, and publish where it
-    is: printed, ``RUN_DIR/status_endpoint.json`` and the job's log. Refuses (one line) a non-loopback bind with
-    no token."""
+    is: printed, ``RUN_DIR/status_endpoint.json`` and the job's log. ``first`` (the run's name, its step and total)
+    is served from the first call on: a client that reads ``status_address`` the moment it appears never sees an
+    unnamed, zero-step run. Refuses (one line) a non-loopback bind with no token."""
     import ray
 
     from dsmath.status import StatusServer
@@ -162,13 +163,15 @@ def start_status(cfg: TrainConfig, run_dir: Path) -> Observability:
     server = StatusServer(host=st.host, port=st.port, token=token, run_dir=run_dir,
                           prometheus_port=None if st.prometheus_port < 0 else st.prometheus_port,
                           prometheus_host=st.prometheus_host or None, tls_cert=st.tls_cert or None,
-                          tls_key=st.tls_key or None, advertise_host=ray.util.get_node_ip_address())
+                          tls_key=st.tls_key or None, advertise_host=ray.util.get_node_ip_address(), initial=first)
     job_id = ray.get_runtime_context().get_job_id() if ray.is_initialized() else ""
     endpoint = StatusEndpoint(address=server.address, token_file=str(token_file or ""),
                               prometheus=server.prometheus_address or "", run_dir=str(run_dir.resolve()),
                               ray_job_id=job_id)
     (run_dir / ENDPOINT_FILE).write_text(endpoint.to_json() + "\n")
     ray_metrics = RayStepMetrics(run_dir.name) if st.ray_metrics and ray.is_initialized() else None
+    if ray_metrics is not None:
+        ray_metrics.record(first)
     log(f"status: dsmath status {run_dir}   (gRPC on {server.address}"
         f"{', token in ' + str(token_file) if token_file else ', token required' if token else ''})")
     if endpoint.prometheus:

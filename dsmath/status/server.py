@@ -8,8 +8,9 @@ Usage from the driver::
     server.update({..., "state": "finished"}); server.stop()
 
 Guaranteed: ``update`` is thread-safe and cheap (a validated swap of one immutable snapshot; readers never
-see a half-written one); with ``run_dir`` the server writes ``RUN_DIR/status_address`` once serving,
-``RUN_DIR/status.json`` atomically on every update, and removes ``status_address`` on ``stop``.
+see a half-written one); with ``run_dir`` the server writes ``RUN_DIR/status_address`` once serving (after
+``status.json`` of the ``initial`` snapshot, so a reader that finds the address is served that snapshot, never an
+empty one), ``RUN_DIR/status.json`` atomically on every update, and removes ``status_address`` on ``stop``.
 With a token (argument, else env ``DSMATH_STATUS_TOKEN``) every RPC must carry metadata
 ``authorization: Bearer <token>`` or is answered UNAUTHENTICATED. A host other than loopback without a token is
 refused (:class:`UserError`): the figures would be open to anyone who reaches the port. With ``tls_cert`` and
@@ -146,9 +147,9 @@ class StatusServer:
 
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.run_dir / ADDRESS_FILE, self.address + "\n")
             if initial is not None:
                 _atomic_write(self.run_dir / STATUS_FILE, self._snapshot.to_json() + "\n")
+            _atomic_write(self.run_dir / ADDRESS_FILE, self.address + "\n")
 
     @property
     def address(self) -> str:
