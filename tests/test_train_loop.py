@@ -1,4 +1,4 @@
-"""The online GRPO loop end to end: real Ray, real vLLM, real DeepSpeed, two generators, three steps."""
+"""The online GRPO loop end to end: real Ray, real vLLM, real DeepSpeed, two generators, six steps."""
 
 import json
 
@@ -16,22 +16,27 @@ TINY = TINY_LOOP + [
 ]
 
 
+# One uninterrupted run serves every test of this file: the fault-injection run equals its first 3 steps, the
+# killed-and-resumed run all 6 (same overrides, so one run less than a reference per test).
+SIX_STEPS = TINY + ["steps=6", "checkpoint_every=2", "eval_size=8", "lineage.keep_full_steps=2",
+                    "reward.audit_fraction=0.5"]
+
+
 @pytest.fixture(scope="module")
-def three_steps(tmp_path_factory, ray_cluster, cache_dir):
-    """An uninterrupted 3-step run with two generators: (run dir, summary)."""
+def six_steps(tmp_path_factory, ray_cluster, cache_dir):
+    """An uninterrupted 6-step run with two generators: (run dir, summary)."""
     from wiring.driver import train
 
-    run = tmp_path_factory.mktemp("three-steps") / "run"
-    cfg = load_config("tiny_cpu", TINY + [f"run_dir={run}", f"bootstrap.data_dir={cache_dir}", "steps=3",
-                                          "lineage.keep_full_steps=2", "reward.audit_fraction=0.5"])
+    run = tmp_path_factory.mktemp("six-steps") / "run"
+    cfg = load_config("tiny_cpu", SIX_STEPS + [f"run_dir={run}", f"bootstrap.data_dir={cache_dir}"])
     return run, train(cfg, progress=False)
 
 
-def test_three_steps_two_generators(three_steps):
-    run, summary = three_steps
+def test_six_steps_two_generators(six_steps):
+    run, summary = six_steps
     tmp_path = run.parent
     rows = read_metrics(run)
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     for r in rows:
         # Synchronous mode: after each step every generator holds exactly the learner's version.
         assert r["generators/version_min"] == r["generators/version_max"] == r["weight_version"] == r["step"]
@@ -42,33 +47,34 @@ def test_three_steps_two_generators(three_steps):
             assert r[f"time/{stage}"] >= 0
     print("logprob max abs diff per step:", [r["rollout/logprob_abs_diff_max"] for r in rows])
     # Every completion was rewarded and trained on: none lost.
-    assert summary["samples_trained"] == 3 * 4 * 4
-    assert rows[-1]["samples_trained"] == 48
-    assert summary["steps"] == 3 and summary["heldout_size"] == 24
+    assert summary["samples_trained"] == 6 * 4 * 4
+    assert rows[-1]["samples_trained"] == 96
+    assert summary["steps"] == 6 and summary["heldout_size"] == 8
     assert 0.0 <= summary["heldout_accuracy_before"] <= 1.0 and 0.0 <= summary["heldout_accuracy_after"] <= 1.0
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert saved["samples_trained"] == 48
-    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step-000003"
+    assert saved["samples_trained"] == 96
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step-000006"
     assert rows[-1]["faults/generator_restarts"] == rows[-1]["faults/reward_worker_restarts"] == 0
 
 
-def test_every_trained_sample_is_in_the_lineage_files_and_agrees_with_the_metrics(three_steps, capsys):
+def test_every_trained_sample_is_in_the_lineage_files_and_agrees_with_the_metrics(six_steps, capsys):
     """RUN_DIR/samples/ read back with pyarrow: 16 samples per step, each with its generator and weight version,
     advantages of GRPO's sign, the step's metrics recomputed from its rows (reward, accuracy, lengths, the
-    verifier audit), step 1 reduced to no text (lineage.keep_full_steps=2), and `dsmath samples` filtering it."""
+    verifier audit), steps 1-4 reduced to no text (lineage.keep_full_steps=2), and `dsmath samples` filtering
+    it."""
     import pyarrow.parquet as pq
 
     from wiring.cli import main
     from wiring.lineage import available_steps, read_step
 
-    run, _ = three_steps
+    run, _ = six_steps
     metrics = read_metrics(run)
-    assert available_steps(run) == [1, 2, 3]
-    assert pq.read_table(run / "samples").num_rows == 48  # the folder reads as one dataset
+    assert available_steps(run) == [1, 2, 3, 4, 5, 6]
+    assert pq.read_table(run / "samples").num_rows == 96  # the folder reads as one dataset
     generators = set()
     for row in metrics:
         samples, text_kept = read_step(run, row["step"])
-        assert len(samples) == 16 and text_kept is (row["step"] > 1)
+        assert len(samples) == 16 and text_kept is (row["step"] > 4)
         assert {s["weight_version"] for s in samples} == {row["step"] - 1}  # synchronous: sampled at step - 1
         generators |= {s["generator_id"] for s in samples}
         assert sum(s["reward"] for s in samples) / 16 == pytest.approx(row["reward/mean"], abs=1e-6)
@@ -85,17 +91,17 @@ def test_every_trained_sample_is_in_the_lineage_files_and_agrees_with_the_metric
                 if s["completion_tokens"] and abs(s["reward"] - mean) > 1e-6:
                     assert (s["advantage"] > 0) is (s["reward"] > mean), s
     assert generators == {"generator-0", "generator-1"}
-    assert main(["samples", str(run), "--step", "3", "--verdict", "wrong", "--limit", "0"]) == 0
+    assert main(["samples", str(run), "--step", "6", "--verdict", "wrong", "--limit", "0"]) == 0
     out = capsys.readouterr().out
-    wrong = [s for s in read_step(run, 3)[0] if s["verdict"] == "wrong"]
-    assert out.count("\n[s3-") == len(wrong) and f"showing {len(wrong)} of {len(wrong)} matching" in out
+    wrong = [s for s in read_step(run, 6)[0] if s["verdict"] == "wrong"]
+    assert out.count("\n[s6-") == len(wrong) and f"showing {len(wrong)} of {len(wrong)} matching" in out
 
 
-def test_killed_generator_and_reward_worker_are_replaced_and_nothing_is_lost(tmp_path, three_steps, cache_dir):
+def test_killed_generator_and_reward_worker_are_replaced_and_nothing_is_lost(tmp_path, six_steps, cache_dir):
     """ray.kill a generator while its chunks are being generated and the only reward worker before it scores, at
     step 2, and the other generator just before a weight broadcast: all are replaced (generators brought to the
     current weight version), their chunks reissued, the broadcast resent to those still behind, the learner
-    untouched — and the run equals the uninterrupted one sample for sample."""
+    untouched — and the run equals the uninterrupted one's first 3 steps sample for sample."""
     import ray
 
     from wiring.driver import train
@@ -114,8 +120,8 @@ def test_killed_generator_and_reward_worker_are_replaced_and_nothing_is_lost(tmp
         killed.extend(victims)
 
     # gloo weight sync: the collective group must re-form with the replacement at the next broadcast.
-    cfg = load_config("tiny_cpu", TINY + [f"run_dir={tmp_path / 'run'}", f"bootstrap.data_dir={cache_dir}", "steps=3",
-                                          "weight_sync.transport=gloo"])
+    cfg = load_config("tiny_cpu", SIX_STEPS + [f"run_dir={tmp_path / 'run'}", f"bootstrap.data_dir={cache_dir}",
+                                               "steps=3", "weight_sync.transport=gloo"])
     summary = train(cfg, progress=False, fault_hook=kill_at_step_2)
     assert len(killed) == 3
     rows = read_metrics(tmp_path / "run")
@@ -130,13 +136,14 @@ def test_killed_generator_and_reward_worker_are_replaced_and_nothing_is_lost(tmp
 
     reissued = [sum(s["reissued"] for s in read_step(tmp_path / "run", step)[0]) for step in (1, 2)]
     assert reissued[0] == 0 and reissued[1] > 0  # the lineage says which samples were generated or graded again
-    reference = read_metrics(three_steps[0])
-    for ra, rb in zip(reference, rows):  # reissued chunks carry their sampling seed: same samples, same update
+    reference = read_metrics(six_steps[0])[:3]
+    for ra, rb in zip(reference, rows, strict=True):  # reissued chunks carry their sampling seed: same samples, same update
         for key in ("reward/mean", "response_length/mean", "train/loss"):
             assert ra[key] == pytest.approx(rb[key], abs=1e-6), (ra["step"], key)
 
 
-def test_resume_after_a_killed_driver_matches_an_uninterrupted_run_step_for_step(tmp_path, ray_cluster, cache_dir):
+def test_resume_after_a_killed_driver_matches_an_uninterrupted_run_step_for_step(tmp_path, six_steps, ray_cluster,
+                                                                                 cache_dir):
     """SIGKILL a `dsmath train` driver process once a checkpoint before its last step is on disk (step 2, or step 4
     where the machine was too busy to see step 2 in time: it is then inside the next step), resume to step 6: every
     step equals an uninterrupted 6-step run's (same samples, rewards, losses), and no sample is trained twice or
@@ -149,12 +156,8 @@ def test_resume_after_a_killed_driver_matches_an_uninterrupted_run_step_for_step
 
     from wiring.driver import train
 
-    overrides = TINY + [f"bootstrap.data_dir={cache_dir}", "steps=6", "checkpoint_every=2", "eval_size=8"]
-
-    def cfg(run: str):
-        return load_config("tiny_cpu", overrides + [f"run_dir={tmp_path / run}"])
-
-    full = train(cfg("full"), progress=False)
+    overrides = SIX_STEPS + [f"bootstrap.data_dir={cache_dir}"]
+    full_dir, full = six_steps
 
     # The killed run: its own driver process on this test's Ray cluster (its actors die with it).
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
@@ -172,8 +175,9 @@ def test_resume_after_a_killed_driver_matches_an_uninterrupted_run_step_for_step
     assert driver.returncode == -signal.SIGKILL
     assert not (tmp_path / "split" / "summary.json").exists()  # it really died mid-run
 
-    resumed = train(cfg("split"), resume=True, progress=False)
-    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "split")
+    resumed = train(load_config("tiny_cpu", overrides + [f"run_dir={tmp_path / 'split'}"]), resume=True,
+                    progress=False)
+    a, b = read_metrics(full_dir), read_metrics(tmp_path / "split")
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]  # rows the killed driver logged after its checkpoint: dropped
     for ra, rb in zip(a, b):
         for key in ("reward/mean", "response_length/mean", "train/loss", "train/kl", "train/grad_norm"):
