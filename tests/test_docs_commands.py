@@ -3,7 +3,8 @@
 Each fenced block runs top to bottom in one bash shell (so its ``export`` lines carry), from the root of a fresh
 copy of the repository's tracked files (``../shared`` beside it, as in a checkout), with ``$HOME`` a fresh folder.
 The only changes are the documented shrink variables (``DSMATH_OVERRIDES`` and friends, README "Using it"), which
-cut runs to a few steps of the tiny model. A failing command fails its block's test naming ``file:line``.
+cut runs to a few steps of the tiny model; ``make run`` keeps the default preset and is cut to 12 steps only: it is
+the golden run (``tests/golden.py``). A failing command fails its block's test naming ``file:line``.
 Commands tagged ``[needs …]`` are listed as skipped with the reason.
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import golden
 from docs_commands import ROOT, DocCommand, all_commands, block_script, blocks, extract
 from dsmath.utils.metrics import read_metrics
 from tiny_loop import TINY_LOOP
@@ -39,6 +41,10 @@ SHRINK = {
                                  "eval.fewshot_problems=2",
     "DSMATH_CORPUS_OVERRIDES": "iterate.max_iterations=1 classifier.epoch=2",
 }
+# `make run` (README.md:3) is the golden run: the default preset as a user gets it (its 1,500-step bootstrap, the
+# default model) for 12 of its 40 steps. What its checks read is kept before later blocks reuse runs/tiny_cpu.
+BLOCK_ENV = {("README.md", 3): {"DSMATH_OVERRIDES": " ".join(golden.GOLDEN)}}
+KEEP = {("README.md", 3): ("runs/tiny_cpu/summary.json", "runs/tiny_cpu/metrics.jsonl")}
 
 
 def _runnable(cmds: list[DocCommand]) -> list[DocCommand]:
@@ -142,6 +148,7 @@ def run_block(key: tuple[str, int], docs_env: tuple[Path, dict]) -> tuple[int, s
     if key in _RAN:
         return _RAN[key]
     repo, env = docs_env
+    env = {**env, **BLOCK_ENV.get(key, {})}
     script = block_script(_runnable(BLOCKS[key]))
     log = repo.parent / f"{key[0].replace('/', '_')}-{key[1]}.log"
     with open(log, "w") as out:
@@ -157,8 +164,17 @@ def run_block(key: tuple[str, int], docs_env: tuple[Path, dict]) -> tuple[int, s
         except ProcessLookupError:
             pass
         proc.wait()
+    for rel in KEEP.get(key, ()):
+        if (repo / rel).exists():
+            (kept_dir(key, repo) / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / rel, kept_dir(key, repo) / rel)
     _RAN[key] = (proc.returncode, log.read_text(errors="replace"))
     return _RAN[key]
+
+
+def kept_dir(key: tuple[str, int], repo: Path) -> Path:
+    """Where ``run_block`` keeps the ``KEEP`` outputs of block ``key`` (paths relative to the repository)."""
+    return repo.parent / "kept" / f"{key[0].replace('/', '_')}-{key[1]}"
 
 
 @pytest.mark.slow
@@ -189,6 +205,23 @@ def documented_run(command: str, docs_env: tuple[Path, dict]) -> tuple[Path, str
         pytest.fail(f"{keys[0][0]}:{keys[0][1]}: the block failed (its test_doc_block_runs_as_written says where)",
                     pytrace=False)
     return docs_env[0], text
+
+
+@pytest.mark.slow
+def test_make_run_is_the_golden_run_held_out_accuracy_rises_by_the_margin(docs_env) -> None:
+    """`make run` (the default preset, 12 steps, 200 held-out problems): held-out greedy accuracy rises by at least
+    ``golden.MARGIN``."""
+    repo, _ = documented_run("make run", docs_env)
+    summary = json.loads((kept_dir(("README.md", 3), repo) / "runs/tiny_cpu/summary.json").read_text())
+    print(golden.check_curve(summary))
+
+
+@pytest.mark.slow
+def test_make_run_is_the_golden_run_samples_rewards_and_losses_equal_the_recorded_trace(docs_env) -> None:
+    repo, _ = documented_run("make run", docs_env)
+    kept = kept_dir(("README.md", 3), repo) / "runs/tiny_cpu"
+    if golden.check_trace(json.loads((kept / "summary.json").read_text()), read_metrics(kept)):
+        pytest.skip(f"recorded {golden.TRACE}")
 
 
 COMPARED = (("grpo", "online"), ("online_rft", "online"), ("rft", "offline"), ("ppo", "online"), ("dpo", "offline"))
