@@ -10,7 +10,8 @@ import pytest  # noqa: E402 - the environment above must be set before anything 
 
 
 # Test files by measured wall time, longest first (a fresh-clone run on the 2-core machine, 2026-12-05: the docs
-# blocks and the compare/iterate checks on them about 800 s, the golden run 320 s, ...). With pytest-xdist (`make
+# blocks and the checks on their runs about 720 s, plus some 250 s since `make run` among them is the golden run;
+# train_loop 165 s, ...). With pytest-xdist (`make
 # test` runs 2 workers, a whole file each, in this order: --no-loadscope-reorder) the longest files start first, so
 # no long file is left to run alone at the end. Only the order changes; a file missing from this list runs after
 # these.

@@ -41,10 +41,11 @@ SHRINK = {
                                  "eval.fewshot_problems=2",
     "DSMATH_CORPUS_OVERRIDES": "iterate.max_iterations=1 classifier.epoch=2",
 }
-# `make run` (README.md:3) is the golden run: the default preset as a user gets it (its 1,500-step bootstrap, the
+# The block with `make run` is the golden run: the default preset as a user gets it (its 1,500-step bootstrap, the
 # default model) for 12 of its 40 steps. What its checks read is kept before later blocks reuse runs/tiny_cpu.
-BLOCK_ENV = {("README.md", 3): {"DSMATH_OVERRIDES": " ".join(golden.GOLDEN)}}
-KEEP = {("README.md", 3): ("runs/tiny_cpu/summary.json", "runs/tiny_cpu/metrics.jsonl")}
+MAKE_RUN = next(k for k, cmds in BLOCKS.items() if any(c.text.startswith("make run") for c in cmds))
+BLOCK_ENV = {MAKE_RUN: {"DSMATH_OVERRIDES": " ".join(golden.GOLDEN)}}
+KEEP = {MAKE_RUN: ("runs/tiny_cpu/summary.json", "runs/tiny_cpu/metrics.jsonl")}
 
 
 def _runnable(cmds: list[DocCommand]) -> list[DocCommand]:
@@ -212,14 +213,14 @@ def test_make_run_is_the_golden_run_held_out_accuracy_rises_by_the_margin(docs_e
     """`make run` (the default preset, 12 steps, 200 held-out problems): held-out greedy accuracy rises by at least
     ``golden.MARGIN``."""
     repo, _ = documented_run("make run", docs_env)
-    summary = json.loads((kept_dir(("README.md", 3), repo) / "runs/tiny_cpu/summary.json").read_text())
+    summary = json.loads((kept_dir(MAKE_RUN, repo) / "runs/tiny_cpu/summary.json").read_text())
     print(golden.check_curve(summary))
 
 
 @pytest.mark.slow
 def test_make_run_is_the_golden_run_samples_rewards_and_losses_equal_the_recorded_trace(docs_env) -> None:
     repo, _ = documented_run("make run", docs_env)
-    kept = kept_dir(("README.md", 3), repo) / "runs/tiny_cpu"
+    kept = kept_dir(MAKE_RUN, repo) / "runs/tiny_cpu"
     if golden.check_trace(json.loads((kept / "summary.json").read_text()), read_metrics(kept)):
         pytest.skip(f"recorded {golden.TRACE}")
 
