@@ -2,7 +2,7 @@
 
 The suite runs README's ``make run`` block (the default preset: its 1,500-step SFT bootstrap, built in the test's
 fresh ``$HOME``) shrunk through ``DSMATH_OVERRIDES`` to 12 of its 40 steps, with 200 held-out problems and no
-checkpoint (:data:`GOLDEN`). ``tests/test_docs_commands.py`` then checks two things on that run's files:
+checkpoint (:data:`GOLDEN`). ``tests/test_golden.py`` runs that block and checks two things on the run's files:
 
 - the golden curve: held-out greedy accuracy after the 12 steps is at least :data:`MARGIN` above before
   (measured here: 28.0 % -> 84.5 %);
@@ -11,7 +11,7 @@ checkpoint (:data:`GOLDEN`). ``tests/test_docs_commands.py`` then checks two thi
   step's reward and length statistics (a different sample changes them), losses compared to 1e-5 relative.
 
 Re-record only for a deliberate change of behaviour, and say why in the commit:
-``DSMATH_RECORD_GOLDEN=1 pytest tests/test_docs_commands.py -k golden``. A different CPU or torch build can change
+``DSMATH_RECORD_GOLDEN=1 pytest tests/test_golden.py``. A different CPU or torch build can change
 the trace's floats (the tiny bootstrap is trained here, in float32); the recording names both.
 """
 
