@@ -2,6 +2,8 @@
 
 Everything is cached under ``bootstrap.data_dir/<key>`` where the key hashes every setting that
 changes the result, so a later run with the same settings reuses it and a changed setting rebuilds.
+``bootstrap.data_dir/latest`` links to the entry the last run built or reused (``dsmath eval --model
+~/.cache/dsmath/latest/model``, whatever other bootstraps the cache holds).
 The folder is written atomically (build in a temp dir, then rename): an interrupted bootstrap never
 leaves a half-built cache behind.
 
@@ -30,6 +32,7 @@ from dsmath.config import BootstrapConfig, ModelConfig
 from dsmath.datasets import load_problems, write_jsonl
 from dsmath.prompts import format_prompt
 from dsmath.records import Problem
+from dsmath.run_dir import link_latest
 from dsmath.tasks import arithmetic
 
 # Bump when the task generator or the SFT recipe changes, so old caches are not reused.
@@ -79,6 +82,7 @@ def ensure_bootstrap(boot: BootstrapConfig, model_cfg: ModelConfig, *, log=print
     if (root / "bootstrap.json").exists():
         info = json.loads((root / "bootstrap.json").read_text())
         log(f"bootstrap: reusing {root}")
+        link_latest(root)
         return _artifacts(root, info)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
@@ -91,6 +95,7 @@ def ensure_bootstrap(boot: BootstrapConfig, model_cfg: ModelConfig, *, log=print
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    link_latest(root)
     return _artifacts(root, json.loads((root / "bootstrap.json").read_text()))
 
 
