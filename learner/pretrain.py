@@ -63,14 +63,6 @@ def build_initial_model(cfg: PretrainConfig, out_dir: Path, log: Callable[[str],
     return out_dir
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """On resume, drop rows logged after the checkpoint (a killed run may have logged steps it never saved)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
 def evaluate_model(model, tokenizer, cfg: PretrainConfig, *, device="cpu", log: Callable[[str], None] = print) -> dict:
     """Held-out loss on every ``eval.heldout`` set and, when asked, few-shot GSM8K / MATH accuracy."""
     from dsmath.pretrain.evaluate import fewshot_accuracy, heldout_loss
@@ -198,8 +190,10 @@ def _restore(run: _PretrainRun, config_changes: list[dict] | None, log: Callable
     run.step = int(extra["step"])
     run.label_tokens = {n: int(extra["label_tokens"].get(n, 0)) for n in run.packer.source.names}
     if run.rank == 0:
-        _truncate_metrics(run.metrics_path, run.step)
         from dsmath.run_dir import record_changes
+        from dsmath.utils.metrics import truncate_metrics
+
+        truncate_metrics(run.metrics_path, run.step)
 
         record_changes(run.run_dir, config_changes or [], from_step=run.step + 1)  # RUN_DIR/config_changes.jsonl
     log(f"pretrain: resumed at step {run.step} from {run.ckpt_dir} (data position restored)")

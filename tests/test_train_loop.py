@@ -178,7 +178,9 @@ def test_resume_after_a_killed_driver_matches_an_uninterrupted_run_step_for_step
     resumed = train(load_config("tiny_cpu", overrides + [f"run_dir={tmp_path / 'split'}"]), resume=True,
                     progress=False)
     a, b = read_metrics(full_dir), read_metrics(tmp_path / "split")
-    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]  # rows the killed driver logged after its checkpoint: dropped
+    # Rows the killed driver logged after its checkpoint are dropped; a checkpointed step it had not logged yet
+    # comes back from the checkpoint (test_checkpoint_integrity.py pins both cases without the timing).
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     for ra, rb in zip(a, b):
         for key in ("reward/mean", "response_length/mean", "train/loss", "train/kl", "train/grad_norm"):
             assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])

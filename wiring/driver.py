@@ -27,13 +27,13 @@ from dsmath.config import TrainConfig, to_dict
 from dsmath.errors import UserError
 from dsmath.model_folder import pad_token_id
 from dsmath.sampler import ProblemStream
-from dsmath.utils.metrics import MetricsWriter
+from dsmath.utils.metrics import MetricsWriter, truncate_metrics
 from dsmath.utils.timing import StageTimer
 from wiring.cluster import connect_ray, place_actors, release_actors, role_resources
 from wiring.console import log
 from wiring.lineage import write_step_samples
 from wiring.rollout import StepSamples, evaluate
-from wiring.steps import build_train_batch, generator_health, generator_logprobs, logprob_gap, step_row, truncate_metrics
+from wiring.steps import build_train_batch, generator_health, generator_logprobs, logprob_gap, step_row
 from wiring.task import TaskData, load_task
 
 
@@ -225,7 +225,8 @@ def resume_state(run_dir: Path) -> tuple[RunState, Path]:
     saved = json.loads((latest / "trainer_state.json").read_text())["extra"]
     state = RunState(**{k: v for k, v in saved.items() if k in RunState.__dataclass_fields__})
     log(f"resuming from {latest} at step {state.step} (weight version {state.weight_version})")
-    truncate_metrics(run_dir, state.step)
+    if truncate_metrics(run_dir / "metrics.jsonl", state.step, saved_row=saved.get("metrics_row")):
+        log(f"metrics.jsonl: step {state.step}'s row restored from {latest.name} (the run stopped before logging it)")
     return state, latest
 
 
@@ -482,8 +483,10 @@ def maybe_checkpoint(run: Run, row: dict, step: int) -> None:
     if not (cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps)):
         return
     with run.timer.stage("checkpoint"):
+        # The step's row goes with it: a driver killed before report_step logs it still has it on resume.
+        saved_row = {"step": step, "time": time.time(), **row}
         path = run.learner.save_checkpoint(run.run_dir / "checkpoints" / f"step-{step:06d}",
-                                           extra=dataclasses_asdict(run.state))
+                                           extra={**dataclasses_asdict(run.state), "metrics_row": saved_row})
         if cfg.rollout.weights_from == "learner":  # no shared filesystem: the learner's node may be another one
             copied = run.learner.bring_home(path)
             if copied and run.last_ckpt is None:

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 from dsmath.records import Rollout, RewardResult
 
 
@@ -95,17 +91,6 @@ def verifier_metrics(results: list[RewardResult]) -> dict:
         "verifier/disagreement_rate": disagreed / audited if audited else 0.0,
         "verifier/grader_seconds_max": max((r.grader_seconds for r in results), default=0.0),
     }
-
-
-def truncate_metrics(run_dir: Path, last_step: int) -> None:
-    """On resume, drop rows written after the checkpoint (a killed run may have logged steps it never saved)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
 
 
 def generator_health(gen_pool) -> list[dict]:

@@ -4,8 +4,37 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
+
+
+def metrics_line(step: int, metrics: dict, *, at: float | None = None) -> str:
+    """One ``metrics.jsonl`` row: ``step``, ``time`` (``at``, else now), then ``metrics`` with NaN/inf as null."""
+    row = {"step": step, "time": time.time() if at is None else at}
+    for k, v in metrics.items():
+        row[k] = None if isinstance(v, float) and not math.isfinite(v) else v
+    return json.dumps(row)
+
+
+def truncate_metrics(path: str | Path, last_step: int, *, saved_row: dict | None = None) -> bool:
+    """On resume from the checkpoint of ``last_step``: keep the rows of steps up to it in the ``metrics.jsonl`` at
+    ``path`` and drop later ones (a killed run may have logged steps it never saved). ``saved_row``, the row that
+    checkpoint carries (its ``step`` and ``time`` included), is appended when ``last_step`` has no row: a run killed
+    between saving a checkpoint and logging that step's row. Replaced atomically. True when it restored the row."""
+    path = Path(path)
+    lines = path.read_text().splitlines() if path.exists() else []
+    keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
+    restore = saved_row is not None and not any(json.loads(line)["step"] == last_step for line in keep)
+    if restore:
+        keep.append(metrics_line(last_step, {k: v for k, v in saved_row.items() if k not in ("step", "time")},
+                                 at=saved_row.get("time")))
+    if not lines and not restore:
+        return False
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+    return restore
 
 
 class MetricsWriter:
@@ -26,12 +55,7 @@ class MetricsWriter:
                 self._tb = None
 
     def write(self, step: int, metrics: dict) -> None:
-        row = {"step": step, "time": time.time()}
-        for k, v in metrics.items():
-            if isinstance(v, float) and not math.isfinite(v):
-                v = None
-            row[k] = v
-        self._fh.write(json.dumps(row) + "\n")
+        self._fh.write(metrics_line(step, metrics) + "\n")
         self._fh.flush()
         if self._tb is not None:
             for k, v in metrics.items():
