@@ -194,21 +194,22 @@ def test_a_checkpoint_sent_as_files_is_published_on_the_other_side_and_resumes_a
     assert list((tmp_path / "y").iterdir()) == []
 
 
-@pytest.mark.parametrize("logged", [(1,), (1, 2, 3)], ids=["killed-before-logging-its-step", "logged-past-it"])
-def test_resume_restores_the_checkpointed_steps_row_or_keeps_the_logged_one(saved, tmp_path, capsys, logged):
-    """A GRPO checkpoint carries its step's metrics row: a driver killed between saving step 2's checkpoint and
-    logging step 2's row resumes with rows 1-2 (row 2 as the checkpoint holds it); a driver that logged rows past
-    the checkpoint keeps its own row 2 once, and loses the rows it never saved."""
+@pytest.mark.parametrize("logged", [(1,), (1, 2, 3, 4)], ids=["killed-before-logging", "logged-past-it"])
+def test_resume_restores_the_rows_its_checkpoint_carries_or_keeps_the_logged_ones(saved, tmp_path, capsys, logged):
+    """A GRPO checkpoint carries the metrics rows since the previous one, its own step's included: a driver killed
+    between saving step 3's checkpoint and logging step 3's row (or a metrics.jsonl fetched from storage before rows
+    2-3 reached it) resumes with rows 1-3, rows 2-3 as the checkpoint holds them; a driver that logged rows past
+    the checkpoint keeps its own rows once, and loses the row it never saved."""
     from dsmath.utils.metrics import MetricsWriter, read_metrics
     from wiring.driver import resume_state
 
     model_dir, _root, _ = saved
     run_dir = tmp_path / "run"
-    row2 = {"reward/mean": 0.375, "train/loss": -0.0123456789012345, "train/kl": float("nan"), "samples": 16}
-    learner = make_learner(model_dir)
-    learner.save_checkpoint(run_dir / "checkpoints" / "step-000002",
-                            {"step": 2, "weight_version": 2, "data_position": 8, "samples_trained": 32,
-                             "metrics_row": {"step": 2, "time": 1234.5, **row2}})
+    carried = [{"step": 2, "time": 1000.25, "reward/mean": 0.25, "train/loss": -0.0123456789012345, "samples": 16},
+               {"step": 3, "time": 1234.5, "reward/mean": 0.375, "train/kl": None, "samples": 16}]
+    make_learner(model_dir).save_checkpoint(
+        run_dir / "checkpoints" / "step-000003",
+        {"step": 3, "weight_version": 3, "data_position": 12, "samples_trained": 48, "metrics_rows": carried})
     out = MetricsWriter(run_dir, tensorboard=False)
     for step in logged:
         out.write(step, {"reward/mean": step / 10, "train/loss": 0.5, "samples": 16})
@@ -218,10 +219,10 @@ def test_resume_restores_the_checkpointed_steps_row_or_keeps_the_logged_one(save
     state, path = resume_state(run_dir)
     rows = read_metrics(run_dir)
     said = [line for line in capsys.readouterr().out.splitlines() if "restored" in line]
-    assert (state.step, state.weight_version, state.samples_trained, path.name) == (2, 2, 32, "step-000002")
-    assert [r["step"] for r in rows] == [1, 2]
+    assert (state.step, state.weight_version, state.samples_trained, path.name) == (3, 3, 48, "step-000003")
+    assert [r["step"] for r in rows] == [1, 2, 3]
     if logged == (1,):
-        assert rows[1] == {"step": 2, "time": 1234.5, **row2, "train/kl": None}
-        assert len(said) == 1 and "step 2's row restored from step-000002" in said[0]
+        assert rows[1:] == carried
+        assert len(said) == 1 and "the rows of step 2, 3 restored from step-000003" in said[0]
     else:
-        assert rows[1]["reward/mean"] == 0.2 and said == []
+        assert [r["reward/mean"] for r in rows] == [0.1, 0.2, 0.3] and said == []

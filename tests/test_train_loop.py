@@ -54,6 +54,14 @@ def test_six_steps_two_generators(six_steps):
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["samples_trained"] == 96
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step-000006"
+    # Each checkpoint carries the rows since the one before (a resume restores those it lacks): steps 5-6 here, as
+    # logged, less what report_step adds after the checkpoint (its own time and the generators' probe).
+    carried = json.loads((run / "checkpoints" / "step-000006" / "trainer_state.json").read_text())["extra"]
+    assert [r["step"] for r in carried["metrics_rows"]] == [5, 6]
+    for saved_row, logged in zip(carried["metrics_rows"], rows[4:]):
+        late = {"time/checkpoint"} | {k for k in logged if k.startswith("generators/")} if saved_row["step"] == 6 else set()
+        assert {k: v for k, v in logged.items() if k not in late | {"time"}} == \
+            {k: v for k, v in saved_row.items() if k != "time"}, saved_row["step"]
     assert rows[-1]["faults/generator_restarts"] == rows[-1]["faults/reward_worker_restarts"] == 0
 
 

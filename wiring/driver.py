@@ -27,7 +27,7 @@ from dsmath.config import TrainConfig, to_dict
 from dsmath.errors import UserError
 from dsmath.model_folder import pad_token_id
 from dsmath.sampler import ProblemStream
-from dsmath.utils.metrics import MetricsWriter, truncate_metrics
+from dsmath.utils.metrics import MetricsWriter, metrics_row, truncate_metrics
 from dsmath.utils.timing import StageTimer
 from wiring.cluster import connect_ray, place_actors, release_actors, role_resources
 from wiring.console import log
@@ -68,6 +68,7 @@ class Run:
     metrics_out: MetricsWriter
     resume_from: Path | None
     health: list = field(default_factory=list)
+    unsaved_rows: list = field(default_factory=list)  # metrics rows logged since the last checkpoint
     last_ckpt: dict | None = None
     last_eval: dict | None = None
 
@@ -225,8 +226,10 @@ def resume_state(run_dir: Path) -> tuple[RunState, Path]:
     saved = json.loads((latest / "trainer_state.json").read_text())["extra"]
     state = RunState(**{k: v for k, v in saved.items() if k in RunState.__dataclass_fields__})
     log(f"resuming from {latest} at step {state.step} (weight version {state.weight_version})")
-    if truncate_metrics(run_dir / "metrics.jsonl", state.step, saved_row=saved.get("metrics_row")):
-        log(f"metrics.jsonl: step {state.step}'s row restored from {latest.name} (the run stopped before logging it)")
+    restored = truncate_metrics(run_dir / "metrics.jsonl", state.step, saved_rows=saved.get("metrics_rows", []))
+    if restored:
+        log(f"metrics.jsonl: the rows of step {', '.join(map(str, restored))} restored from {latest.name} (the run "
+            f"stopped before they were logged or stored)")
     return state, latest
 
 
@@ -483,10 +486,11 @@ def maybe_checkpoint(run: Run, row: dict, step: int) -> None:
     if not (cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps)):
         return
     with run.timer.stage("checkpoint"):
-        # The step's row goes with it: a driver killed before report_step logs it still has it on resume.
-        saved_row = {"step": step, "time": time.time(), **row}
+        # The rows since the last checkpoint go with it, this step's too (report_step logs it after): a resume
+        # whose metrics.jsonl lacks them (killed before logging, or fetched from storage) gets them back.
+        rows = run.unsaved_rows + [metrics_row(step, row)]
         path = run.learner.save_checkpoint(run.run_dir / "checkpoints" / f"step-{step:06d}",
-                                           extra={**dataclasses_asdict(run.state), "metrics_row": saved_row})
+                                           extra={**dataclasses_asdict(run.state), "metrics_rows": rows})
         if cfg.rollout.weights_from == "learner":  # no shared filesystem: the learner's node may be another one
             copied = run.learner.bring_home(path)
             if copied and run.last_ckpt is None:
@@ -517,7 +521,9 @@ def report_step(run: Run, row: dict, bar, progress: bool) -> None:
     versions = [h.get("weight_version", -1) for h in run.health]
     row["generators/version_min"], row["generators/version_max"] = min(versions), max(versions)
     row["generators/alive"] = sum(bool(h.get("alive")) for h in run.health)
-    run.metrics_out.write(step, row)
+    written = run.metrics_out.write(step, row)
+    if cfg.checkpoint_every:  # the next checkpoint carries them (maybe_checkpoint)
+        run.unsaved_rows = [] if (run.last_ckpt or {}).get("step") == step else run.unsaved_rows + [written]
     queues = {"reward": {"depth": sum(run.reward_pool.outstanding),
                          "timeout_rate": row["grading_timeouts"] / row["samples"]}}
     run.status.update(run.builder.step(step, row, generators=run.health, queues=queues,

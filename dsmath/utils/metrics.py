@@ -9,32 +9,33 @@ import time
 from pathlib import Path
 
 
-def metrics_line(step: int, metrics: dict, *, at: float | None = None) -> str:
+def metrics_row(step: int, metrics: dict, *, at: float | None = None) -> dict:
     """One ``metrics.jsonl`` row: ``step``, ``time`` (``at``, else now), then ``metrics`` with NaN/inf as null."""
     row = {"step": step, "time": time.time() if at is None else at}
     for k, v in metrics.items():
         row[k] = None if isinstance(v, float) and not math.isfinite(v) else v
-    return json.dumps(row)
+    return row
 
 
-def truncate_metrics(path: str | Path, last_step: int, *, saved_row: dict | None = None) -> bool:
+def truncate_metrics(path: str | Path, last_step: int, *, saved_rows: list[dict] = ()) -> list[int]:
     """On resume from the checkpoint of ``last_step``: keep the rows of steps up to it in the ``metrics.jsonl`` at
-    ``path`` and drop later ones (a killed run may have logged steps it never saved). ``saved_row``, the row that
-    checkpoint carries (its ``step`` and ``time`` included), is appended when ``last_step`` has no row: a run killed
-    between saving a checkpoint and logging that step's row. Replaced atomically. True when it restored the row."""
+    ``path`` and drop later ones (a killed run may have logged steps it never saved). ``saved_rows``, rows (``step``
+    and ``time`` included) that checkpoint carries, fill in the steps up to ``last_step`` that have no row: a run
+    killed between saving a checkpoint and logging its rows, or a file fetched from storage before they reached it.
+    Replaced atomically; returns the steps it restored."""
     path = Path(path)
     lines = path.read_text().splitlines() if path.exists() else []
-    keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
-    restore = saved_row is not None and not any(json.loads(line)["step"] == last_step for line in keep)
-    if restore:
-        keep.append(metrics_line(last_step, {k: v for k, v in saved_row.items() if k not in ("step", "time")},
-                                 at=saved_row.get("time")))
-    if not lines and not restore:
-        return False
+    rows = [json.loads(line) for line in lines if line.strip()]
+    keep = [r for r in rows if r["step"] <= last_step]
+    have = {r["step"] for r in keep}
+    restored = [r for r in saved_rows if r["step"] <= last_step and r["step"] not in have]
+    if not lines and not restored:
+        return []
+    keep = sorted(keep + restored, key=lambda r: r["step"])
     tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
     os.replace(tmp, path)
-    return restore
+    return [r["step"] for r in restored]
 
 
 class MetricsWriter:
@@ -54,14 +55,17 @@ class MetricsWriter:
             except Exception:  # tensorboard is optional; JSONL is the source of truth
                 self._tb = None
 
-    def write(self, step: int, metrics: dict) -> None:
-        self._fh.write(metrics_line(step, metrics) + "\n")
+    def write(self, step: int, metrics: dict) -> dict:
+        """Appends the row (:func:`metrics_row`) and returns it as written."""
+        row = metrics_row(step, metrics)
+        self._fh.write(json.dumps(row) + "\n")
         self._fh.flush()
         if self._tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
+        return row
 
     def close(self) -> None:
         self._fh.close()
