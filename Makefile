@@ -14,7 +14,7 @@ TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 # Environment the CPU stack needs (dsmath/env.py holds the same values): offline hub, no Ray token auth, DeepSpeed on CPU,
-# a small vLLM KV cache, the in-process vLLM engine, one OpenMP thread per process.
+# a small vLLM KV cache, the in-process vLLM engine, one OpenMP thread per process, one fp32 code path on every x86 CPU.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_AUTH_MODE := disabled
@@ -25,6 +25,9 @@ export OMP_NUM_THREADS := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
+export MKL_CBWR ?= AVX2,STRICT
+export DNNL_MAX_CPU_ISA ?= AVX2
+export ATEN_CPU_CAPABILITY ?= avx2
 
 .PHONY: setup run test test-fast bench clean
 

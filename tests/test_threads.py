@@ -122,3 +122,27 @@ def check_same_weights_at_1_and_2_threads(tmp: str) -> None:
     assert got[1].keys() == got[2].keys()
     changed = [k for k in got[1] if not torch.equal(got[1][k], got[2][k])]
     assert changed == [], f"weights differ between 1 and 2 threads: {changed[:5]}"
+
+
+def test_dsmath_pins_one_fp32_code_path_before_torch_loads_when_the_user_did_not() -> None:
+    """Thread-count-independent numbers rest on ``dsmath.env.same_numbers_env`` (MKL's reproducible mode and the
+    AVX2 kernels). A user's shell has none of it: the CLI sets it before anything loads torch, so a process started
+    through it computes the bits of one started with the pins set (and a value the user set wins)."""
+    import os
+
+    from dsmath.env import SAME_NUMBERS_ENV, same_numbers_env
+
+    if not same_numbers_env():
+        pytest.skip("not an x86 machine: no code path to pin")
+    bare = {k: v for k, v in os.environ.items() if k not in SAME_NUMBERS_ENV}
+    via_cli = ("import os\nfrom wiring import cli\ntry:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+               "import golden\nprint(os.environ.get('MKL_CBWR', 'unset'), golden.numerics_fingerprint())")
+
+    def run(env: dict, code: str) -> list[str]:
+        out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
+                             text=True, timeout=300, check=True)
+        return out.stdout.split()[-2:]
+
+    pinned = run({**bare, **SAME_NUMBERS_ENV}, "import golden\nprint('-', golden.numerics_fingerprint())")[1]
+    assert run(bare, via_cli) == ["AVX2,STRICT", pinned]
+    assert run({**bare, "MKL_CBWR": "COMPATIBLE"}, via_cli)[0] == "COMPATIBLE"

@@ -70,8 +70,12 @@ def _add_verbose(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # One OpenMP thread per process: with 2 cores, two busy processes at 2 threads each run 20-30x slower.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # One OpenMP thread per process: with 2 cores, two busy processes at 2 threads each run 20-30x slower. One fp32
+    # code path on every x86 CPU (dsmath.env.same_numbers_env). Both before anything loads torch; a set value wins.
+    from dsmath.env import same_numbers_env
+
+    for key, value in {"OMP_NUM_THREADS": "1", **same_numbers_env()}.items():
+        os.environ.setdefault(key, value)
     from dsmath.config import ConfigError
     from dsmath.errors import UserError
 
