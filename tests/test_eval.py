@@ -402,11 +402,12 @@ def test_cli_end_to_end_on_the_shared_gsm8k_and_math_files(tmp_path):
 
 
 TOOL_QUESTION = "What is 6 times 7?"
-SCRIPTS = {  # what the overfit model writes after each mode's prompt
-    # the trained output block says 41: a completion showing 42 there got it from the sandbox, not the model
-    "tool": " Let me compute.\n```python\nprint(6*7)\n```\n```output\n41\n```\nThe answer is \\boxed{42}.",
-    "pot": " ```python\nprint(6*7)\n```",
-}
+TOOL_CALL = " Let me compute.\n```python\nprint(6*7)\n```\n"
+# What the overfit model writes after each mode's prompt. The trained output blocks never say 42: a completion
+# showing 42 there got it from the sandbox, not the model. Three of them, so that what follows the block does not
+# hang on the one number seen in training (a single 41 left the model lost after the sandbox's 42 on some CPUs).
+SCRIPTS = [("tool", TOOL_CALL + f"```output\n{n}\n```\nThe answer is \\boxed{{42}}.") for n in (41, 40, 43)] + [
+    ("pot", " ```python\nprint(6*7)\n```")]
 
 
 @pytest.mark.slow
@@ -421,20 +422,20 @@ def test_tool_and_pot_modes_end_to_end_run_the_programs(tmp_path):
     from dsmath.tiny import build_model, train_tokenizer
 
     model_dir = tmp_path / "overfit"
-    texts = [build_prompt(TOOL_QUESTION, mode) + script for mode, script in SCRIPTS.items()] * 20
+    texts = [build_prompt(TOOL_QUESTION, mode) + script for mode, script in SCRIPTS] * 20
     tok = train_tokenizer(texts, 384, model_dir)
     model = build_model(ModelConfig(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256,
                                     vocab_size=384), tok, seed=0)
     batch = [tok(build_prompt(TOOL_QUESTION, m) + s + tok.eos_token, add_special_tokens=False)["input_ids"]
-             for m, s in SCRIPTS.items()]
+             for m, s in SCRIPTS]
     torch.manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)  # 1e-2 spiked (5.9 at step 100) where MKL's AVX2 path ran
     for _ in range(300):
         loss = sum(model(torch.tensor([ids]), labels=torch.tensor([ids])).loss for ids in batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert loss.item() < 0.1
+    assert loss.item() / len(batch) < 0.05, loss.item()  # each script learnt, but for the output blocks' numbers
     model.save_pretrained(model_dir)
     data = tmp_path / "q.jsonl"
     data.write_text(json.dumps({"question": TOOL_QUESTION, "answer": "42"}) + "\n"
@@ -458,7 +459,7 @@ def _check_mode(s, mode, tmp_path):
     assert s["pass@1"] == 0.5 and [r["correct"] for r in greedy] == [True, False], greedy
     assert [r["extracted"] for r in greedy] == ["42", "42"]
     if mode == "tool":  # the output block is the sandbox's (42), not the trained text's (41)
-        assert greedy[0]["completion"].startswith(SCRIPTS["tool"].split("```output")[0] + "```output\n42\n```")
+        assert greedy[0]["completion"].startswith(TOOL_CALL + "```output\n42\n```")
         assert greedy[0]["finish_reason"] == "stop"
     else:
         assert greedy[0]["reason"] == "program: correct" and greedy[1]["reason"] == "program: wrong"
