@@ -412,7 +412,7 @@ SCRIPTS = [("tool", TOOL_CALL + f"```output\n{n}\n```\nThe answer is \\boxed{{42
 
 @pytest.mark.slow
 def test_tool_and_pot_modes_end_to_end_run_the_programs(tmp_path):
-    """A tiny model overfit on one script per mode: the real tool loop / sandbox produce the answer; pass@1 is
+    """A tiny model overfit on the scripts of each mode: the real tool loop / sandbox produce the answer; pass@1 is
     exactly 1/2 because the same question appears once with its right gold (42) and once with a wrong one (41)."""
     import torch
 
