@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 
-def metrics_row(step: int, metrics: dict, *, at: float | None = None) -> dict:
-    """One ``metrics.jsonl`` row: ``step``, ``time`` (``at``, else now), then ``metrics`` with NaN/inf as null."""
-    row = {"step": step, "time": time.time() if at is None else at}
+def metrics_row(step: int, metrics: dict) -> dict:
+    """One ``metrics.jsonl`` row: ``step``, ``time`` (now), then ``metrics`` with NaN/inf as null."""
+    row = {"step": step, "time": time.time()}
     for k, v in metrics.items():
         row[k] = None if isinstance(v, float) and not math.isfinite(v) else v
     return row
