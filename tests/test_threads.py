@@ -51,6 +51,27 @@ def check_tuner_keeps_the_faster_count(fast: int) -> None:
     assert torch.get_num_threads() == before
 
 
+def test_the_tuner_drops_to_one_thread_when_more_start_running_slower_than_one_did() -> None:
+    _in_fresh_process("check_tuner_drops_back_on_slow_steps")
+
+
+def check_tuner_drops_back_on_slow_steps() -> None:
+    """After a trial that 2 threads won, a core taken by another process makes each 2-thread step slower than one
+    thread was in the trial: one such step is tolerated, two in a row drop to 1 thread until the next trial."""
+    tuner = ThreadTuner(choices=(1, 2), every=20, trial=2, patience=2)
+    # step 0 untimed, steps 1-4 the trial (1 thread 0.03 s, 2 threads 0.002 s), then 2 threads: fast, one slow
+    # step, fast again, then two slow ones in a row
+    sleep = {1: [0.0, 0.03, 0.03], 2: [0.002, 0.002, 0.002, 0.06, 0.002, 0.06, 0.06]}
+    seen = []
+    for _ in range(11):
+        with tuner.step(work=1.0) as threads:
+            seen.append(threads)
+            time.sleep(sleep[threads].pop(0) if sleep[threads] else 0.03)
+    assert seen == [1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 1], seen
+    assert tuner.history == [(5, 2), (10, 1)] and tuner.current == 1
+    tuner.restore()
+
+
 def test_one_candidate_only_sets_it() -> None:
     tuner = ThreadTuner(choices=(1,), every=1, trial=2)
     for _ in range(4):

@@ -1,9 +1,11 @@
 """torch's intra-op thread count for a long compute-bound loop in one process, chosen by timing the loop itself.
 
 Why measure instead of fixing a count: on 2 idle cores the bootstrap's SFT step (the default preset, batch 32 x ~95
-tokens) runs 1.7x faster with 2 threads than with 1, but next to one other busy process 2 threads run it 2.2x
-slower than 1 (each parallel region waits for the thread the other process pushed off its core). Which case holds
-is only known while the loop runs, and it can change.
+tokens) runs 1.7x faster with 2 threads than with 1, but next to one other busy process 2 threads run it 2.7-3.7x
+slower than 1 and burn 3-4x its CPU time (each parallel region waits, spinning, for the thread the other process
+pushed off its core; measured on the 2-core machine, 2026-12-05). Which case holds is only known while the loop
+runs, and it changes: so more threads are kept only while each step stays faster than one thread was, and two
+slower steps in a row drop back to one thread until the next trial.
 
 What is guaranteed: the count changes speed only, never the numbers, on the CPU path this is used on: torch's
 CPU kernels here split work across threads without changing any reduction order (``tests/test_threads.py``
@@ -41,21 +43,25 @@ class ThreadTuner:
     """Every ``every`` steps, times ``trial`` steps at each candidate count (1 and the usable cores, at most
     ``max_threads``; or ``choices``) and keeps the one with the lowest median seconds per unit of work. Step 0
     (allocation, first-call overheads) is never timed. With one candidate it only sets that count. Until the first
-    trial ends it runs the smallest count."""
+    trial ends it runs the smallest count. While a larger count is kept, ``patience`` steps in a row slower per unit
+    of work than the smallest count's median in the trial mean another process took a core: it runs the smallest
+    count until the next trial."""
 
     def __init__(self, *, choices: tuple[int, ...] | None = None, max_threads: int = 4, every: int = 200,
-                 trial: int = 4) -> None:
+                 trial: int = 4, patience: int = 2) -> None:
         import torch
 
         self._torch = torch
         self.original = torch.get_num_threads()
         self.choices = tuple(sorted(set(choices or (1, max(1, min(usable_cores(), max_threads))))))
-        self.every, self.trial = every, trial
+        self.every, self.trial, self.patience = every, trial, patience
         self.current = self.choices[0]
+        self._fewest: float | None = None  # the smallest count's median seconds per unit of work in the last trial
+        self._slow = 0  # steps in a row at a larger count that ran slower than that
         self.steps = 0
         self._plan: list[int] = []
         self._times: dict[int, list[float]] = {}
-        self.history: list[tuple[int, int]] = []  # (step, count chosen) each time a trial ends
+        self.history: list[tuple[int, int]] = []  # (step, count chosen) each time a trial ends or slow steps drop it
 
     @contextmanager
     def step(self, work: float = 1.0) -> Iterator[int]:
@@ -69,12 +75,18 @@ class ThreadTuner:
             self._torch.set_num_threads(threads)      # set_num_threads a no-op that logs a warning each call
         start = time.perf_counter()
         yield threads
-        seconds = time.perf_counter() - start
+        per_work = (time.perf_counter() - start) / max(work, 1e-9)
         self.steps += 1
         if trying is not None:
-            self._times[trying].append(seconds / max(work, 1e-9))
+            self._times[trying].append(per_work)
             if not self._plan:
                 self.current = min(self._times, key=lambda c: (statistics.median(self._times[c]), c))
+                self._fewest, self._slow = statistics.median(self._times[self.choices[0]]), 0
+                self.history.append((self.steps, self.current))
+        elif threads > self.choices[0] and self._fewest is not None:
+            self._slow = self._slow + 1 if per_work > self._fewest else 0
+            if self._slow >= self.patience:  # another process took a core: more threads now only wait on it
+                self.current, self._slow = self.choices[0], 0
                 self.history.append((self.steps, self.current))
 
     def restore(self) -> None:
