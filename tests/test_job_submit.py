@@ -226,14 +226,17 @@ def _watch_job(address: str, env: dict, job_id: str, run_dir: Path, status: Call
                 Scraper(lambda: f"http://127.0.0.1:{metrics_port}/metrics", "ray_dsmath_reward_mean")]
     for scraper in scrapers:
         scraper.start()
+    from ray.job_submission import JobSubmissionClient
+
     live = LiveViews(run_dir, lambda argv, token=None: status(*argv, token=token), job_id, address)
     live.start()
+    # The Jobs API in this process, not `ray job status`: each CLI poll is a Python start that imports Ray (about a
+    # CPU-second on the 2-core machine), and the live views and scrapers above need the cores.
+    jobs = JobSubmissionClient(address)
     deadline, state = time.monotonic() + 600, ""
     while time.monotonic() < deadline:
-        job = subprocess.run([RAY, "job", "status", "--address", address, job_id], capture_output=True,
-                             text=True, env=env, timeout=60)
-        state = (job.stdout + job.stderr).lower()  # the Ray CLI logs "Job '…' succeeded" to stderr
-        if any(word in state for word in ("succeeded", "failed", "stopped")):
+        state = jobs.get_job_status(job_id).value.lower()
+        if state in ("succeeded", "failed", "stopped"):
             break
         time.sleep(1.0)  # a status poll interval, not a synchronisation sleep
     live.stop.set()
