@@ -96,7 +96,7 @@ class Generator:
             _configure_cpu_env(self.rollout)
         from vllm import LLM
 
-        self.model_dir, self.model_source = _materialise(model, generator_id)
+        self.model_dir, self.model_source, self._scratch = _materialise(model, generator_id)
         model_path = self.model_dir
         kwargs: dict[str, Any] = dict(model=model_path, tokenizer=model_path, seed=seed,
                                       # the weight-loading bar follows the Hugging Face bars (off while dsmath is quiet)
@@ -326,6 +326,14 @@ class Generator:
 
     # ---------------------------------------------------------------------------------------------- health
 
+    def close(self) -> None:
+        """Remove the files this generator wrote on its node (the scratch model folder); call it before the actor
+        is killed (``ray.kill`` runs no exit handlers). Sampling after it is not supported."""
+        from dsmath.model_folder import remove_scratch_folder
+
+        remove_scratch_folder(self._scratch)
+        self._scratch = None
+
     def health(self) -> GeneratorHealth:
         return GeneratorHealth(
             generator_id=self.generator_id,
@@ -417,21 +425,15 @@ class Generator:
         return time.perf_counter() - start
 
 
-def _materialise(model: str | ModelFiles, generator_id: str) -> tuple[str, str]:
-    """The folder vLLM loads and where it came from: ``model`` itself, or ``ModelFiles`` written to a fresh folder
-    on this node (removed when the process exits)."""
+def _materialise(model: str | ModelFiles, generator_id: str) -> tuple[str, str, str | None]:
+    """The folder vLLM loads, where it came from, and the scratch folder to remove at :meth:`Generator.close`:
+    ``model`` itself (no scratch folder), or ``ModelFiles`` written to a scratch folder on this node."""
     if not isinstance(model, ModelFiles):
-        return model, f"folder {model}"
-    import atexit
-    import shutil
-    import tempfile
+        return model, f"folder {model}", None
+    from dsmath.model_folder import scratch_folder, write_model_files
 
-    from dsmath.model_folder import write_model_files
-
-    folder = tempfile.mkdtemp(prefix=f"dsmath-{generator_id}-")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    write_model_files(model, folder)
-    return folder, f"config and tokenizer of {model.source} via the object store, weights from the learner"
+    folder = str(write_model_files(model, scratch_folder(generator_id)))
+    return folder, f"config and tokenizer of {model.source} via the object store, weights from the learner", folder
 
 
 def _load_into_model(worker, weights: list) -> None:

@@ -23,8 +23,8 @@ class RewardWorker:
 
     ``model``: None, or a one-element list holding the reward model's :class:`dsmath.records.ModelFiles` (or a Ray
     object ref to it; a list, so Ray does not fetch it before it is needed). Used only when this node has no
-    ``reward.model_path`` (a cluster without a shared filesystem): the files are written to a temporary folder,
-    removed on ``close``, and the reward model is loaded from there."""
+    ``reward.model_path`` (a cluster without a shared filesystem): the files are written to a scratch folder
+    (``dsmath.model_folder.scratch_folder``), removed on ``close``, and the reward model is loaded from there."""
 
     def __init__(self, cfg, *, worker_id: str = "reward-0", model: list | None = None):
         self.local_model: str | None = None
@@ -33,19 +33,16 @@ class RewardWorker:
         self.reward = rewards.build(cfg, worker_id=worker_id)
 
     def _with_local_model(self, cfg, model: list | None, worker_id: str):
-        import tempfile
-
         from dsmath.config import with_overrides
         from dsmath.errors import UserError
-        from dsmath.model_folder import write_model_files
+        from dsmath.model_folder import scratch_folder, write_model_files
 
         if not model:
             raise UserError(f"reward.model_path={cfg.reward.model_path}: no such model folder on {worker_id}'s node; "
                             f"put it on a shared filesystem, or set rollout.weights_from=learner to send it through "
                             f"Ray's object store")
         bundle = model[0] if isinstance(model[0], ModelFiles) else _fetch(model[0])
-        self.local_model = tempfile.mkdtemp(prefix="dsmath-rm-")
-        write_model_files(bundle, self.local_model)
+        self.local_model = str(write_model_files(bundle, scratch_folder(f"{worker_id}-rm")))
         print(f"[dsmath] {worker_id}: no {cfg.reward.model_path} on this node; the reward model came through the "
               f"object store ({sum(len(d) for _, d in bundle.files) / 2**20:.1f} MiB)", flush=True)
         return with_overrides(cfg, [f"reward.model_path={self.local_model}"])
@@ -54,11 +51,13 @@ class RewardWorker:
         return self.reward.score(rollouts)
 
     def close(self) -> None:
-        self.reward.close()
-        if self.local_model:
-            import shutil
+        """Close the reward (its grading and sandbox pools) and remove the reward model this worker was sent; call
+        it before the actor is killed (``ray.kill`` runs no exit handlers)."""
+        from dsmath.model_folder import remove_scratch_folder
 
-            shutil.rmtree(self.local_model, ignore_errors=True)
+        self.reward.close()
+        remove_scratch_folder(self.local_model)
+        self.local_model = None
 
     def stats(self) -> dict[str, Any]:
         return self.reward.stats()

@@ -72,6 +72,79 @@ def write_model_files(bundle: ModelFiles, dest: str | Path) -> Path:
     return dest
 
 
+# Model files an actor writes because its node has no copy (``rollout.weights_from=learner``; a learner rank or a
+# reward worker on a node without the folder: the whole model, weights included) go to a scratch folder named
+# ``dsmath-scratch-<ns>-<pid>-<role>-*`` in the node's temp dir, ``ns`` naming the pid namespace of the process.
+SCRATCH_PREFIX = "dsmath-scratch-"
+
+
+def scratch_folder(role: str) -> Path:
+    """A fresh, empty folder in this node's temp dir for the model files this process writes as ``role``.
+
+    Guaranteed: the folder is removed when this process exits normally, or by :func:`remove_scratch_folder`. Ray
+    ends actors with ``ray.kill`` without running exit handlers, so the folders of processes that are gone are
+    removed too: every call first sweeps the ones this node's dead processes left (:func:`sweep_scratch_folders`).
+    A folder is never removed while the process that made it is alive. Not guaranteed: a folder left by a killed
+    process stays until the next call (or sweep) on the same node.
+    """
+    import atexit
+    import os
+    import tempfile
+
+    sweep_scratch_folders()
+    folder = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{_pid_namespace()}-{os.getpid()}-{role}-"))
+    atexit.register(remove_scratch_folder, folder)
+    return folder
+
+
+def remove_scratch_folder(folder: str | Path | None) -> None:
+    """Remove ``folder`` (a :func:`scratch_folder`) and all it holds; nothing when it is None or already gone."""
+    import shutil
+
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def sweep_scratch_folders() -> int:
+    """Remove the scratch folders in this node's temp dir whose process (same pid namespace) is gone; returns how
+    many. Folders of other pid namespaces (another container sharing the temp dir) are left alone."""
+    import os
+    import tempfile
+
+    mine = f"{SCRATCH_PREFIX}{_pid_namespace()}-"
+    removed = 0
+    for path in Path(tempfile.gettempdir()).glob(f"{mine}*"):
+        pid = path.name[len(mine):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            remove_scratch_folder(path)
+            removed += 1
+    return removed
+
+
+def _pid_namespace() -> str:
+    """This process's pid namespace as a short token (its inode on Linux; the host name elsewhere)."""
+    import os
+    import re
+    import socket
+
+    try:
+        return re.sub(r"\D", "", os.readlink("/proc/self/ns/pid"))  # 'pid:[4026531836]' -> '4026531836'
+    except OSError:
+        return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def pad_token_id(folder: str | Path) -> int | None:
     """The pad token id transformers' ``AutoTokenizer`` gives for model folder ``folder``, read from its
     ``tokenizer_config.json`` (or ``special_tokens_map.json``) and ``tokenizer.json`` without importing

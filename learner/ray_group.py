@@ -25,16 +25,11 @@ from learner.batch import Rows, TrainBatch, ValueBatch
 
 
 def _materialise(model: ModelFiles, rank: int) -> str:
-    """``model`` written to a fresh folder on this node, removed when the process exits."""
-    import atexit
-    import shutil
-    import tempfile
+    """``model`` written to a scratch folder on this node (removed by :meth:`LearnerRank.close`, or when the process
+    is gone: ``dsmath.model_folder.scratch_folder``)."""
+    from dsmath.model_folder import scratch_folder, write_model_files
 
-    from dsmath.model_folder import write_model_files
-
-    folder = tempfile.mkdtemp(prefix=f"dsmath-learner{rank}-model-")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    return str(write_model_files(model, folder))
+    return str(write_model_files(model, scratch_folder(f"learner{rank}")))
 
 
 def _policy(model_dir, learner_cfg, algo_cfg, **kw):
@@ -58,6 +53,7 @@ class LearnerRank:
 
     def __init__(self) -> None:
         self.learner = None
+        self._scratch = None  # the model folder this rank wrote (its node had no copy), removed by close()
 
     def address(self) -> tuple[str, int]:
         import ray
@@ -78,7 +74,7 @@ class LearnerRank:
         """Build this rank's learner from ``model_dir``, or from ``model`` (the whole folder, sent through the object
         store because this node has no copy) written to a fresh folder here first."""
         if model is not None:
-            model_dir = _materialise(model, rank)
+            model_dir = self._scratch = _materialise(model, rank)
         os.environ.update(env)
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0" if torch.cuda.is_available() else str(rank))
@@ -88,6 +84,14 @@ class LearnerRank:
         self.learner = LEARNERS[kind](model_dir, learner_cfg, algo_cfg, rank=rank, world_size=world_size, seed=seed,
                                       **kwargs)
         return True
+
+    def close(self) -> None:
+        """Remove the files this rank wrote on its node (the model it was sent); call it before the actor is
+        killed (``ray.kill`` runs no exit handlers). Training after it is not supported."""
+        from dsmath.model_folder import remove_scratch_folder
+
+        remove_scratch_folder(self._scratch)
+        self._scratch = None
 
     def call(self, method: str, *args, **kwargs):
         return getattr(self.learner, method)(*args, **kwargs)
@@ -411,8 +415,13 @@ class LearnerGroup:
         return sum(bool(ray.get(a.fetch_checkpoint.remote(str(path), root_uri))) for a in self.actors)
 
     def shutdown(self) -> None:
+        """Close every rank (it removes the model files it wrote on its node), then kill it."""
         import ray
 
+        # A dead rank's close fails at once; a hung one is killed after the wait, and the files it wrote stay until
+        # the next sweep on its node (dsmath.model_folder.scratch_folder).
+        if closing := [a.close.remote() for a in self.actors]:
+            ray.wait(closing, num_returns=len(closing), timeout=30)
         for a in self.actors:
             ray.kill(a)
         self.actors = []

@@ -1,12 +1,16 @@
-"""``dsmath.model_folder.pad_token_id``: the driver's pad id without transformers, equal to AutoTokenizer's on
-every way a tokenizer folder can name (or not name) its pad token."""
+"""``dsmath.model_folder``: ``pad_token_id``, the driver's pad id without transformers, equal to AutoTokenizer's on
+every way a tokenizer folder can name (or not name) its pad token; and the scratch folders actors write models into,
+which outlive no process: removed at a normal exit, and swept once their process was killed (as ``ray.kill`` does)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -65,3 +69,42 @@ def test_pad_token_id_reads_a_usual_folder_without_importing_transformers(tokeni
     from transformers import AutoTokenizer
 
     assert out == [str(AutoTokenizer.from_pretrained(str(tokenizer_dir)).pad_token_id), "False"]
+
+
+_MAKE_SCRATCH = ("import sys, time; from dsmath.model_folder import scratch_folder; "
+                 "f = scratch_folder('generator-0'); (f / 'model.safetensors').write_bytes(b'x' * 1000); "
+                 "print(f, flush=True); time.sleep(float(sys.argv[1]))")
+
+
+def _scratch_in_child(tmp: Path, sleep_s: float) -> tuple[subprocess.Popen, Path]:
+    """A process that makes a scratch folder (under ``tmp``), writes a file into it and sleeps ``sleep_s``."""
+    child = subprocess.Popen([sys.executable, "-c", _MAKE_SCRATCH, str(sleep_s)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "TMPDIR": str(tmp)})
+    return child, Path(child.stdout.readline().strip())
+
+
+def test_a_scratch_folder_goes_with_a_normal_exit_and_a_killed_ones_goes_at_the_next_sweep(tmp_path, monkeypatch):
+    from dsmath.model_folder import SCRATCH_PREFIX, scratch_folder, sweep_scratch_folders
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    done, folder = _scratch_in_child(tmp_path, 0)
+    assert folder.name.startswith(SCRATCH_PREFIX) and folder.parent == tmp_path and done.wait(60) == 0
+    assert not folder.exists()  # exit handlers ran
+
+    killed, left = _scratch_in_child(tmp_path, 600)
+    alive, kept = _scratch_in_child(tmp_path, 600)
+    try:
+        killed.send_signal(signal.SIGKILL)  # what ray.kill does to an actor: no exit handlers
+        killed.wait(60)
+        assert (left / "model.safetensors").is_file()
+        other = tmp_path / f"{SCRATCH_PREFIX}999999-{killed.pid}-learner0-x"  # another pid namespace's
+        other.mkdir()
+        assert sweep_scratch_folders() == 1
+        assert not left.exists() and kept.is_dir() and other.is_dir()
+        mine = scratch_folder("learner0")  # making one sweeps too, and never its own process's
+        assert mine.is_dir() and sweep_scratch_folders() == 0 and mine.is_dir()
+    finally:
+        alive.kill()
+        alive.wait(60)
+    assert sweep_scratch_folders() == 1 and not kept.exists()

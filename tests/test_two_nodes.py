@@ -67,7 +67,8 @@ def _hiding(*folders: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     """(GCS address, environment, the second node's Ray node id, the bootstrap cache, a folder for run directories,
-    whether node 2 cannot see those two, a command prefix that runs a command in node 2's mount namespace)."""
+    whether node 2 cannot see those two, a command prefix that runs a command in node 2's mount namespace, node 2's
+    temp dir)."""
     if not Path(RAY).exists():
         pytest.skip("ray CLI not installed next to this Python")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "DSMATH_", "PYTEST"))}
@@ -78,6 +79,7 @@ def two_nodes(tmp_path_factory):
     hide = _hiding(cache, runs)
     if not hide:
         print("unshare/mount not permitted here: the second node sees the model folder")
+    node2_tmp = tmp_path_factory.mktemp("node2_tmp")  # node 2's TMPDIR: what its actors leave behind is seen here
     temp_dir = tempfile.mkdtemp(prefix="ray2n", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     gcs = free_port()
     procs = []
@@ -90,11 +92,11 @@ def two_nodes(tmp_path_factory):
         log2 = open(Path(temp_dir) / "node2.log", "w")
         procs.append(subprocess.Popen(hide + _node_cmd(temp_dir, False, gcs, 3,
                                                        '{"generator": 1, "learner": 1, "reward": 2}'),
-                                      env=env, stdout=log2, stderr=subprocess.STDOUT, start_new_session=True))
+                                      env={**env, "TMPDIR": str(node2_tmp)}, stdout=log2, stderr=subprocess.STDOUT, start_new_session=True))
         nodes = _wait_nodes(address, env, 2, procs)
         (node2,) = [n["NodeID"] for n in nodes if "generator" in n["Resources"]]
         on_node2 = ["nsenter", "-t", str(procs[1].pid), "-m"] if hide else []  # unshare and sh exec'd ray start
-        yield address, env, node2, cache, runs, bool(hide), on_node2
+        yield address, env, node2, cache, runs, bool(hide), on_node2, node2_tmp
     finally:
         for p in reversed(procs):
             stop_ray_start(p)
@@ -147,7 +149,7 @@ def _reasons(run_dir: Path) -> list[str]:
 
 def test_generators_learner_and_reward_model_on_a_node_without_them_get_them_through_ray(two_nodes,
                                                                                          tmp_path: Path) -> None:
-    address, env, node2, cache, runs, hidden, on_node2 = two_nodes
+    address, env, node2, cache, runs, hidden, on_node2, node2_tmp = two_nodes
     # The reference: one local node, generators and learner loading model.path from disk.
     ref = _train(tmp_path / "ref", cache, env, ["rollout.weights_from=path"])
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -200,3 +202,6 @@ def test_generators_learner_and_reward_model_on_a_node_without_them_get_them_thr
     assert ("--resume: the learner's node had no step-000002; sent the driver's copy" in said) == hidden, said[-3000:]
     assert [r["step"] for r in _rows(two)] == [1, 2, 3] and _rows(two)[:2] == got
     assert read_latest(two / "checkpoints") == "step-000003"
+    # The models node 2's actors were sent (the learner's whole folder, the generator's config and tokenizer, the
+    # reward model) were written to its temp dir, and went with each run: Ray kills actors without exit handlers.
+    assert sorted(p.name for p in node2_tmp.glob("dsmath-*")) == []

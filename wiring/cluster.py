@@ -149,11 +149,16 @@ def place_actors(cfg: TrainConfig, timeout_s: float = 300.0) -> Placement:
 
 
 def release_actors(actors: list, learner, placement: Placement) -> None:
-    """Kill this run's actors and free its placement group, so a later run on the same cluster gets them."""
+    """Close this run's actors (each removes the files it wrote on its node), kill them and free the placement
+    group, so a later run on the same cluster gets them."""
     import ray
     from ray.util.placement_group import remove_placement_group
 
     learner.shutdown()
+    # A dead actor's close fails at once; a hung one is killed after the wait, and the files it wrote stay until
+    # the next sweep on its node (dsmath.model_folder.scratch_folder).
+    if closing := [actor.close.remote() for actor in actors]:
+        ray.wait(closing, num_returns=len(closing), timeout=30)
     for actor in actors:
         ray.kill(actor)
     remove_placement_group(placement.group)
