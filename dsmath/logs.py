@@ -8,7 +8,8 @@ issued from dsmath's own files still print, the libraries' go to the file; the H
 opened at its first line, which prints its path once; a command that names none gets a temporary file, said the
 same way, when it heard a warning or worse (or more than a few thousand lines); INFO chatter alone is dropped. Ray workers started by a command that asks for it (``wiring.cluster``) run :func:`quiet_worker` first
 (Ray's ``worker_process_setup_hook``): their whole stdout/stderr goes to ``LOGDIR/worker-PID.log`` and only their
-ERROR records and dsmath's warnings reach Ray's stream, which Ray forwards to the driver's terminal.
+ERROR records and dsmath's warnings reach Ray's stream, which Ray forwards to the driver's terminal; a command's
+``multiprocessing`` children do the same through :func:`quiet_child`.
 
 Guaranteed: no record at ERROR or above and no exception is hidden (Ray raises an actor's error in the driver as
 before); nothing a library prints straight to a file descriptor of the driver (C++ warnings) is caught. The
@@ -214,9 +215,19 @@ def worker_env() -> dict[str, str]:
     if router is None:
         return {}
     with router.lock:
+        if router.path is None and os.environ.get(WORKER_LOG_DIR_ENV):  # a quiet worker: its own folder
+            return {WORKER_LOG_DIR_ENV: os.environ[WORKER_LOG_DIR_ENV], **QUIET_ENV}
         if router.path is None:
             router.path = Path(tempfile.mkdtemp(prefix="dsmath-logs-")) / "driver.log"
         return {WORKER_LOG_DIR_ENV: str(router.path.parent), **QUIET_ENV}
+
+
+def quiet_child(env: dict[str, str]) -> None:
+    """``multiprocessing`` initializer for a child process of a quiet command (``initargs=(worker_env(),)``): the
+    child's stdout and stderr go to ``worker-PID.log`` beside the command's log, as a Ray worker's do
+    (:func:`quiet_worker`). An empty ``env`` (the command is not quiet) leaves the child as it is."""
+    os.environ.update(env)
+    quiet_worker()
 
 
 def quiet_worker() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -206,6 +207,16 @@ def check_block_ran(key: tuple[str, int], docs_env: tuple[Path, dict]) -> None:
                     pytrace=False)
     ran = [line.split()[1] for line in text.splitlines() if line.startswith("DOC-RUN")]
     assert ran == [c.where for c in cmds], text[-2000:]
+    # Quiet by default: no command's terminal shows a library's log lines (they go to the run's log folder).
+    chatter = LIBRARY_LINE.findall(text)
+    assert not chatter, f"{key[0]}:{key[1]}: library log lines on the terminal, e.g. {chatter[:3]}"
+
+
+# A vLLM log line ("INFO 12-05 19:29:58 [core.py:402] ..."), also as Ray or multiprocessing forward it from a
+# worker ("(Generator pid=123) WARNING ..."); or a Python warning from a library's or the standard library's file
+# (".../multiprocessing/resource_tracker.py:254: UserWarning: ..."). What `dsmath --verbose` would show.
+LIBRARY_LINE = re.compile(r"^(?:\(\S+ pid=\d+\) )?(?:DEBUG|INFO|WARNING) \d\d-\d\d \d\d:\d\d:\d\d \[.*$"
+                          r"|^\S*(?:site-packages|/lib/python3\.\d+)/\S+\.py:\d+: \w*Warning: .*$", re.M)
 
 
 # ---------------------------------------------------------------------------------- what the documented runs show

@@ -54,8 +54,14 @@ def label_with_policy(cfg: TrainConfig, policy_dir: str | Path, problems: Sequen
     """
     import multiprocessing
 
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_label_in_this_process, (cfg, str(policy_dir), list(problems), prompt_mode, kind, seed))
+    from dsmath.logs import quiet_child, worker_env
+
+    # A quiet command's child writes vLLM's lines beside the command's log, not on the terminal.
+    with multiprocessing.get_context("spawn").Pool(1, initializer=quiet_child, initargs=(worker_env(),)) as pool:
+        labelled = pool.apply(_label_in_this_process, (cfg, str(policy_dir), list(problems), prompt_mode, kind, seed))
+        pool.close()  # the child exits on its own (its finalizers run): killed, it would leave a semaphore behind
+        pool.join()
+    return labelled
 
 
 def _label_in_this_process(cfg: TrainConfig, policy_dir: str, problems: list[Problem], prompt_mode: str, kind: str,
