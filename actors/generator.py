@@ -326,7 +326,7 @@ class Generator:
 
     # ---------------------------------------------------------------------------------------------- health
 
-    def close(self) -> None:
+    def remove_files(self) -> None:
         """Remove the files this generator wrote on its node (the scratch model folder); call it before the actor
         is killed (``ray.kill`` runs no exit handlers). Sampling after it is not supported."""
         from dsmath.model_folder import remove_scratch_folder
@@ -426,7 +426,7 @@ class Generator:
 
 
 def _materialise(model: str | ModelFiles, generator_id: str) -> tuple[str, str, str | None]:
-    """The folder vLLM loads, where it came from, and the scratch folder to remove at :meth:`Generator.close`:
+    """The folder vLLM loads, where it came from, and the scratch folder :meth:`Generator.remove_files` removes:
     ``model`` itself (no scratch folder), or ``ModelFiles`` written to a scratch folder on this node."""
     if not isinstance(model, ModelFiles):
         return model, f"folder {model}", None

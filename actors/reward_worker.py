@@ -24,7 +24,8 @@ class RewardWorker:
     ``model``: None, or a one-element list holding the reward model's :class:`dsmath.records.ModelFiles` (or a Ray
     object ref to it; a list, so Ray does not fetch it before it is needed). Used only when this node has no
     ``reward.model_path`` (a cluster without a shared filesystem): the files are written to a scratch folder
-    (``dsmath.model_folder.scratch_folder``), removed on ``close``, and the reward model is loaded from there."""
+    (``dsmath.model_folder.scratch_folder``), removed by ``remove_files`` (and ``close``), and the reward model is
+    loaded from there."""
 
     def __init__(self, cfg, *, worker_id: str = "reward-0", model: list | None = None):
         self.local_model: str | None = None
@@ -51,11 +52,15 @@ class RewardWorker:
         return self.reward.score(rollouts)
 
     def close(self) -> None:
-        """Close the reward (its grading and sandbox pools) and remove the reward model this worker was sent; call
-        it before the actor is killed (``ray.kill`` runs no exit handlers)."""
+        """Close the reward (its grading and sandbox pools) and remove the files this worker wrote."""
+        self.reward.close()
+        self.remove_files()
+
+    def remove_files(self) -> None:
+        """Remove the reward model this worker was sent (its scratch folder); call it before the actor is killed
+        (``ray.kill`` runs no exit handlers). Scoring after it is not supported when there was one."""
         from dsmath.model_folder import remove_scratch_folder
 
-        self.reward.close()
         remove_scratch_folder(self.local_model)
         self.local_model = None
 

@@ -25,8 +25,8 @@ from learner.batch import Rows, TrainBatch, ValueBatch
 
 
 def _materialise(model: ModelFiles, rank: int) -> str:
-    """``model`` written to a scratch folder on this node (removed by :meth:`LearnerRank.close`, or when the process
-    is gone: ``dsmath.model_folder.scratch_folder``)."""
+    """``model`` written to a scratch folder on this node (removed by :meth:`LearnerRank.remove_files`, or when the
+    process is gone: ``dsmath.model_folder.scratch_folder``)."""
     from dsmath.model_folder import scratch_folder, write_model_files
 
     return str(write_model_files(model, scratch_folder(f"learner{rank}")))
@@ -53,7 +53,7 @@ class LearnerRank:
 
     def __init__(self) -> None:
         self.learner = None
-        self._scratch = None  # the model folder this rank wrote (its node had no copy), removed by close()
+        self._scratch = None  # the model folder this rank wrote (its node had no copy), removed by remove_files()
 
     def address(self) -> tuple[str, int]:
         import ray
@@ -85,7 +85,7 @@ class LearnerRank:
                                       **kwargs)
         return True
 
-    def close(self) -> None:
+    def remove_files(self) -> None:
         """Remove the files this rank wrote on its node (the model it was sent); call it before the actor is
         killed (``ray.kill`` runs no exit handlers). Training after it is not supported."""
         from dsmath.model_folder import remove_scratch_folder
@@ -415,12 +415,12 @@ class LearnerGroup:
         return sum(bool(ray.get(a.fetch_checkpoint.remote(str(path), root_uri))) for a in self.actors)
 
     def shutdown(self) -> None:
-        """Close every rank (it removes the model files it wrote on its node), then kill it."""
+        """Have every rank remove the model files it wrote on its node, then kill it."""
         import ray
 
-        # A dead rank's close fails at once; a hung one is killed after the wait, and the files it wrote stay until
+        # A dead rank's call fails at once; a hung one is killed after the wait, and the files it wrote stay until
         # the next sweep on its node (dsmath.model_folder.scratch_folder).
-        if closing := [a.close.remote() for a in self.actors]:
+        if closing := [a.remove_files.remote() for a in self.actors]:
             ray.wait(closing, num_returns=len(closing), timeout=30)
         for a in self.actors:
             ray.kill(a)

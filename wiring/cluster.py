@@ -149,15 +149,15 @@ def place_actors(cfg: TrainConfig, timeout_s: float = 300.0) -> Placement:
 
 
 def release_actors(actors: list, learner, placement: Placement) -> None:
-    """Close this run's actors (each removes the files it wrote on its node), kill them and free the placement
-    group, so a later run on the same cluster gets them."""
+    """Have this run's actors remove the files each wrote on its node, kill them and free the placement group, so a
+    later run on the same cluster gets them."""
     import ray
     from ray.util.placement_group import remove_placement_group
 
     learner.shutdown()
-    # A dead actor's close fails at once; a hung one is killed after the wait, and the files it wrote stay until
+    # A dead actor's call fails at once; a hung one is killed after the wait, and the files it wrote stay until
     # the next sweep on its node (dsmath.model_folder.scratch_folder).
-    if closing := [actor.close.remote() for actor in actors]:
+    if closing := [actor.remove_files.remote() for actor in actors]:
         ray.wait(closing, num_returns=len(closing), timeout=30)
     for actor in actors:
         ray.kill(actor)

@@ -10,8 +10,10 @@ checkpoints) and ``rm_summary.json``.
 
 from __future__ import annotations
 
+import atexit
 import json
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -64,6 +66,17 @@ def label_with_policy(cfg: TrainConfig, policy_dir: str | Path, problems: Sequen
     return labelled
 
 
+def _exit_now() -> None:
+    """The labelling child's last exit handler to be registered, so the first to run: multiprocessing has already
+    run its finalizers (the semaphores are released), and what is left — vLLM's shutdown hooks and the teardown of
+    every module, about 2.5 CPU-seconds — goes with the process anyway."""
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
+
+
 def _label_in_this_process(cfg: TrainConfig, policy_dir: str, problems: list[Problem], prompt_mode: str, kind: str,
                            seed: int) -> tuple[list[dict], dict]:
     from actors.generator import Generator
@@ -71,6 +84,7 @@ def _label_in_this_process(cfg: TrainConfig, policy_dir: str, problems: list[Pro
     from dsmath.rm_labels import label_examples
 
     gen = Generator(str(policy_dir), cfg.rollout, generator_id="rm-labeler", seed=seed)
+    atexit.register(_exit_now)  # only ever in label_with_policy's child; after vLLM's exit handlers, so before them
     grader = verifier(cfg, worker_id="rm-grader")
     try:
         tok = gen.tokenizer
