@@ -46,6 +46,7 @@ from __future__ import annotations
 import gc
 import os
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 from dsmath.config import RolloutConfig
@@ -96,7 +97,12 @@ class Generator:
             _configure_cpu_env(self.rollout)
         from vllm import LLM
 
-        self.model_dir, self.model_source, self._scratch = _materialise(model, generator_id)
+        from dsmath.model_folder import scratch_folder, temp_files_in
+
+        # This generator's files on its node (vLLM's rendezvous file; the model files sent to it) go in one folder
+        # that remove_files() removes: ray.kill runs no exit handlers.
+        self._scratch = scratch_folder(generator_id)
+        self.model_dir, self.model_source = _materialise(model, self._scratch)
         model_path = self.model_dir
         kwargs: dict[str, Any] = dict(model=model_path, tokenizer=model_path, seed=seed,
                                       # the weight-loading bar follows the Hugging Face bars (off while dsmath is quiet)
@@ -120,7 +126,8 @@ class Generator:
         # those walks and ends in the same state: LLM() for the tiny model 2.0 -> 1.4 CPU-s on the 2-core machine.
         gc.collect()
         gc.freeze()
-        self.llm = LLM(**kwargs)
+        with temp_files_in(self._scratch):  # vLLM's vllm_dist_* rendezvous file, which it never removes
+            self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.sandbox_timeout_s = sandbox_timeout_s
@@ -327,8 +334,9 @@ class Generator:
     # ---------------------------------------------------------------------------------------------- health
 
     def remove_files(self) -> None:
-        """Remove the files this generator wrote on its node (the scratch model folder); call it before the actor
-        is killed (``ray.kill`` runs no exit handlers). Sampling after it is not supported."""
+        """Remove the files this generator wrote on its node (its scratch folder: vLLM's rendezvous file, the model
+        files it was sent); call it before the actor is killed (``ray.kill`` runs no exit handlers). Sampling
+        after it is not supported."""
         from dsmath.model_folder import remove_scratch_folder
 
         remove_scratch_folder(self._scratch)
@@ -425,15 +433,15 @@ class Generator:
         return time.perf_counter() - start
 
 
-def _materialise(model: str | ModelFiles, generator_id: str) -> tuple[str, str, str | None]:
-    """The folder vLLM loads, where it came from, and the scratch folder :meth:`Generator.remove_files` removes:
-    ``model`` itself (no scratch folder), or ``ModelFiles`` written to a scratch folder on this node."""
+def _materialise(model: str | ModelFiles, scratch: Path) -> tuple[str, str]:
+    """The folder vLLM loads and where it came from: ``model`` itself, or ``ModelFiles`` written to ``scratch`` (this
+    generator's scratch folder, which :meth:`Generator.remove_files` removes)."""
     if not isinstance(model, ModelFiles):
-        return model, f"folder {model}", None
-    from dsmath.model_folder import scratch_folder, write_model_files
+        return model, f"folder {model}"
+    from dsmath.model_folder import write_model_files
 
-    folder = str(write_model_files(model, scratch_folder(generator_id)))
-    return folder, f"config and tokenizer of {model.source} via the object store, weights from the learner", folder
+    folder = str(write_model_files(model, scratch))
+    return folder, f"config and tokenizer of {model.source} via the object store, weights from the learner"
 
 
 def _load_into_model(worker, weights: list) -> None:

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from dsmath.errors import UserError
 from dsmath.records import ModelFiles, check_schema
@@ -103,6 +105,24 @@ def remove_scratch_folder(folder: str | Path | None) -> None:
 
     if folder:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def temp_files_in(folder: str | Path) -> Iterator[None]:
+    """Within the block, the temporary files this process makes through ``tempfile`` go to ``folder`` (a
+    :func:`scratch_folder`, so they go with it); the temp dir before the block is restored after it.
+
+    For libraries that leave a temporary file behind: vLLM's engine makes its one-process rendezvous file
+    (``vllm_dist_*``) in the temp dir and never removes it. Not guaranteed: a file made after the block, or by
+    another thread during it, goes where that moment's temp dir says."""
+    import tempfile
+
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
 
 
 def sweep_scratch_folders() -> int:

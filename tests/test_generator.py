@@ -1,6 +1,9 @@
 """The vLLM generator without Ray: sampling records, raw log-probs vs HF, version refusal, in-place weight
 load, and the tool-integrated loop (a tiny model overfit on one tool-use script, a real sandbox run)."""
 
+import tempfile
+from pathlib import Path
+
 import torch
 import pytest
 
@@ -43,12 +46,25 @@ def setup(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("tiny")
     tok, model = tiny_model_dir(path)
+    before = set(Path(tempfile.gettempdir()).iterdir())
     gen = Generator(str(path), RolloutConfig(kv_cache_space_gib=1, max_tool_rounds=2), generator_id="g0", seed=0)
-    return gen, tok, model
+    made = set(Path(tempfile.gettempdir()).iterdir()) - before
+    return gen, tok, model, made
+
+
+def test_the_engines_temporary_file_is_in_the_generators_scratch_folder(setup):
+    """vLLM's engine makes a rendezvous file (``vllm_dist_*``) in the temp dir and never removes it; a generator's
+    goes in its scratch folder, which remove_files() (called before ray.kill) removes and a sweep finds after a
+    crash. Nothing else is left in the temp dir by building the engine."""
+    _, _, _, made = setup
+    assert [p.name.startswith("dsmath-scratch-") for p in made] == [True], made
+    scratch = made.pop()
+    assert [p.name[:10] for p in scratch.iterdir()] == ["vllm_dist_"]
+    assert tempfile.gettempdir() != str(scratch)  # the temp dir before the engine was built is back
 
 
 def test_samples_group_with_ids_logprobs_and_version(setup):
-    gen, tok, model = setup
+    gen, tok, model, _ = setup
     reqs = [request("a", "Q: what is 3 plus 4?\nA:", n=4, temperature=1.0, max_new_tokens=12),
             request("b", "Q: what is 10 plus 2?\nA:", n=3, temperature=0.7, max_new_tokens=9)]
     rollouts = gen.generate(reqs, expected_version=0)
@@ -72,7 +88,7 @@ def test_samples_group_with_ids_logprobs_and_version(setup):
 
 
 def test_stale_version_is_refused_and_stop_strings_apply(setup):
-    gen, _, _ = setup
+    gen, _, _, _ = setup
     with pytest.raises(StaleWeightVersion, match="holds version 0"):
         gen.generate([request("a", "Q: x\nA:")], expected_version=1)
     (r,) = gen.generate([request("s", "Q: what is 1 plus 1?\nA:", temperature=1.0, max_new_tokens=40,
@@ -83,7 +99,7 @@ def test_stale_version_is_refused_and_stop_strings_apply(setup):
 
 
 def test_load_weights_then_tool_loop_runs_code_and_masks_output(setup):
-    gen, tok, model = setup
+    gen, tok, model, _ = setup
     # Overfit the model on one tool-use script, push it in place as version 1.
     ids = torch.tensor([tok(TOOL_PROMPT + TOOL_SCRIPT + tok.eos_token, add_special_tokens=False)["input_ids"]])
     torch.manual_seed(0)

@@ -96,6 +96,7 @@ def _label_in_this_process(cfg: TrainConfig, policy_dir: str, problems: list[Pro
             decode=lambda ids: tok.decode(list(ids), skip_special_tokens=True))
     finally:
         grader.close()
+        gen.remove_files()  # _exit_now ends this child before the scratch folder's own exit handler could run
 
 
 def rm_round(cfg: TrainConfig, *, policy_dir: str | Path, init_dir: str | Path, out_dir: str | Path,
