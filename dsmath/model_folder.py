@@ -109,20 +109,27 @@ def remove_scratch_folder(folder: str | Path | None) -> None:
 
 @contextmanager
 def temp_files_in(folder: str | Path) -> Iterator[None]:
-    """Within the block, the temporary files this process makes through ``tempfile`` go to ``folder`` (a
-    :func:`scratch_folder`, so they go with it); the temp dir before the block is restored after it.
+    """Within the block, temporary files go to ``folder`` (a :func:`scratch_folder`, so they go with it): those this
+    process makes through ``tempfile``, and those of child processes started in the block (``TMPDIR``). The temp dir
+    and ``TMPDIR`` before the block are restored after it.
 
-    For libraries that leave a temporary file behind: vLLM's engine makes its one-process rendezvous file
-    (``vllm_dist_*``) in the temp dir and never removes it. Not guaranteed: a file made after the block, or by
-    another thread during it, goes where that moment's temp dir says."""
+    For libraries that leave a temporary file behind: vLLM's engine makes its rendezvous file (``vllm_dist_*``) in
+    the temp dir, in this process or in the engine-core process it starts, and never removes it. Caches are not
+    affected: vLLM points the compile caches at its own cache folder (``~/.cache/vllm``). Not guaranteed: a file made
+    after the block, or by another thread during it, goes where that moment's temp dir says."""
+    import os
     import tempfile
 
-    previous = tempfile.tempdir
-    tempfile.tempdir = str(folder)
+    previous, previous_env = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = os.environ["TMPDIR"] = str(folder)
     try:
         yield
     finally:
         tempfile.tempdir = previous
+        if previous_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = previous_env
 
 
 def sweep_scratch_folders() -> int:

@@ -108,3 +108,16 @@ def test_a_scratch_folder_goes_with_a_normal_exit_and_a_killed_ones_goes_at_the_
         alive.kill()
         alive.wait(60)
     assert sweep_scratch_folders() == 1 and not kept.exists()
+
+
+def test_temporary_files_of_this_process_and_its_children_go_to_the_folder_within_the_block(tmp_path):
+    from dsmath.model_folder import temp_files_in
+
+    before, before_env = tempfile.gettempdir(), os.environ.get("TMPDIR")
+    with temp_files_in(tmp_path):
+        fd, mine = tempfile.mkstemp(prefix="x-")
+        os.close(fd)
+        child = subprocess.run([sys.executable, "-c", "import tempfile; print(tempfile.mkdtemp(prefix='y-'))"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(mine).parent == tmp_path and Path(child).parent == tmp_path
+    assert tempfile.gettempdir() == before and os.environ.get("TMPDIR") == before_env
