@@ -2,7 +2,8 @@
 # A one-machine Ray cluster for trying the submit recipes: a head on 127.0.0.1 advertising the same role
 # resources as the cloud clusters (driver, generator, learner, reward, sandbox), no token auth (local only).
 #   cluster/jobs/local_cluster.sh start   ->  prints the RAY_ADDRESS line to export
-#   cluster/jobs/local_cluster.sh stop    ->  stops this head only (not other Ray clusters on the machine)
+#   cluster/jobs/local_cluster.sh stop    ->  stops this head only (not other Ray clusters on the machine), and
+#                                            removes the socket folder its dashboard leaves in the temp dir
 # Settings (environment): DASHBOARD_PORT (8265), RAY_PORT (6379), DASHBOARD_AGENT_PORT and RAY_CLIENT_PORT (free
 # ports), NUM_CPUS (4
 # logical CPUs: the actors of the tiny job share the cores), DSMATH_LOCAL_CLUSTER_DIR (the head's pid, log and
@@ -48,6 +49,33 @@ if urls:
 EOF
 }
 
+head_pymp_dirs() {  # the multiprocessing socket folders (pymp-*) the head's processes listen in, one per line
+  python3 - "$1" <<'EOF'
+import os, sys
+# Ray's dashboard starts its modules through a multiprocessing forkserver, whose socket folder in the temp dir goes
+# only with a clean exit: a stopped head leaves it. Linux only (/proc); elsewhere nothing is found or removed.
+session = sys.argv[1]
+try:
+    unix = open("/proc/net/unix").read().splitlines()[1:]
+except OSError:
+    sys.exit(0)
+paths = {f[6]: f[7] for f in (line.split() for line in unix) if len(f) > 7 and "/pymp-" in f[7]}
+found = set()
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+        if stat[stat.rfind(")") + 2:].split()[3] != session:  # not in the head's session (`setsid ray start`)
+            continue
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:[") and target[8:-1] in paths:
+                found.add(os.path.dirname(paths[target[8:-1]]))
+    except OSError:
+        continue
+print("\n".join(sorted(found)))
+EOF
+}
+
 case "${1:-start}" in
   start)
     mkdir -p "$STATE"
@@ -77,9 +105,11 @@ case "${1:-start}" in
       exit 0
     fi
     PID="$(cat "$PIDFILE")"
+    LEFTOVERS="$(head_pymp_dirs "$PID")"
     kill -TERM "$PID"   # `ray start --block` shuts down the processes it started
     for _ in $(seq 60); do kill -0 "$PID" 2>/dev/null || break; sleep 1; done
     kill -KILL -- "-$PID" 2>/dev/null || true   # whatever of the head's session is left
+    while IFS= read -r dir; do if [[ -n "$dir" ]]; then rm -rf -- "$dir"; fi; done <<<"$LEFTOVERS"   # and left in the temp dir
     rm -f "$PIDFILE"
     echo "local Ray head stopped"
     ;;
