@@ -2,12 +2,12 @@
 load, and the tool-integrated loop (a tiny model overfit on one tool-use script, a real sandbox run)."""
 
 import tempfile
-from pathlib import Path
 
 import torch
 import pytest
 
 from dsmath.config import ModelConfig, RolloutConfig
+from dsmath.model_folder import temp_files_in
 from dsmath.records import GenerationRequest, Problem, SamplingParams
 from dsmath.weight_wire import StaleWeightVersion
 
@@ -46,10 +46,13 @@ def setup(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("tiny")
     tok, model = tiny_model_dir(path)
-    before = set(Path(tempfile.gettempdir()).iterdir())
+    # The engine is built with this module's own temp dir, so what it leaves there is its own: the shared /tmp also
+    # gets the scratch folders of the other xdist worker's generators while this one builds (CI, stop 29).
+    own_tmp = tmp_path_factory.mktemp("tmpdir")
     rendezvous = not torch.distributed.is_initialized()  # else vLLM joins the process group this process has
-    gen = Generator(str(path), RolloutConfig(kv_cache_space_gib=1, max_tool_rounds=2), generator_id="g0", seed=0)
-    made = (set(Path(tempfile.gettempdir()).iterdir()) - before, rendezvous)
+    with temp_files_in(own_tmp):
+        gen = Generator(str(path), RolloutConfig(kv_cache_space_gib=1, max_tool_rounds=2), generator_id="g0", seed=0)
+        made = (set(own_tmp.iterdir()), rendezvous, tempfile.gettempdir() == str(own_tmp))
     return gen, tok, model, made
 
 
@@ -59,11 +62,11 @@ def test_the_engines_temporary_file_is_in_the_generators_scratch_folder(setup):
     crash. Building the engine leaves nothing else in the temp dir. (Where an earlier test of this pytest process
     already made a torch.distributed group, the engine joins it and makes no file: only the last part is checked;
     tests/test_two_nodes.py checks the actors' temp dir on every run.)"""
-    _, _, _, (made, rendezvous) = setup
+    _, _, _, (made, rendezvous, temp_dir_back) = setup
     assert [p.name.startswith("dsmath-scratch-") for p in made] == [True], made
     scratch = made.pop()
     assert [p.name[:10] for p in scratch.iterdir()] == (["vllm_dist_"] if rendezvous else [])
-    assert tempfile.gettempdir() != str(scratch)  # the temp dir before the engine was built is back
+    assert temp_dir_back  # the temp dir before the engine was built is back
 
 
 def test_samples_group_with_ids_logprobs_and_version(setup):
