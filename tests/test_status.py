@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -381,18 +382,64 @@ def test_snapshot_builder_turns_metric_rows_into_snapshots() -> None:
     assert done.step == 55
 
 
-def test_committed_generated_code_matches_the_proto(tmp_path: Path) -> None:
+# The lines of generated code that stamp the versions of the tools that generated it (and that the code then
+# requires at import): everything else must match the .proto whichever grpcio-tools release regenerates it.
+_VERSION_STAMPS = (
+    (re.compile(r"^GRPC_GENERATED_VERSION = '(?P<v>[0-9.]+)'$", re.M), "GRPC_GENERATED_VERSION = <v>"),
+    (re.compile(r"^# Protobuf Python Version: (?P<v>[0-9.]+)$", re.M), "# Protobuf Python Version: <v>"),
+    (re.compile(r"(?<=ValidateProtobufRuntimeVersion\(\n    _runtime_version\.Domain\.PUBLIC,\n)"
+                r"    \d+,\n    \d+,\n    \d+,\n", re.M), "    <v>\n"),
+)
+
+
+def _without_version_stamps(code: str) -> str:
+    for pattern, placeholder in _VERSION_STAMPS:
+        code = pattern.sub(placeholder, code)
+    return code
+
+
+PROTOS = sorted(p.stem for p in (ROOT / "dsmath" / "proto").glob("*.proto"))
+
+
+@pytest.mark.parametrize("proto", PROTOS)
+def test_committed_generated_code_matches_the_proto(tmp_path: Path, proto: str) -> None:
+    """Regenerated with whatever grpcio-tools is installed, the code equals the committed code but for the tools'
+    version stamps (CI once failed when grpcio-tools 1.85.4 came out: only GRPC_GENERATED_VERSION differed)."""
     pytest.importorskip("grpc_tools")
     (tmp_path / "dsmath" / "proto").mkdir(parents=True)
-    (tmp_path / "dsmath" / "proto" / "status.proto").write_bytes((ROOT / "dsmath/proto/status.proto").read_bytes())
+    (tmp_path / "dsmath" / "proto" / f"{proto}.proto").write_bytes((ROOT / f"dsmath/proto/{proto}.proto").read_bytes())
     subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--pyi_out=.", "--grpc_python_out=.",
-         "dsmath/proto/status.proto"],
+         f"dsmath/proto/{proto}.proto"],
         cwd=tmp_path, check=True, capture_output=True,
     )
-    for name in ("status_pb2.py", "status_pb2.pyi", "status_pb2_grpc.py"):
-        fresh = (tmp_path / "dsmath" / "proto" / name).read_text()
-        assert fresh == (ROOT / "dsmath" / "proto" / name).read_text(), f"{name} is stale: regenerate (see proto/__init__)"
+    for name in (f"{proto}_pb2.py", f"{proto}_pb2.pyi", f"{proto}_pb2_grpc.py"):
+        fresh = _without_version_stamps((tmp_path / "dsmath" / "proto" / name).read_text())
+        committed = _without_version_stamps((ROOT / "dsmath" / "proto" / name).read_text())
+        assert fresh == committed, f"{name} is stale: regenerate (see proto/__init__)"
+
+
+def test_the_declared_dependencies_satisfy_the_generated_codes_version_checks() -> None:
+    """The committed code refuses, at import, a grpcio or protobuf older than the tools that generated it: the
+    floors in pyproject.toml are at least those versions, so an install that pip accepts can import it."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    floors = {}
+    for spec in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        req = Requirement(spec)
+        floors[req.name] = max((Version(s.version) for s in req.specifier if s.operator == ">="), default=None)
+    needs = {}
+    for proto in PROTOS:
+        for package, stamp, name in (("grpcio", 0, f"{proto}_pb2_grpc.py"), ("protobuf", 1, f"{proto}_pb2.py")):
+            version = Version(_VERSION_STAMPS[stamp][0].search((ROOT / "dsmath" / "proto" / name).read_text())["v"])
+            needs[package] = max(version, needs.get(package, version))
+    assert sorted(needs) == ["grpcio", "protobuf"] and len(PROTOS) >= 2, (needs, PROTOS)
+    short = {name: (str(floors.get(name)), str(version)) for name, version in needs.items()
+             if floors.get(name) is None or floors[name] < version}
+    assert short == {}, f"pyproject floor below what the generated code needs: {short}"
 
 
 # ---------------------------------------------------------------------------------------------- binding, tokens, TLS
