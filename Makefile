@@ -29,13 +29,19 @@ export MKL_CBWR ?= AVX2,STRICT
 export DNNL_MAX_CPU_ISA ?= AVX2
 export ATEN_CPU_CAPABILITY ?= avx2
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run test test-fast bench clean lock
 
-$(STAMP): pyproject.toml Makefile
+# The versions of every package this recipe installs, as a fresh `make test` last passed on them: pip installs
+# exactly these, so a release upstream cannot change what a fresh machine gets (grpcio-tools 1.85.4 failed a
+# fresh clone on 2026-12-06). `make lock` rewrites the file from .venv (upgrade there first, then run `make test`
+# on a fresh clone); tests/test_packaging.py holds it within pyproject.toml's ranges.
+CONSTRAINTS := constraints-cpu.txt
+
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[cpu,dev,corpus]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) torch==2.13.0
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[cpu,dev,corpus]"
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 	@touch $(STAMP)
 
@@ -49,6 +55,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q $(XDIST) -m "not slow" $(PYTEST_ARGS)
+
+lock: $(STAMP)
+	@{ echo "# The CPU recipe's tested package versions (Makefile: CONSTRAINTS); written by make lock."; \
+	   $(PY) -m pip freeze --exclude-editable | grep -v '^#'; } > $(CONSTRAINTS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

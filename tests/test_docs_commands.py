@@ -121,8 +121,9 @@ def fresh_docs_env(tmp_path_factory):
     """(repository copy, environment), for a module-scoped fixture: a fresh copy of the tracked files (mtimes kept,
     so `make` sees its install stamp), ``../shared`` beside it, the project's .venv linked in, and a fresh $HOME."""
     stamp, venv = ROOT / ".venv" / ".dsmath-installed", Path(sys.executable).parent.parent
-    if stamp.exists() and any((ROOT / f).stat().st_mtime > stamp.stat().st_mtime for f in ("pyproject.toml", "Makefile")):
-        pytest.fail("the .venv is older than pyproject.toml/Makefile: run `make setup` (or `make test`) first")
+    inputs = ("pyproject.toml", "Makefile", "constraints-cpu.txt")  # what the Makefile's install stamp depends on
+    if stamp.exists() and any((ROOT / f).stat().st_mtime > stamp.stat().st_mtime for f in inputs):
+        pytest.fail(f"the .venv is older than {'/'.join(inputs)}: run `make setup` (or `make test`) first")
     base = tmp_path_factory.mktemp("docs")
     repo, home = base / "repo", base / "home"
     files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout

@@ -404,7 +404,8 @@ PROTOS = sorted(p.stem for p in (ROOT / "dsmath" / "proto").glob("*.proto"))
 @pytest.mark.parametrize("proto", PROTOS)
 def test_committed_generated_code_matches_the_proto(tmp_path: Path, proto: str) -> None:
     """Regenerated with whatever grpcio-tools is installed, the code equals the committed code but for the tools'
-    version stamps (CI once failed when grpcio-tools 1.85.4 came out: only GRPC_GENERATED_VERSION differed)."""
+    version stamps (a fresh clone failed on 2026-12-06 when grpcio-tools 1.85.4 came out: only GRPC_GENERATED_VERSION
+    differed)."""
     pytest.importorskip("grpc_tools")
     (tmp_path / "dsmath" / "proto").mkdir(parents=True)
     (tmp_path / "dsmath" / "proto" / f"{proto}.proto").write_bytes((ROOT / f"dsmath/proto/{proto}.proto").read_bytes())
