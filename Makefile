@@ -33,15 +33,16 @@ export ATEN_CPU_CAPABILITY ?= avx2
 
 # The versions of every package this recipe installs, as a fresh `make test` last passed on them: pip installs
 # exactly these, so a release upstream cannot change what a fresh machine gets (grpcio-tools 1.85.4 failed a
-# fresh clone on 2026-12-06). `make lock` rewrites the file from .venv (upgrade there first, then run `make test`
-# on a fresh clone); tests/test_packaging.py holds it within pyproject.toml's ranges.
+# fresh clone on 2026-12-06); pip itself and the setuptools that builds dsmath and DeepSpeed's sdist are pinned
+# too. `make lock` rewrites the file from .venv (upgrade there first, then run `make test` on a fresh clone);
+# tests/test_packaging.py holds it within pyproject.toml's ranges.
 CONSTRAINTS := constraints-cpu.txt
 
 $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c $(CONSTRAINTS) --upgrade pip
 	$(PY) -m pip install -q -c $(CONSTRAINTS) torch==2.13.0
-	DS_BUILD_OPS=0 $(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[cpu,dev,corpus]"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c $(CONSTRAINTS) --build-constraint $(CONSTRAINTS) -e ".[cpu,dev,corpus]"
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 	@touch $(STAMP)
 
@@ -58,7 +59,7 @@ test-fast: $(STAMP)
 
 lock: $(STAMP)
 	@{ echo "# The CPU recipe's tested package versions (Makefile: CONSTRAINTS); written by make lock."; \
-	   $(PY) -m pip freeze --exclude-editable | grep -v '^#'; } > $(CONSTRAINTS)
+	   $(PY) -m pip freeze --all --exclude-editable | grep -v '^#'; } > $(CONSTRAINTS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -1,5 +1,6 @@
 """The CPU recipe's pinned versions (constraints-cpu.txt, which the Makefile installs with) agree with what
-pyproject.toml declares, so `make lock` cannot pin a version that a plain `pip install -e .` would refuse."""
+pyproject.toml declares, so `make lock` cannot pin a version that a plain `pip install -e .` would refuse; pip and
+the setuptools that builds are pinned as well."""
 
 from __future__ import annotations
 
@@ -45,3 +46,13 @@ def test_the_makefiles_torch_is_the_pinned_one() -> None:
     wanted = re.search(r"pip install -q -c \$\(CONSTRAINTS\) torch==(\S+)", makefile)
     assert wanted, "the Makefile no longer installs torch==X with the constraints"
     assert pins()["torch"].public == wanted[1], (pins()["torch"], wanted[1])
+
+
+def test_pip_and_the_setuptools_that_builds_are_pinned_within_the_build_requirements() -> None:
+    """`make lock` freezes with --all, so pip (which the Makefile upgrades to the pin) and setuptools (the build
+    constraint for dsmath's own build and DeepSpeed's sdist) are pinned too."""
+    pinned = pins()
+    build = [Requirement(s) for s in tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]]
+    assert {"pip", "setuptools"} <= set(pinned), sorted(pinned)[:5]
+    assert [str(r) for r in build if not r.specifier.contains(pinned.get(canonicalize_name(r.name), Version("0")))] == []
+    assert "--build-constraint $(CONSTRAINTS)" in (ROOT / "Makefile").read_text()
