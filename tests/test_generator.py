@@ -47,7 +47,7 @@ def setup(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
     tok, model = tiny_model_dir(path)
     # The engine is built with this module's own temp dir, so what it leaves there is its own: the shared /tmp also
-    # gets the scratch folders of the other xdist worker's generators while this one builds (CI, stop 29).
+    # gets the scratch folders of the other xdist worker's generators while this one builds (a CI run failed so).
     own_tmp = tmp_path_factory.mktemp("tmpdir")
     rendezvous = not torch.distributed.is_initialized()  # else vLLM joins the process group this process has
     with temp_files_in(own_tmp):
